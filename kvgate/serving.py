@@ -1,0 +1,183 @@
+"""Run ASGI apps on loopback sockets, in the current event loop or in a thread.
+
+Used by the CLI, the simulator, benchmarks and tests. Binding happens here (port 0 = ephemeral),
+so the caller learns the real port before any request is made.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import uvicorn
+
+DEFAULT_HOST = "127.0.0.1"
+
+
+def bind_socket(host: str = DEFAULT_HOST, port: int = 0) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+@dataclass
+class ServerHandle:
+    """A running uvicorn server bound to ``host:port``."""
+
+    host: str
+    port: int
+    _server: uvicorn.Server
+    _task: asyncio.Task[None] | None = None
+    _sock: socket.socket | None = field(default=None, repr=False)
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    async def stop(self, graceful_timeout: float | None = 5.0) -> None:
+        self._server.should_exit = True
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), timeout=graceful_timeout)
+            except TimeoutError:
+                self._server.force_exit = True
+                with contextlib.suppress(Exception):
+                    await self._task
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.close()
+
+
+def _config(app: Any, log_level: str, timeout_graceful_shutdown: float | None) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,
+        log_level=log_level,
+        access_log=False,
+        lifespan="auto",
+        http="httptools",
+        loop="none",
+        timeout_graceful_shutdown=timeout_graceful_shutdown,
+        timeout_keep_alive=30,
+    )
+
+
+async def start_server(
+    app: Any,
+    host: str = DEFAULT_HOST,
+    port: int = 0,
+    *,
+    log_level: str = "warning",
+    timeout_graceful_shutdown: float | None = 10.0,
+    ready_timeout: float = 10.0,
+) -> ServerHandle:
+    """Start ``app`` in the running loop; return once it accepts connections."""
+    sock = bind_socket(host, port)
+    real_port = sock.getsockname()[1]
+    server = uvicorn.Server(_config(app, log_level, timeout_graceful_shutdown))
+    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    task = asyncio.create_task(server.serve(sockets=[sock]), name=f"uvicorn:{host}:{real_port}")
+    handle = ServerHandle(host=host, port=real_port, _server=server, _task=task, _sock=sock)
+    deadline = asyncio.get_running_loop().time() + ready_timeout
+    while not server.started:
+        if task.done():
+            task.result()  # re-raise the startup error
+            raise RuntimeError(f"server on {host}:{real_port} exited during startup")
+        if asyncio.get_running_loop().time() > deadline:
+            await handle.stop(1.0)
+            raise TimeoutError(f"server on {host}:{real_port} did not start in {ready_timeout}s")
+        await asyncio.sleep(0.005)
+    return handle
+
+
+class ThreadedServer:
+    """An ASGI app served from its own event loop in a daemon thread (for sync tests/tools)."""
+
+    def __init__(self, app: Any, host: str = DEFAULT_HOST, port: int = 0, log_level: str = "warning"):
+        self._app = app
+        self._host = host
+        self._port = port
+        self._log_level = log_level
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._handle: ServerHandle | None = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+
+    @property
+    def url(self) -> str:
+        assert self._handle is not None
+        return self._handle.url
+
+    @property
+    def port(self) -> int:
+        assert self._handle is not None
+        return self._handle.port
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        assert self._loop is not None
+        return self._loop
+
+    def start(self) -> ThreadedServer:
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            asyncio.set_event_loop(loop)
+            try:
+                self._handle = loop.run_until_complete(
+                    start_server(self._app, self._host, self._port, log_level=self._log_level)
+                )
+            except BaseException as exc:  # reported to the starting thread
+                self._error = exc
+                self._ready.set()
+                loop.close()
+                return
+            self._ready.set()
+            loop.run_forever()
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+
+        self._thread = threading.Thread(target=run, name="kvgate-threaded-server", daemon=True)
+        self._thread.start()
+        self._ready.wait(30)
+        if self._error is not None:
+            raise self._error
+        if self._handle is None:
+            raise TimeoutError("threaded server did not start")
+        return self
+
+    def stop(self) -> None:
+        if self._loop is None or self._handle is None:
+            return
+        fut = asyncio.run_coroutine_threadsafe(self._handle.stop(2.0), self._loop)
+        with contextlib.suppress(Exception):
+            fut.result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._thread is not None:
+            self._thread.join(10)
+        self._handle = None
+
+    def __enter__(self) -> ThreadedServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@contextlib.contextmanager
+def serve_in_thread(app: Any, host: str = DEFAULT_HOST, port: int = 0) -> Iterator[ThreadedServer]:
+    server = ThreadedServer(app, host, port).start()
+    try:
+        yield server
+    finally:
+        server.stop()
