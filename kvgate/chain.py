@@ -1,0 +1,174 @@
+"""HTTP filter chain: the filter registry, the per-request context and the filter interface.
+
+A filter kind = a typed config model + a factory + ``decode`` (and optionally ``encode``). Filters
+are built once per listener (long-lived state such as caches and breakers lives on the instance)
+and run in YAML order for every request. Filters talk through ``ctx.params`` (Pixiu's ``hc.Params``),
+e.g. the kvcache filter sets :data:`PREFERRED_ENDPOINT_PARAM` for the proxy filter.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from kvgate.errors import ConfigError
+
+if TYPE_CHECKING:
+    from kvgate.runtime import Runtime
+
+PREFERRED_ENDPOINT_PARAM = "llm_preferred_endpoint_id"
+UPSTREAM_ATTEMPTS_PARAM = "llm_upstream_attempts"
+
+
+class FilterStatus(enum.Enum):
+    CONTINUE = "continue"
+    STOP = "stop"  # a local reply was set; later decode filters are skipped
+
+
+@dataclass(slots=True)
+class LocalReply:
+    status: int
+    body: dict[str, Any]
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class UpstreamResponse:
+    """What the terminal filter hands back: status, headers and the body as an async stream."""
+
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: AsyncIterator[bytes]
+    endpoint_id: str | None = None
+    on_close: Callable[[], None] | None = None
+
+
+_UNSET: Any = object()
+
+
+@dataclass(slots=True, eq=False)
+class RequestContext:
+    method: str
+    path: str
+    query_string: bytes
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+    cluster_name: str = ""
+    route_prefix: str = "/"
+    timeout: float = 10.0
+    params: dict[str, Any] = field(default_factory=dict)
+    started: float = field(default_factory=time.perf_counter)
+    response: UpstreamResponse | None = None
+    local_reply: LocalReply | None = None
+    response_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    _json: Any = _UNSET
+
+    def header(self, name: str, default: str | None = None) -> str | None:
+        key = name.lower().encode("latin-1")
+        for k, v in self.headers:
+            if k == key:
+                return v.decode("latin-1")
+        return default
+
+    def json(self) -> Any:
+        """The body parsed as JSON once and shared by all filters. Raises ``ValueError`` if malformed."""
+        if self._json is _UNSET:
+            try:
+                self._json = json.loads(self.body) if self.body else None
+            except (ValueError, UnicodeDecodeError) as exc:
+                self._json = exc
+        if isinstance(self._json, Exception):
+            raise ValueError(str(self._json))
+        return self._json
+
+    def reply(self, status: int, message: str, error_type: str, code: int | str | None = None) -> FilterStatus:
+        self.local_reply = LocalReply(
+            status, {"error": {"message": message, "type": error_type, "param": None, "code": code or status}}
+        )
+        return FilterStatus.STOP
+
+
+class HttpFilter:
+    """Base class: override ``decode`` and/or ``encode``; ``start``/``close`` manage resources."""
+
+    kind: str = ""
+
+    async def start(self) -> None:
+        return None
+
+    async def decode(self, ctx: RequestContext) -> FilterStatus:
+        return FilterStatus.CONTINUE
+
+    async def encode(self, ctx: RequestContext) -> FilterStatus:
+        return FilterStatus.CONTINUE
+
+    async def close(self) -> None:
+        return None
+
+
+C = TypeVar("C", bound=BaseModel)
+FactoryFn = Callable[[C, "Runtime"], HttpFilter]
+
+
+@dataclass(frozen=True)
+class FilterKind(Generic[C]):
+    name: str
+    config_model: type[C]
+    factory: FactoryFn[C]
+    terminal: bool = False
+
+
+_REGISTRY: dict[str, FilterKind[Any]] = {}
+
+
+def register_filter(name: str, config_model: type[C], *, terminal: bool = False) -> Callable[[FactoryFn[C]], FactoryFn[C]]:
+    def deco(fn: FactoryFn[C]) -> FactoryFn[C]:
+        _REGISTRY[name] = FilterKind(name, config_model, fn, terminal)
+        return fn
+
+    return deco
+
+
+def _ensure_builtin_filters() -> None:
+    # Importing registers the built-in kinds.
+    import kvgate.filters.kvcache
+    import kvgate.filters.proxy  # noqa: F401
+
+
+def registered_kinds() -> list[str]:
+    _ensure_builtin_filters()
+    return sorted(_REGISTRY)
+
+
+def get_kind(name: str) -> FilterKind[Any] | None:
+    _ensure_builtin_filters()
+    return _REGISTRY.get(name)
+
+
+def validate_filter_config(name: str, raw: dict[str, Any] | None, path: str) -> BaseModel:
+    """Validate a filter's ``config`` map; errors name ``<path>.config.<key>``."""
+    from kvgate.config import config_error_from_validation
+
+    kind = get_kind(name)
+    if kind is None:
+        raise ConfigError(f"{path}.name", f"unknown filter {name!r} (known: {', '.join(registered_kinds())})")
+    try:
+        return kind.config_model.model_validate(raw or {})
+    except ValidationError as exc:
+        raise config_error_from_validation(exc, prefix=f"{path}.config") from None
+    except ConfigError as exc:
+        raise ConfigError(f"{path}.config.{exc.path}" if exc.path else f"{path}.config", exc.reason) from None
+
+
+def build_filter(name: str, config: BaseModel, runtime: Runtime) -> HttpFilter:
+    kind = get_kind(name)
+    assert kind is not None
+    flt = kind.factory(config, runtime)
+    flt.kind = name
+    return flt

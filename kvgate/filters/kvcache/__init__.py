@@ -1,0 +1,1 @@
+"""dgp.filter.ai.kvcache (being written)."""

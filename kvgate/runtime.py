@@ -1,0 +1,31 @@
+"""Shared resources of one gateway instance, handed to filter factories."""
+
+from __future__ import annotations
+
+import aiohttp
+
+from kvgate.cluster import ClusterManager
+from kvgate.config import GatewayConfig
+from kvgate.metrics import Metrics
+
+
+class Runtime:
+    def __init__(self, config: GatewayConfig, metrics: Metrics | None = None):
+        self.config = config
+        self.metrics = metrics or Metrics()
+        self.clusters = ClusterManager(config.clusters, self.metrics)
+        self._aux: aiohttp.ClientSession | None = None
+
+    def aux_session(self) -> aiohttp.ClientSession:
+        """A pooled client for auxiliary calls (health checks, tokenizer, controller). Lazily created."""
+        if self._aux is None or self._aux.closed:
+            self._aux = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=256, limit_per_host=64, ttl_dns_cache=300),
+                auto_decompress=True,
+            )
+        return self._aux
+
+    async def close(self) -> None:
+        await self.clusters.close()
+        if self._aux is not None and not self._aux.closed:
+            await self._aux.close()
