@@ -127,7 +127,9 @@ class FilterKind(Generic[C]):
 _REGISTRY: dict[str, FilterKind[Any]] = {}
 
 
-def register_filter(name: str, config_model: type[C], *, terminal: bool = False) -> Callable[[FactoryFn[C]], FactoryFn[C]]:
+def register_filter(
+    name: str, config_model: type[C], *, terminal: bool = False
+) -> Callable[[FactoryFn[C]], FactoryFn[C]]:
     def deco(fn: FactoryFn[C]) -> FactoryFn[C]:
         _REGISTRY[name] = FilterKind(name, config_model, fn, terminal)
         return fn

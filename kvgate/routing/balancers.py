@@ -113,7 +113,9 @@ class RingHash(Balancer):
         self._owners = [o for _, o in pts]
         self._ring_ids = ids
 
-    def pick_from(self, all_ids: Sequence[str], candidates: Sequence[EndpointView], key: str | None) -> EndpointView | None:
+    def pick_from(
+        self, all_ids: Sequence[str], candidates: Sequence[EndpointView], key: str | None
+    ) -> EndpointView | None:
         if not candidates:
             return None
         if not key:
