@@ -1,0 +1,240 @@
+"""The gateway ASGI application (one per listener) and the admin application."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from kvgate.asgi import (
+    BodyTooLarge,
+    ClientDisconnected,
+    Receive,
+    Request,
+    Router,
+    Scope,
+    Send,
+    json_bytes,
+    lifespan_noop,
+    openai_error,
+    send_json,
+    send_response,
+)
+from kvgate.chain import FilterStatus, HttpFilter, RequestContext, build_filter, get_kind, validate_filter_config
+from kvgate.config import GatewayConfig, HttpConnectionManager, Listener, unknown_keys
+from kvgate.errors import ConfigError, UpstreamError
+from kvgate.runtime import Runtime
+
+log = logging.getLogger("kvgate.server")
+
+SECRET_KEYS = ("api_key", "apikey", "authorization", "password", "secret", "token")
+
+
+@dataclass
+class RouteEntry:
+    prefix: str
+    path: str | None
+    cluster: str
+
+    def matches(self, path: str) -> bool:
+        if self.path is not None:
+            return path == self.path
+        return path.startswith(self.prefix)
+
+
+class ListenerApp:
+    """ASGI app of one listener: route match → decode filters → stream the upstream response."""
+
+    def __init__(self, listener: Listener, hcm: HttpConnectionManager, filters: list[HttpFilter], runtime: Runtime):
+        self.listener = listener
+        self.hcm = hcm
+        self.filters = filters
+        self.runtime = runtime
+        self.routes = [RouteEntry(r.match.prefix, r.match.path, r.route.cluster) for r in hcm.route_config.routes]
+        self.metrics = runtime.metrics
+        self.draining = False
+
+    def _route(self, path: str) -> RouteEntry | None:
+        for r in self.routes:
+            if r.matches(path):
+                return r
+        return None
+
+    async def _local(self, send: Send, status: int, message: str, error_type: str, reason: str) -> None:
+        self.metrics.local_replies.labels(str(status), reason).inc()
+        await send_json(send, status, openai_error(message, error_type, status))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await lifespan_noop(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        route = self._route(scope["path"])
+        if route is None:
+            await self._local(send, 404, f"no route for path {scope['path']!r}", "not_found", "no_route")
+            return
+        request = Request(scope, receive)
+        try:
+            body = await request.body(limit=self.hcm.max_request_body_bytes)
+        except BodyTooLarge as exc:
+            await self._local(send, 413, f"request body exceeds {exc.limit} bytes", "invalid_request_error",
+                              "body_too_large")
+            return
+        except ClientDisconnected:
+            return
+        ctx = RequestContext(
+            method=scope["method"], path=scope["path"], query_string=scope.get("query_string", b""),
+            headers=list(scope.get("headers", [])), body=body, cluster_name=route.cluster,
+            route_prefix=route.prefix, timeout=self.hcm.timeout,
+        )
+        work = asyncio.ensure_future(self._handle(ctx, send))
+        watch = asyncio.ensure_future(_wait_disconnect(receive))
+        try:
+            done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+            if work not in done:  # the client went away: cancel the upstream call / stream
+                work.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await work
+                self.metrics.requests.labels(route.cluster, _endpoint(ctx), "client_closed").inc()
+                log.info("client disconnected; upstream request to %s cancelled", _endpoint(ctx))
+            else:
+                work.result()
+        finally:
+            watch.cancel()
+            if not work.done():
+                work.cancel()
+
+    async def _handle(self, ctx: RequestContext, send: Send) -> None:
+        try:
+            for flt in self.filters:
+                if await flt.decode(ctx) is FilterStatus.STOP:
+                    break
+        except UpstreamError as exc:
+            self.metrics.requests.labels(ctx.cluster_name, _endpoint(ctx), str(exc.status)).inc()
+            self.metrics.local_replies.labels(str(exc.status), exc.error_type).inc()
+            await send_json(send, exc.status, openai_error(str(exc), exc.error_type, exc.status))
+            return
+        if ctx.local_reply is not None:
+            lr = ctx.local_reply
+            self.metrics.local_replies.labels(str(lr.status), "filter").inc()
+            await send_response(send, lr.status, json_bytes(lr.body), headers=lr.headers)
+            return
+        resp = ctx.response
+        if resp is None:
+            await self._local(send, 502, "no filter produced a response (is dgp.filter.llm.proxy configured?)",
+                              "gateway_error", "no_terminal_filter")
+            return
+        try:
+            for flt in self.filters:
+                await flt.encode(ctx)
+            headers = list(resp.headers)
+            headers.extend(ctx.response_headers)
+            if resp.endpoint_id:
+                headers.append((b"x-kvgate-endpoint", resp.endpoint_id.encode()))
+            await send({"type": "http.response.start", "status": resp.status, "headers": headers})
+            async for chunk in resp.body:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            self.metrics.requests.labels(ctx.cluster_name, resp.endpoint_id or "", str(resp.status)).inc()
+        finally:
+            with contextlib.suppress(Exception):
+                await resp.body.aclose()  # type: ignore[attr-defined]
+            if resp.on_close is not None:
+                resp.on_close()
+
+
+async def _wait_disconnect(receive: Receive) -> None:
+    while True:
+        msg = await receive()
+        if msg["type"] == "http.disconnect":
+            return
+
+
+def _endpoint(ctx: RequestContext) -> str:
+    return ctx.response.endpoint_id or "" if ctx.response is not None else ""
+
+
+def redact(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: ("***" if any(s in k.lower() for s in SECRET_KEYS) and v else redact(v)) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [redact(v) for v in obj]
+    return obj
+
+
+class Gateway:
+    """All listeners of a config plus the admin app, sharing one :class:`Runtime`."""
+
+    def __init__(self, config: GatewayConfig, runtime: Runtime | None = None):
+        self.config = config
+        self.runtime = runtime or Runtime(config)
+        self.listener_apps: list[ListenerApp] = []
+        self.warnings: list[str] = [f"unknown key ignored: {k}" for k in unknown_keys(config)]
+        self._started = False
+        self._start_time = time.time()
+        for li, lst in enumerate(config.listeners):
+            hcm = lst.hcm
+            base = f"listeners[{li}].filter_chains.filters[0].config.http_filters"
+            filters: list[HttpFilter] = []
+            for fi, fc in enumerate(hcm.http_filters):
+                cfg = validate_filter_config(fc.name, fc.config, f"{base}[{fi}]")
+                self.warnings.extend(f"unknown key ignored: {base}[{fi}].config.{k}" for k in unknown_keys(cfg))
+                filters.append(build_filter(fc.name, cfg, self.runtime))
+            kinds = [get_kind(fc.name) for fc in hcm.http_filters]
+            if not any(k is not None and k.terminal for k in kinds):
+                raise ConfigError(base, "no terminal filter: add dgp.filter.llm.proxy as the last http filter")
+            last = kinds[-1]
+            if last is None or not last.terminal:
+                raise ConfigError(f"{base}[{len(kinds) - 1}].name",
+                                  "the terminal filter (dgp.filter.llm.proxy) must be the last http filter")
+            self.listener_apps.append(ListenerApp(lst, hcm, filters, self.runtime))
+        for w in self.warnings:
+            log.warning("config: %s", w)
+
+    async def start(self) -> None:
+        if self._started:
+            return
+        for app in self.listener_apps:
+            for flt in app.filters:
+                await flt.start()
+        await self.runtime.clusters.start_health_checks(self.runtime.aux_session)
+        self._started = True
+
+    async def close(self) -> None:
+        for app in self.listener_apps:
+            for flt in app.filters:
+                with contextlib.suppress(Exception):
+                    await flt.close()
+        await self.runtime.close()
+        self._started = False
+
+    def ready(self) -> tuple[bool, dict[str, int]]:
+        healthy = {c.name: len(c.healthy_endpoints()) for c in self.runtime.clusters}
+        return self._started and all(n > 0 for n in healthy.values()), healthy
+
+    def admin_app(self) -> Router:
+        router = Router()
+        metrics = self.runtime.metrics
+
+        async def metrics_h(req: Request, send: Send) -> None:
+            await send_response(send, 200, metrics.render(), b"text/plain; version=0.0.4; charset=utf-8")
+
+        async def healthz(req: Request, send: Send) -> None:
+            await send_json(send, 200, {"status": "ok", "uptime_s": round(time.time() - self._start_time, 3)})
+
+        async def readyz(req: Request, send: Send) -> None:
+            ok, healthy = self.ready()
+            await send_json(send, 200 if ok else 503, {"ready": ok, "healthy_endpoints": healthy})
+
+        async def config_h(req: Request, send: Send) -> None:
+            await send_json(send, 200, redact(self.config.model_dump(mode="json", by_alias=False)))
+
+        router.add("GET", "/metrics", metrics_h)
+        router.add("GET", "/healthz", healthz)
+        router.add("GET", "/readyz", readyz)
+        router.add("GET", "/config", config_h)
+        return router

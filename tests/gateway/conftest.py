@@ -1,0 +1,86 @@
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from kvgate.app import RunningGateway, start_gateway
+from kvgate.config import parse_config
+from kvgate.serving import ServerHandle, start_server
+
+from .upstream import UpstreamState, make_upstream
+
+
+def dead_port() -> int:
+    """A loopback port nobody listens on (bound, then closed)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def gateway_config(endpoints: list[tuple[str, int]], *, lb: str = "RoundRobin", fallback: bool = False,
+                   filters: list[dict[str, Any]] | None = None, hcm_extra: dict[str, Any] | None = None,
+                   proxy: dict[str, Any] | None = None, llm_meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    http_filters = list(filters or []) + [{"name": "dgp.filter.llm.proxy", "config": proxy or {}}]
+    hcm: dict[str, Any] = {
+        "route_config": {"routes": [{"match": {"prefix": "/v1"}, "route": {"cluster": "llm"}}]},
+        "http_filters": http_filters,
+    }
+    hcm.update(hcm_extra or {})
+    meta = {"fallback": fallback, "health_check_interval": 5000, **(llm_meta or {})}
+    return {
+        "listeners": [{
+            "name": "net/http", "protocol_type": "HTTP",
+            "address": {"socket_address": {"address": "127.0.0.1", "port": 8888}},
+            "filter_chains": {"filters": [{"name": "dgp.filter.httpconnectionmanager", "config": hcm}]},
+        }],
+        "clusters": [{
+            "name": "llm", "lb_policy": lb,
+            "endpoints": [{"id": eid, "socket_address": {"address": "127.0.0.1", "port": port}, "llm_meta": meta}
+                          for eid, port in endpoints],
+        }],
+    }
+
+
+class Upstreams:
+    def __init__(self) -> None:
+        self.handles: dict[str, ServerHandle] = {}
+        self.states: dict[str, UpstreamState] = {}
+
+    async def add(self, name: str) -> tuple[str, int]:
+        app, state = make_upstream(name)
+        h = await start_server(app)
+        self.handles[name] = h
+        self.states[name] = state
+        return name, h.port
+
+    async def close(self) -> None:
+        for h in self.handles.values():
+            await h.stop(1.0)
+
+
+@pytest.fixture
+async def upstreams() -> AsyncIterator[Upstreams]:
+    u = Upstreams()
+    try:
+        yield u
+    finally:
+        await u.close()
+
+
+@pytest.fixture
+async def gateways() -> AsyncIterator[list[RunningGateway]]:
+    started: list[RunningGateway] = []
+    yield started
+    for g in started:
+        await g.stop(2.0)
+
+
+async def launch(gateways: list[RunningGateway], cfg: dict[str, Any]) -> RunningGateway:
+    g = await start_gateway(parse_config(cfg), port=0, admin_port=0)
+    gateways.append(g)
+    return g
