@@ -130,7 +130,13 @@ def _delegate(module: str, name: str):  # type: ignore[no-untyped-def]
     return run
 
 
+DELEGATED = {"sim": "kvgate.sim.cli", "bench": "kvgate.bench.cli", "demo": "kvgate.bench.demo"}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in DELEGATED:  # sub-tools own their whole argument list (and --help)
+        return int(_delegate(DELEGATED[argv[0]], argv[0])(argparse.Namespace(rest=argv[1:])))
     args = build_parser().parse_args(argv)
     return int(args.fn(args))
 
