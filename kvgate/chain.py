@@ -67,6 +67,7 @@ class RequestContext:
     response: UpstreamResponse | None = None
     local_reply: LocalReply | None = None
     response_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    completed: bool = False  # the last response byte was handed to the server
     _json: Any = _UNSET
 
     def header(self, name: str, default: str | None = None) -> str | None:

@@ -91,22 +91,31 @@ class ListenerApp:
             headers=list(scope.get("headers", [])), body=body, cluster_name=route.cluster,
             route_prefix=route.prefix, timeout=self.hcm.timeout,
         )
-        work = asyncio.ensure_future(self._handle(ctx, send))
+        # One watcher task per request: a client disconnect cancels this handler (and so the upstream
+        # call or stream it is in), which closes the upstream connection and frees the endpoint slot.
+        me = asyncio.current_task()
+        assert me is not None
+        disconnected = False
+
+        def on_disconnect(t: asyncio.Task[None]) -> None:
+            nonlocal disconnected
+            if not t.cancelled() and t.exception() is None and not ctx.completed:
+                disconnected = True
+                me.cancel()
+
         watch = asyncio.ensure_future(_wait_disconnect(receive))
+        watch.add_done_callback(on_disconnect)
         try:
-            done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
-            if work not in done:  # the client went away: cancel the upstream call / stream
-                work.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await work
-                self.metrics.requests.labels(route.cluster, _endpoint(ctx), "client_closed").inc()
-                log.info("client disconnected; upstream request to %s cancelled", _endpoint(ctx))
-            else:
-                work.result()
+            await self._handle(ctx, send)
+        except asyncio.CancelledError:
+            if not disconnected:
+                raise
+            me.uncancel()
+            self.metrics.requests.labels(route.cluster, _endpoint(ctx), "client_closed").inc()
+            log.info("client disconnected; upstream request to %s cancelled", _endpoint(ctx) or route.cluster)
         finally:
+            watch.remove_done_callback(on_disconnect)
             watch.cancel()
-            if not work.done():
-                work.cancel()
 
     async def _handle(self, ctx: RequestContext, send: Send) -> None:
         try:
@@ -139,6 +148,7 @@ class ListenerApp:
             async for chunk in resp.body:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
+            ctx.completed = True
             self.metrics.requests.labels(ctx.cluster_name, resp.endpoint_id or "", str(resp.status)).inc()
         finally:
             with contextlib.suppress(Exception):
