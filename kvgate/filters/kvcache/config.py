@@ -1,0 +1,194 @@
+"""Configuration of ``dgp.filter.ai.kvcache``: Pixiu's keys, defaults and validation order.
+
+Pixiu runs ``ApplyDefaults`` first and ``Validate`` second; validation only runs when ``enabled``
+is true and reports the *first* failing check with an exact ``[kvcache] ...`` message. We do the
+same in one ``model_validator`` so the error names the key (``ConfigError(path, message)``).
+Unknown keys are accepted (Pixiu ignores them) and logged by the filter factory.
+
+Keys we add (not in Pixiu): ``max_background_tasks``, ``background_queue_size``,
+``min_match_tokens`` and ``retry.jitter``.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from kvgate.config import Duration
+from kvgate.errors import ConfigError
+
+DEFAULT_REQUEST_TIMEOUT = 2.0
+DEFAULT_LOOKUP_ROUTING_TIMEOUT = 0.05
+DEFAULT_HOT_WINDOW = 300.0
+DEFAULT_HOT_MAX_RECORDS = 300
+DEFAULT_COMPRESS_METHOD = "zstd"
+DEFAULT_RETRY_MAX_ATTEMPTS = 3
+DEFAULT_RETRY_BASE_BACKOFF = 0.1
+DEFAULT_RETRY_MAX_BACKOFF = 2.0
+DEFAULT_FAILURE_THRESHOLD = 5
+DEFAULT_RECOVERY_TIMEOUT = 10.0
+DEFAULT_HALF_OPEN_MAX_CALLS = 2
+DEFAULT_MAX_BACKGROUND_TASKS = 8
+DEFAULT_BACKGROUND_QUEUE_SIZE = 1024
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True, validate_default=True)
+
+
+class TokenCacheConfig(_Section):
+    """``token_cache``: routing only happens when it is enabled (Pixiu rule)."""
+
+    enabled: bool = False
+    max_size: int = 0  # 0 = unbounded
+    ttl: Duration = 0.0  # 0 = no expiry
+
+
+class CacheStrategyConfig(_Section):
+    """``cache_strategy``: which management actions run and where they are sent."""
+
+    enable_compression: bool = False
+    enable_pinning: bool = False
+    enable_eviction: bool = False
+    load_threshold: float = 0.0  # 0 disables compress
+    memory_threshold: float = 0.0  # 0 disables evict
+    hot_content_threshold: int = 0  # 0 disables pin
+    pin_instance_id: str = ""
+    pin_location: str = ""
+    compress_instance_id: str = ""
+    compress_location: str = ""
+    compress_method: str = ""
+    evict_instance_id: str = ""
+
+    @model_validator(mode="after")
+    def _default_method(self) -> CacheStrategyConfig:
+        if not self.compress_method:
+            self.compress_method = DEFAULT_COMPRESS_METHOD
+        return self
+
+
+class RetryConfig(_Section):
+    """``retry`` for LMCache controller calls (not ``/tokenize``)."""
+
+    max_attempts: int = 0
+    base_backoff: Duration = 0.0
+    max_backoff: Duration = 0.0
+    jitter: bool = False  # ours: add up to 50 % random jitter to each backoff
+
+
+class CircuitBreakerConfig(_Section):
+    """``circuit_breaker``: one config, three independent breakers (tokenize, lookup, manage)."""
+
+    failure_threshold: int = 0
+    recovery_timeout: Duration = 0.0
+    half_open_max_calls: int = 0
+
+
+class KVCacheConfig(_Section):
+    """The whole ``config`` map of ``dgp.filter.ai.kvcache`` (snake_case keys as in Pixiu)."""
+
+    enabled: bool = False
+    vllm_endpoint: str = ""
+    lmcache_endpoint: str = ""
+    default_model: str = ""
+    request_timeout: Duration = 0.0
+    lookup_routing_timeout: Duration = 0.0
+    hot_window: Duration = 0.0
+    hot_max_records: int = 0
+    hot_max_keys: int = 0
+    # Accepted for compatibility; kvgate uses the runtime's shared aiohttp pool instead.
+    max_idle_conns: int = 0
+    max_idle_conns_per_host: int = 0
+    max_conns_per_host: int = 0
+    token_cache: TokenCacheConfig = Field(default_factory=TokenCacheConfig)
+    cache_strategy: CacheStrategyConfig = Field(default_factory=CacheStrategyConfig)
+    retry: RetryConfig = Field(default_factory=RetryConfig)
+    circuit_breaker: CircuitBreakerConfig = Field(default_factory=CircuitBreakerConfig)
+    # --- kvgate additions ---
+    max_background_tasks: int = DEFAULT_MAX_BACKGROUND_TASKS
+    background_queue_size: int = DEFAULT_BACKGROUND_QUEUE_SIZE
+    min_match_tokens: int = 0  # 0 = any positive match routes
+
+    @model_validator(mode="after")
+    def _apply(self) -> KVCacheConfig:
+        self.apply_defaults()
+        if self.enabled:
+            self.validate_enabled()
+        return self
+
+    def apply_defaults(self) -> None:
+        """Pixiu's ``ApplyDefaults`` (runs whether or not the filter is enabled)."""
+        self.vllm_endpoint = self.vllm_endpoint.strip().rstrip("/")
+        self.lmcache_endpoint = self.lmcache_endpoint.strip().rstrip("/")
+        if self.request_timeout <= 0:
+            self.request_timeout = DEFAULT_REQUEST_TIMEOUT
+        if self.lookup_routing_timeout <= 0:
+            self.lookup_routing_timeout = DEFAULT_LOOKUP_ROUTING_TIMEOUT
+        if self.hot_window <= 0:
+            self.hot_window = DEFAULT_HOT_WINDOW
+        if self.hot_max_records <= 0:
+            self.hot_max_records = DEFAULT_HOT_MAX_RECORDS
+        if self.hot_max_keys < 0:
+            self.hot_max_keys = 0
+        if not self.cache_strategy.compress_method:
+            self.cache_strategy.compress_method = DEFAULT_COMPRESS_METHOD
+        r = self.retry
+        if r.max_attempts <= 0:
+            r.max_attempts = DEFAULT_RETRY_MAX_ATTEMPTS
+        if r.base_backoff <= 0:
+            r.base_backoff = DEFAULT_RETRY_BASE_BACKOFF
+        if r.max_backoff <= 0:
+            r.max_backoff = DEFAULT_RETRY_MAX_BACKOFF
+        cb = self.circuit_breaker
+        if cb.failure_threshold <= 0:
+            cb.failure_threshold = DEFAULT_FAILURE_THRESHOLD
+        if cb.recovery_timeout <= 0:
+            cb.recovery_timeout = DEFAULT_RECOVERY_TIMEOUT
+        if cb.half_open_max_calls <= 0:
+            cb.half_open_max_calls = DEFAULT_HALF_OPEN_MAX_CALLS
+
+    def validate_enabled(self) -> None:
+        """Pixiu's ``Validate``: first failing check wins, exact messages; then our own keys."""
+        if not self.vllm_endpoint:
+            raise ConfigError("vllm_endpoint", "[kvcache] vllm_endpoint is required when enabled")
+        if not self.lmcache_endpoint:
+            raise ConfigError("lmcache_endpoint", "[kvcache] lmcache_endpoint is required when enabled")
+        if self.token_cache.max_size < 0:
+            raise ConfigError("token_cache.max_size", "[kvcache] token_cache.max_size must be >= 0")
+        cs = self.cache_strategy
+        if not 0 <= cs.memory_threshold <= 1:
+            raise ConfigError("cache_strategy.memory_threshold",
+                              "[kvcache] cache_strategy.memory_threshold must be between 0 and 1")
+        if not 0 <= cs.load_threshold <= 1:
+            raise ConfigError("cache_strategy.load_threshold",
+                              "[kvcache] cache_strategy.load_threshold must be between 0 and 1")
+        if cs.hot_content_threshold < 0:
+            raise ConfigError("cache_strategy.hot_content_threshold",
+                              "[kvcache] cache_strategy.hot_content_threshold must be >= 0")
+        # Checks 7-9 cannot fail after apply_defaults (kept for fidelity).
+        if self.retry.max_attempts < 0:
+            raise ConfigError("retry.max_attempts", "[kvcache] retry.max_attempts must be >= 0")
+        if self.retry.base_backoff < 0 or self.retry.max_backoff < 0:
+            raise ConfigError("retry", "[kvcache] retry backoff durations must be >= 0")
+        for key in ("hot_window", "hot_max_records", "hot_max_keys"):
+            if getattr(self, key) < 0:
+                raise ConfigError(key, f"[kvcache] {key} must be >= 0")
+        # kvgate's own keys.
+        if self.token_cache.ttl < 0:
+            raise ConfigError("token_cache.ttl", "[kvcache] token_cache.ttl must be >= 0")
+        if self.max_background_tasks < 1:
+            raise ConfigError("max_background_tasks", "[kvcache] max_background_tasks must be >= 1")
+        if self.background_queue_size < 1:
+            raise ConfigError("background_queue_size", "[kvcache] background_queue_size must be >= 1")
+        if self.min_match_tokens < 0:
+            raise ConfigError("min_match_tokens", "[kvcache] min_match_tokens must be >= 0")
+
+    def effective_timeout(self, hcm_timeout: float) -> float:
+        """Pixiu's ``effectiveTimeout``: request_timeout, lowered to the HCM timeout if smaller; <= 0 → 2s."""
+        t = self.request_timeout
+        if 0 < hcm_timeout < t:
+            t = hcm_timeout
+        return t if t > 0 else DEFAULT_REQUEST_TIMEOUT
+
+    def routing_timeout(self, hcm_timeout: float) -> float:
+        """The hard cap on the synchronous routing lookup."""
+        return min(self.effective_timeout(hcm_timeout), self.lookup_routing_timeout)

@@ -1,0 +1,130 @@
+"""Model / prompt extraction (Pixiu §3 step 3), the request key and the ``/tokenize`` request builder.
+
+Extraction is Pixiu's exactly:
+
+* ``model`` only if it is a string (else ``default_model`` later);
+* ``prompt`` string as is, array → its string items joined by ``"\\n"``, anything else → "";
+* empty prompt → the string ``content`` of each object in ``messages`` joined by ``"\\n"``
+  (roles ignored, multimodal / non-string content skipped);
+* the result is stripped.
+
+What differs from Pixiu (defect fixes): the ``/tokenize`` body is *built* (``{model, prompt}`` or
+``{model, messages, add_generation_prompt: true}``), never the client's raw body; and the cache key
+of a chat request covers every message's role and content (canonical JSON), not the joined text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+
+class ExtractError(ValueError):
+    """The request body is not a JSON object."""
+
+
+@dataclass(frozen=True, slots=True)
+class Extracted:
+    """What the filter needs from a request. ``prompt`` is the (stripped) text; never logged."""
+
+    model: str
+    prompt: str
+    kind: Literal["prompt", "chat"]
+    messages: tuple[Any, ...] = ()
+    tools: Any = None
+
+    @property
+    def key(self) -> str:
+        """Token-cache / hot-map / coalescing key (hex SHA-256)."""
+        if self.kind == "prompt":
+            return prompt_key(self.model, self.prompt)
+        return chat_key(self.model, self.messages, self.tools)
+
+    def tokenize_request(self) -> dict[str, Any]:
+        """The JSON body for vLLM ``POST /tokenize`` (``TokenizeCompletionRequest`` / ``TokenizeChatRequest``)."""
+        body: dict[str, Any]
+        if self.kind == "prompt":
+            body = {"model": self.model, "prompt": self.prompt}
+        else:
+            body = {"model": self.model, "messages": list(self.messages), "add_generation_prompt": True}
+            if self.tools is not None:
+                body["tools"] = self.tools
+        if not self.model:
+            body.pop("model")
+        return body
+
+
+def prompt_key(model: str, prompt: str) -> str:
+    """Pixiu's key: hex(SHA-256(model + "\\x00" + prompt))."""
+    return hashlib.sha256(f"{model}\x00{prompt}".encode()).hexdigest()
+
+
+def chat_key(model: str, messages: tuple[Any, ...] | list[Any], tools: Any = None) -> str:
+    """Key of a chat request: model + canonical JSON of every message's role and content (+ tools)."""
+    canon: list[Any] = []
+    for m in messages:
+        if isinstance(m, dict):
+            canon.append([m.get("role"), m.get("content"), m.get("name"), m.get("tool_calls")])
+        else:
+            canon.append(m)
+    payload = json.dumps([canon, tools], sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(f"chat\x00{model}\x00{payload}".encode()).hexdigest()
+
+
+def extract_prompt_and_model(data: Any) -> tuple[str, str]:
+    """Pixiu's ``extractPromptAndModel`` on already-parsed JSON: ``(model, prompt)``.
+
+    ``None`` (empty body) gives ``("", "")``; a non-object raises :class:`ExtractError`.
+    """
+    if data is None:
+        return "", ""
+    if not isinstance(data, dict):
+        raise ExtractError(f"request body is a JSON {type(data).__name__}, not an object")
+    model = data.get("model")
+    model = model if isinstance(model, str) else ""
+    prompt = _prompt_text(data.get("prompt"))
+    if not prompt:
+        prompt = _messages_text(data.get("messages"))
+    return model, prompt.strip()
+
+
+def _prompt_text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        return "\n".join(v for v in value if isinstance(v, str))
+    return ""
+
+
+def _messages_text(value: Any) -> str:
+    if not isinstance(value, list):
+        return ""
+    return "\n".join(m["content"] for m in value if isinstance(m, dict) and isinstance(m.get("content"), str))
+
+
+def extract(data: Any, default_model: str = "") -> Extracted | None:
+    """Full extraction. ``None`` when there is no prompt (Pixiu returns early). Raises :class:`ExtractError`."""
+    model, prompt = extract_prompt_and_model(data)
+    if not prompt:
+        return None
+    if not model:
+        model = default_model
+    assert isinstance(data, dict)
+    raw_prompt = data.get("prompt")
+    if _prompt_text(raw_prompt).strip():
+        return Extracted(model=model, prompt=prompt, kind="prompt")
+    messages = data.get("messages")
+    tools = data.get("tools") if isinstance(data.get("tools"), list) else None
+    return Extracted(model=model, prompt=prompt, kind="chat", messages=tuple(messages or ()), tools=tools)
+
+
+def parse_body(body: bytes) -> Any:
+    """``json.loads`` with Pixiu's semantics: empty body → ``None``; malformed → :class:`ExtractError`."""
+    if not body:
+        return None
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ExtractError(str(exc)) from None

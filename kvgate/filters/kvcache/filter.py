@@ -1,0 +1,370 @@
+"""The ``dgp.filter.ai.kvcache`` HTTP filter: KV-cache-aware routing hint + background cache management.
+
+Decode path (synchronous, always ``CONTINUE``, errors never reach the client):
+
+1. extract model / prompt (Pixiu rules, :mod:`.extract`); no prompt → done;
+2. record the request key in the hot map;
+3. routing lookup — only with ``token_cache.enabled`` and only if the tokens are already cached
+   (Pixiu's rule, kept: the *first* request for a prompt is never routed; its background job
+   tokenizes it so the next identical request can be). The lookup is capped by
+   ``lookup_routing_timeout`` (also by ``request_timeout`` / the HCM timeout if smaller) with
+   ``asyncio.timeout_at``, so the request never waits longer than the cap;
+4. choose the endpoint (:func:`kvgate.routing.prefix.choose_prefix_endpoint`) and set
+   ``ctx.params[PREFERRED_ENDPOINT_PARAM]``;
+5. enqueue a background job (never blocks; coalesced per key; dropped and counted when full).
+
+Background jobs run on ``max_background_tasks`` workers fed by a queue of ``background_queue_size``.
+Each job: tokenize on a cache miss (store) → lookup (reusing the routing lookup) → decide → execute.
+Deadline = the effective request timeout, counted from the job's start; a job that waited in the
+queue longer than that is dropped as ``expired``. Jobs are *detached* from the client request (a
+fast response does not cut them short — Pixiu's request-bound context did) and are cancelled when
+the filter closes. kvgate's ``RequestContext`` exposes no disconnect signal, so client cancellation
+does not cancel an already-queued job; it is bounded by the deadline and the pool instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import aiohttp
+
+from kvgate.chain import PREFERRED_ENDPOINT_PARAM, FilterStatus, HttpFilter, RequestContext
+from kvgate.config import unknown_keys
+from kvgate.filters.kvcache.config import KVCacheConfig
+from kvgate.filters.kvcache.errors import CircuitOpenError, KVCacheError, NotSupportedError
+from kvgate.filters.kvcache.extract import Extracted, ExtractError, extract
+from kvgate.filters.kvcache.hotstats import HotStats
+from kvgate.filters.kvcache.lmcache_client import LMCacheClient, LookupResult, TokenizerClient
+from kvgate.filters.kvcache.metrics import KVCacheMetrics
+from kvgate.filters.kvcache.resilience import CircuitBreaker, RetryPolicy, Sleep, retry_call
+from kvgate.filters.kvcache.signals import LoadSignals, ProcessSignals
+from kvgate.filters.kvcache.strategy import StrategyExecutor, make_decision
+from kvgate.filters.kvcache.tokens import TokenCache
+from kvgate.routing.prefix import choose_prefix_endpoint
+from kvgate.runtime import Runtime
+
+log = logging.getLogger("kvgate.filters.kvcache")
+
+T = TypeVar("T")
+BREAKERS = ("tokenize", "lookup", "manage")
+
+
+@dataclass(slots=True)
+class _Job:
+    key: str
+    request: Extracted
+    lookup: LookupResult | None
+    timeout: float
+    enqueued: float
+
+
+class KVCacheFilter(HttpFilter):
+    """See the module docstring. Long-lived: one instance per listener."""
+
+    def __init__(self, config: KVCacheConfig, runtime: Runtime, *, signals: LoadSignals | None = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 session_factory: Callable[[], aiohttp.ClientSession] | None = None,
+                 sleep: Sleep = asyncio.sleep):
+        self.cfg = config
+        self.runtime = runtime
+        self.metrics = KVCacheMetrics.for_registry(runtime.metrics.registry)
+        self.signals: LoadSignals = signals or ProcessSignals()
+        self._sleep = sleep
+        factory = session_factory or runtime.aux_session
+        self.lmcache = LMCacheClient(factory, config.lmcache_endpoint, config.request_timeout)
+        self.tokenizer = TokenizerClient(factory, config.vllm_endpoint, config.request_timeout)
+        self.token_cache = TokenCache(max(0, config.token_cache.max_size), config.token_cache.ttl, clock)
+        self.hot = HotStats(config.hot_window, config.hot_max_records, config.hot_max_keys, clock)
+        r = config.retry
+        self.retry = RetryPolicy(r.max_attempts, r.base_backoff, r.max_backoff, r.jitter)
+        cb = config.circuit_breaker
+        self.breakers = {
+            name: CircuitBreaker(name, cb.failure_threshold, cb.recovery_timeout, cb.half_open_max_calls, clock,
+                                 on_change=self._breaker_changed)
+            for name in BREAKERS
+        }
+        for name in BREAKERS:
+            self.metrics.breaker_state.labels(name).set(0)
+        self.executor = StrategyExecutor(
+            config.cache_strategy, self.lmcache, self._manage_call,
+            on_result=lambda action, result: self.metrics.actions.labels(action, result).inc(),
+            on_unsupported=self._action_unsupported,
+        )
+        cs = config.cache_strategy
+        self._strategy_active = bool(
+            (cs.enable_compression and cs.load_threshold > 0)
+            or (cs.enable_eviction and cs.memory_threshold > 0)
+            or (cs.enable_pinning and cs.hot_content_threshold > 0)
+        )
+        self._queue: asyncio.Queue[_Job] | None = None
+        self._pending: set[str] = set()
+        self._workers: list[asyncio.Task[None]] = []
+        self._closed = False
+        self._running = 0
+        extra = unknown_keys(config)
+        if extra:
+            log.warning("[kvcache] ignoring unknown config keys: %s", ", ".join(extra))
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        self._ensure_workers()
+
+    def _ensure_workers(self) -> None:
+        if self._workers or self._closed or not self.cfg.enabled:
+            return
+        self._queue = asyncio.Queue(maxsize=self.cfg.background_queue_size)
+        self._workers = [asyncio.create_task(self._worker(), name=f"kvcache-worker-{i}")
+                         for i in range(self.cfg.max_background_tasks)]
+
+    async def close(self) -> None:
+        """Cancel the workers and drop queued jobs; shared resources (the aiohttp session) stay open."""
+        self._closed = True
+        for t in self._workers:
+            t.cancel()
+        for t in self._workers:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        self._workers.clear()
+        if self._queue is not None:
+            while not self._queue.empty():
+                self._queue.get_nowait()
+        self._pending.clear()
+        self.metrics.background_queue_depth.set(0)
+
+    @property
+    def queue_depth(self) -> int:
+        return self._queue.qsize() if self._queue is not None else 0
+
+    @property
+    def worker_count(self) -> int:
+        return len(self._workers)
+
+    # ------------------------------------------------------------------ decode path
+
+    async def decode(self, ctx: RequestContext) -> FilterStatus:
+        if not self.cfg.enabled:
+            return FilterStatus.CONTINUE
+        started = time.perf_counter()
+        try:
+            await self._decode(ctx)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # never reaches the client
+            self.metrics.errors.inc()
+            log.warning("[kvcache] unexpected decode error: %s: %s", type(exc).__name__, exc)
+        finally:
+            self.metrics.routing_added_latency.observe(time.perf_counter() - started)
+        return FilterStatus.CONTINUE
+
+    async def _decode(self, ctx: RequestContext) -> None:
+        try:
+            req = extract(ctx.json(), self.cfg.default_model)
+        except ValueError as exc:  # includes ExtractError
+            log.warning("[kvcache] parse request body failed: %s", exc if isinstance(exc, ExtractError) else
+                        f"invalid JSON ({len(ctx.body)} bytes)")
+            return
+        if req is None:
+            return
+        key = req.key
+        self.hot.record(key)
+        lookup = await self._route(ctx, key)
+        self._enqueue(req, key, lookup, self.cfg.effective_timeout(ctx.timeout))
+
+    async def _route(self, ctx: RequestContext, key: str) -> LookupResult | None:
+        m = self.metrics
+        if not self.cfg.token_cache.enabled:
+            m.routing_lookups.labels("disabled").inc()
+            return None
+        tokens = self.token_cache.get(key)
+        m.token_cache_size.set(len(self.token_cache))
+        if tokens is None:
+            m.token_cache_misses.inc()
+            m.routing_lookups.labels("no_tokens").inc()
+            log.debug("[kvcache] routing lookup skipped: token cache miss (key=%s)", key[:12])
+            return None
+        m.token_cache_hits.inc()
+        breaker = self.breakers["lookup"]
+        if not breaker.would_allow():
+            m.routing_lookups.labels("breaker_open").inc()
+            return None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.cfg.routing_timeout(ctx.timeout)
+        t0 = time.perf_counter()
+        outcome: str | None = None
+        try:
+            async with asyncio.timeout_at(deadline):
+                lookup = await retry_call(
+                    lambda: breaker.call(lambda: self.lmcache.lookup(tokens, deadline=deadline), deadline=deadline),
+                    self.retry, deadline=deadline, sleep=self._sleep)
+        except CircuitOpenError:
+            outcome = "breaker_open"
+        except TimeoutError:
+            outcome = "timeout"
+            log.debug("[kvcache] routing lookup failed: timed out after %.0fms", (time.perf_counter() - t0) * 1e3)
+        except KVCacheError as exc:
+            outcome = "error"
+            log.debug("[kvcache] routing lookup failed: %s", exc)
+        finally:
+            m.lookup_latency.labels("routing").observe(time.perf_counter() - t0)
+        if outcome is not None:
+            m.routing_lookups.labels(outcome).inc()
+            return None
+        outcome = self._apply_choice(ctx, lookup)
+        m.routing_lookups.labels(outcome).inc()
+        return lookup
+
+    def _apply_choice(self, ctx: RequestContext, lookup: LookupResult) -> str:
+        if not lookup.layout:
+            log.debug("[kvcache] routing lookup returned empty instance")
+            return "empty"
+        cluster = self.runtime.clusters.get(ctx.cluster_name) if ctx.cluster_name else None
+        choice = choose_prefix_endpoint(lookup.matches, cluster.endpoints if cluster is not None else None,
+                                        min_match_tokens=self.cfg.min_match_tokens)
+        for reason, n in choice.rejected.items():
+            self.metrics.routing_rejected.labels(reason).inc(n)
+        if choice.endpoint_id is None:
+            log.debug("[kvcache] routing lookup found no eligible instance (rejected: %s)", dict(choice.rejected))
+            return "no_match"
+        ctx.params[PREFERRED_ENDPOINT_PARAM] = choice.endpoint_id
+        log.debug("[kvcache] routing preferred endpoint set: %s (%d tokens)", choice.endpoint_id,
+                  choice.matched_tokens)
+        return "routed"
+
+    # ------------------------------------------------------------------ background
+
+    def _enqueue(self, req: Extracted, key: str, lookup: LookupResult | None, timeout: float) -> None:
+        if self._closed:
+            return
+        needs_tokens = self.cfg.token_cache.enabled and self.token_cache.get(key, count=False) is None
+        if not (needs_tokens or self._strategy_active):
+            return  # nothing a job could do
+        self._ensure_workers()
+        assert self._queue is not None
+        m = self.metrics
+        if key in self._pending:
+            m.background_jobs.labels("coalesced").inc()
+            return
+        try:
+            self._queue.put_nowait(_Job(key, req, lookup, timeout, asyncio.get_running_loop().time()))
+        except asyncio.QueueFull:
+            m.background_dropped.inc()
+            m.background_jobs.labels("dropped").inc()
+            return
+        self._pending.add(key)
+        m.background_queue_depth.set(self._queue.qsize())
+
+    async def _worker(self) -> None:
+        assert self._queue is not None
+        queue = self._queue
+        loop = asyncio.get_running_loop()
+        m = self.metrics
+        while True:
+            job = await queue.get()
+            m.background_queue_depth.set(queue.qsize())
+            result = "done"
+            try:
+                if loop.time() - job.enqueued > job.timeout:
+                    result = "expired"
+                    continue
+                self._running += 1
+                m.background_running.set(self._running)
+                try:
+                    async with asyncio.timeout(job.timeout):
+                        await self._run_job(job, loop.time() + job.timeout)
+                except TimeoutError:
+                    result = "timeout"
+                    log.debug("[kvcache] background job timed out after %.3fs (key=%s)", job.timeout, job.key[:12])
+                except KVCacheError:
+                    result = "error"  # already logged with its step
+                except Exception as exc:
+                    result = "error"
+                    log.warning("[kvcache] background job failed: %s: %s", type(exc).__name__, exc)
+                finally:
+                    self._running -= 1
+                    m.background_running.set(self._running)
+            finally:
+                self._pending.discard(job.key)
+                queue.task_done()
+                m.background_jobs.labels(result).inc()
+
+    async def _run_job(self, job: _Job, deadline: float) -> None:
+        tokens = self.token_cache.get(job.key, count=False)
+        if tokens is None:
+            tokens = await self._tokenize(job, deadline)
+            if self.cfg.token_cache.enabled:
+                self.token_cache.put(job.key, tokens)
+                self.metrics.token_cache_size.set(len(self.token_cache))
+        if not self._strategy_active or not tokens:
+            return
+        lookup = job.lookup
+        if lookup is None:
+            t0 = time.perf_counter()
+            try:
+                lookup = await self._manage_call(lambda: self.lmcache.lookup(tokens, deadline=deadline), deadline)
+            except KVCacheError as exc:
+                log.warning("[kvcache] lookup failed: %s", exc)
+                raise
+            finally:
+                self.metrics.lookup_latency.labels("background").observe(time.perf_counter() - t0)
+        decision = make_decision(self.cfg.cache_strategy, self.signals.sample(),
+                                 self.hot.is_hot(job.key, self.cfg.cache_strategy.hot_content_threshold))
+        if not decision:
+            return
+        try:
+            await self.executor.execute(decision, tokens, lookup, deadline)
+        except KVCacheError as exc:
+            log.warning("[kvcache] execute strategy failed: %s", exc)
+            raise
+
+    async def _tokenize(self, job: _Job, deadline: float) -> list[int]:
+        t0 = time.perf_counter()
+        body = job.request.tokenize_request()
+        try:
+            tokens = await self.breakers["tokenize"].call(
+                lambda: self.tokenizer.tokenize(body, deadline=deadline), deadline=deadline)
+        except KVCacheError as exc:
+            self.metrics.tokenize_calls.labels("error").inc()
+            log.warning("[kvcache] tokenize failed: %s (key=%s, prompt_chars=%d)", exc, job.key[:12],
+                        len(job.request.prompt))
+            raise
+        finally:
+            self.metrics.tokenize_latency.observe(time.perf_counter() - t0)
+        self.metrics.tokenize_calls.labels("ok").inc()
+        return tokens
+
+    async def _manage_call(self, fn: Callable[[], Awaitable[T]], deadline: float | None = None) -> T:
+        breaker = self.breakers["manage"]
+        return await retry_call(lambda: breaker.call(fn, deadline=deadline), self.retry, deadline=deadline,
+                                sleep=self._sleep)
+
+    # ------------------------------------------------------------------ callbacks
+
+    def _breaker_changed(self, breaker: CircuitBreaker) -> None:
+        self.metrics.breaker_state.labels(breaker.name).set(int(breaker.state))
+        log.warning("[kvcache] %s circuit breaker -> %s (failures=%d)", breaker.name, breaker.state.name,
+                    breaker.failure_count)
+
+    def _action_unsupported(self, action: str, exc: NotSupportedError) -> None:
+        self.metrics.action_supported.labels(action).set(0)
+        hint = " (LMCache 0.5.6 has no /evict route; /clear is the closest)" if action == "evict" else ""
+        log.warning("[kvcache] controller %s answered %d for /%s: route not supported%s; "
+                    "'%s' actions are disabled until restart", self.lmcache.base_url, exc.status, action, hint, action)
+
+    def snapshot(self) -> dict[str, Any]:
+        """Debug view (no prompt text)."""
+        return {
+            "token_cache": self.token_cache.stats(),
+            "hot_keys": len(self.hot),
+            "breakers": {n: b.state.name for n, b in self.breakers.items()},
+            "queue_depth": self.queue_depth,
+            "running": self._running,
+            "pending_keys": len(self._pending),
+            "unsupported_actions": sorted(self.executor.unsupported),
+        }

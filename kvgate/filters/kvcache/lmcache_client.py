@@ -1,0 +1,150 @@
+"""HTTP clients: LMCache controller (``/lookup`` ``/pin`` ``/compress`` ``/evict``) and vLLM ``/tokenize``.
+
+One attempt per method call: retries and breakers live in :mod:`.resilience` and are applied by the
+filter. Every call is ``POST`` JSON with a total timeout derived from the caller's deadline.
+``layout_info`` values are accepted in both shapes: the real controller's ``[location, end]`` array
+and Pixiu's mock ``{"0": location, "1": end}`` object.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from kvgate.filters.kvcache.errors import CallTimeout, DecodeError, NotSupportedError, StatusError, TransportError
+
+SessionFactory = Callable[[], aiohttp.ClientSession]
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceMatch:
+    location: str
+    matched_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class LookupResult:
+    event_id: str
+    layout: dict[str, InstanceMatch] = field(default_factory=dict)
+
+    @property
+    def matches(self) -> dict[str, int]:
+        return {k: v.matched_tokens for k, v in self.layout.items()}
+
+    def best(self) -> tuple[str, InstanceMatch] | None:
+        """The entry with the largest match (ties: first in controller order)."""
+        best: tuple[str, InstanceMatch] | None = None
+        for iid, m in self.layout.items():
+            if best is None or m.matched_tokens > best[1].matched_tokens:
+                best = (iid, m)
+        return best
+
+
+@dataclass(frozen=True, slots=True)
+class ActionResult:
+    event_id: str
+    num_tokens: int
+
+
+def parse_layout_value(value: Any) -> InstanceMatch:
+    """``["LocalCPUBackend", 768]`` or ``{"0": "LocalCPUBackend", "1": 768}`` → :class:`InstanceMatch`."""
+    if isinstance(value, list | tuple) and len(value) >= 2:
+        loc, end = value[0], value[1]
+    elif isinstance(value, dict) and "1" in value:
+        loc, end = value.get("0", ""), value["1"]
+    else:
+        raise DecodeError(f"[kvcache] decode lookup response: unexpected layout_info value {value!r:.80}")
+    if isinstance(end, bool) or not isinstance(end, int | float):
+        raise DecodeError(f"[kvcache] decode lookup response: matched tokens is not a number: {end!r:.40}")
+    return InstanceMatch(location=str(loc) if loc is not None else "", matched_tokens=int(end))
+
+
+def parse_lookup(data: Any) -> LookupResult:
+    if not isinstance(data, dict):
+        raise DecodeError("[kvcache] decode lookup response: not a JSON object")
+    layout_raw = data.get("layout_info")
+    if layout_raw is None:
+        layout_raw = {}
+    if not isinstance(layout_raw, dict):
+        raise DecodeError("[kvcache] decode lookup response: layout_info is not an object")
+    layout = {str(k): parse_layout_value(v) for k, v in layout_raw.items()}
+    return LookupResult(event_id=str(data.get("event_id", "")), layout=layout)
+
+
+def _parse_action(data: Any) -> ActionResult:
+    if not isinstance(data, dict):
+        raise DecodeError("[kvcache] decode controller response: not a JSON object")
+    n = data.get("num_tokens", 0)
+    return ActionResult(event_id=str(data.get("event_id", "")), num_tokens=int(n) if isinstance(n, int | float) else 0)
+
+
+class _JsonPoster:
+    def __init__(self, session_factory: SessionFactory, base_url: str, default_timeout: float):
+        self._session_factory = session_factory
+        self.base_url = base_url.strip().rstrip("/")
+        self.default_timeout = default_timeout
+
+    async def _post(self, path: str, payload: Mapping[str, Any], what: str, deadline: float | None) -> Any:
+        loop = asyncio.get_running_loop()
+        timeout = self.default_timeout if deadline is None else deadline - loop.time()
+        if timeout <= 0:
+            raise CallTimeout(f"[kvcache] {what}: deadline exceeded")
+        url = self.base_url + path
+        try:
+            async with self._session_factory().post(
+                url, data=json.dumps(payload, separators=(",", ":")),
+                headers={"Content-Type": "application/json"},
+                timeout=aiohttp.ClientTimeout(total=timeout),
+            ) as resp:
+                body = await resp.read()
+                status = resp.status
+        except TimeoutError as exc:
+            raise CallTimeout(f"[kvcache] call {what}: timed out after {timeout:.3f}s") from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            raise TransportError(f"[kvcache] call {what}: {type(exc).__name__}: {exc}") from exc
+        text = body.decode("utf-8", "replace")
+        if status in (404, 405):
+            raise NotSupportedError(what, status, text)
+        if not 200 <= status < 300:
+            raise StatusError(what, status, text)
+        try:
+            return json.loads(body)
+        except ValueError as exc:
+            raise DecodeError(f"[kvcache] decode {what} response: {exc}") from None
+
+
+class LMCacheClient(_JsonPoster):
+    """The LMCache controller HTTP API (single attempts)."""
+
+    async def lookup(self, tokens: Sequence[int], *, deadline: float | None = None) -> LookupResult:
+        return parse_lookup(await self._post("/lookup", {"tokens": list(tokens)}, "lookup", deadline))
+
+    async def pin(self, tokens: Sequence[int], instance_id: str, location: str, *,
+                  deadline: float | None = None) -> ActionResult:
+        payload = {"tokens": list(tokens), "instance_id": instance_id, "location": location}
+        return _parse_action(await self._post("/pin", payload, "pin", deadline))
+
+    async def compress(self, tokens: Sequence[int], instance_id: str, location: str, method: str, *,
+                       deadline: float | None = None) -> ActionResult:
+        payload = {"tokens": list(tokens), "instance_id": instance_id, "location": location, "method": method}
+        return _parse_action(await self._post("/compress", payload, "compress", deadline))
+
+    async def evict(self, tokens: Sequence[int], instance_id: str, *, deadline: float | None = None) -> ActionResult:
+        payload = {"tokens": list(tokens), "instance_id": instance_id}
+        return _parse_action(await self._post("/evict", payload, "evict", deadline))
+
+
+class TokenizerClient(_JsonPoster):
+    """vLLM ``POST {vllm_endpoint}/tokenize``; only ``tokens`` of the response is used."""
+
+    async def tokenize(self, request: Mapping[str, Any], *, deadline: float | None = None) -> list[int]:
+        data = await self._post("/tokenize", request, "tokenize", deadline)
+        tokens = data.get("tokens") if isinstance(data, dict) else None
+        if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+            raise DecodeError("[kvcache] decode tokenize response: 'tokens' is not a list of integers")
+        return tokens

@@ -1,0 +1,72 @@
+"""Token cache: a true LRU with ``max_size`` and ``ttl`` (Pixiu evicts an arbitrary entry; we fix that).
+
+Tokens are stored compactly (``array('q')``). ``max_size`` 0 = unbounded, ``ttl`` 0 = no expiry.
+An expired entry is removed when read and counts as a miss. Single-threaded (event loop) use only.
+"""
+
+from __future__ import annotations
+
+import time
+from array import array
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class TokenCacheStats:
+    size: int
+    hits: int
+    misses: int
+
+    @property
+    def hit_rate(self) -> float:
+        total = self.hits + self.misses
+        return self.hits / total if total else 0.0
+
+
+class TokenCache:
+    def __init__(self, max_size: int = 0, ttl: float = 0.0, clock: Callable[[], float] = time.monotonic):
+        if max_size < 0:
+            raise ValueError("max_size must be >= 0")
+        self.max_size = max_size
+        self.ttl = ttl
+        self._clock = clock
+        self._data: OrderedDict[str, tuple[array[int], float]] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+        self.evictions = 0
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def get(self, key: str, *, count: bool = True) -> list[int] | None:
+        """Tokens for ``key`` (refreshing its LRU position) or ``None``. ``count=False`` skips hit/miss stats."""
+        item = self._data.get(key)
+        if item is not None and self.ttl > 0 and self._clock() >= item[1]:
+            del self._data[key]
+            item = None
+        if item is None:
+            if count:
+                self.misses += 1
+            return None
+        self._data.move_to_end(key)
+        if count:
+            self.hits += 1
+        return item[0].tolist()
+
+    def put(self, key: str, tokens: Sequence[int]) -> None:
+        """Store (or replace) ``key``; evicts least-recently-used entries beyond ``max_size``."""
+        expires = self._clock() + self.ttl if self.ttl > 0 else float("inf")
+        self._data[key] = (array("q", tokens), expires)
+        self._data.move_to_end(key)
+        if self.max_size > 0:
+            while len(self._data) > self.max_size:
+                self._data.popitem(last=False)
+                self.evictions += 1
+
+    def clear(self) -> None:
+        self._data.clear()
+
+    def stats(self) -> TokenCacheStats:
+        return TokenCacheStats(size=len(self._data), hits=self.hits, misses=self.misses)

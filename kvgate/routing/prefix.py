@@ -1,0 +1,86 @@
+"""Prefix-match endpoint choice for KV-cache-aware routing (pure: no I/O, no clock).
+
+Input: matched-token counts per LMCache ``instance_id`` (from ``/lookup``) and the route's cluster
+endpoints. The choice (fixing Pixiu's random-map-order pick):
+
+* only instances that are endpoints of the cluster and healthy are eligible (others are counted
+  as ``unknown_instance`` / ``unhealthy``);
+* a match must be positive and at least ``min_match_tokens`` (else ``below_min_match``);
+* the longest match wins; ties go to the lower in-flight load, then to config order.
+
+Without a cluster view (``endpoints=None``) every positive match is eligible and ties go to the
+lexicographically smallest id, so the result is still deterministic.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+class PrefixEndpoint(Protocol):
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def in_flight(self) -> int: ...
+
+    def healthy(self) -> bool: ...
+
+
+@dataclass(frozen=True, slots=True)
+class PrefixChoice:
+    endpoint_id: str | None
+    matched_tokens: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)
+
+
+def _default_healthy(ep: PrefixEndpoint) -> bool:
+    return ep.healthy()
+
+
+def choose_prefix_endpoint(
+    matches: Mapping[str, int],
+    endpoints: Sequence[PrefixEndpoint] | None,
+    *,
+    min_match_tokens: int = 0,
+    healthy: Callable[[PrefixEndpoint], bool] = _default_healthy,
+) -> PrefixChoice:
+    """Pick the endpoint holding the longest cached prefix, or ``None`` (see module docstring)."""
+    rejected: Counter[str] = Counter()
+    floor = max(1, min_match_tokens)
+    if endpoints is None:
+        best_id: str | None = None
+        best_n = 0
+        for iid in sorted(matches):
+            n = matches[iid]
+            if n < floor:
+                rejected["below_min_match"] += 1
+                continue
+            if n > best_n:
+                best_id, best_n = iid, n
+        return PrefixChoice(best_id, best_n if best_id else 0, rejected)
+
+    order = {ep.id: (i, ep) for i, ep in enumerate(endpoints)}
+    best: tuple[int, int, int] | None = None  # (-matched, in_flight, index)
+    best_ep: PrefixEndpoint | None = None
+    for iid, n in matches.items():
+        entry = order.get(iid)
+        if entry is None:
+            rejected["unknown_instance"] += 1
+            continue
+        index, ep = entry
+        if n < floor:
+            rejected["below_min_match"] += 1
+            continue
+        if not healthy(ep):
+            rejected["unhealthy"] += 1
+            continue
+        rank = (-n, ep.in_flight, index)
+        if best is None or rank < best:
+            best, best_ep = rank, ep
+    if best is None or best_ep is None:
+        return PrefixChoice(None, 0, rejected)
+    return PrefixChoice(best_ep.id, -best[0], rejected)

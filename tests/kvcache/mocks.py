@@ -1,0 +1,133 @@
+"""Small real loopback HTTP mocks (built on kvgate.asgi): a vLLM ``/tokenize`` and an LMCache controller."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvgate.asgi import Request, Router, Send, send_json
+from kvgate.serving import ServerHandle, start_server
+
+
+def word_tokens(text: str) -> list[int]:
+    """Pixiu's mock tokenizer: token of word i = (sum of its code points mod 997) + i + 1."""
+    return [(sum(map(ord, w)) % 997) + i + 1 for i, w in enumerate(text.split())]
+
+
+@dataclass
+class MockVLLM:
+    delay: float = 0.0
+    status: int = 200
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    handle: ServerHandle | None = None
+
+    async def _tokenize(self, request: Request, send: Send) -> None:
+        body = await request.json()
+        self.requests.append(body)
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if self.status != 200:
+            await send_json(send, self.status, {"error": {"message": "boom", "code": self.status}})
+            return
+        if "messages" in body:
+            msgs = [m for m in body["messages"] if isinstance(m.get("content"), str)]
+            text = " ".join(f"<{m['role']}> {m['content']}" for m in msgs)
+        else:
+            text = body["prompt"]
+        toks = word_tokens(text)
+        await send_json(send, 200, {"count": len(toks), "max_model_len": 8192, "tokens": toks, "token_strs": None})
+
+    async def start(self) -> MockVLLM:
+        router = Router()
+        router.add("POST", "/tokenize", self._tokenize)
+        self.handle = await start_server(router, timeout_graceful_shutdown=0.5)
+        return self
+
+    @property
+    def url(self) -> str:
+        assert self.handle is not None
+        return self.handle.url
+
+    async def stop(self) -> None:
+        if self.handle is not None:
+            await self.handle.stop(1.0)
+
+
+@dataclass
+class MockController:
+    """``layout``: instance_id → (location, matched tokens). ``array_shape`` picks the real wire form."""
+
+    layout: dict[str, tuple[str, int]] = field(default_factory=dict)
+    array_shape: bool = True
+    hang: bool = False
+    lookup_status: int = 200
+    action_status: int = 200
+    evict_route: bool = True
+    calls: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    handle: ServerHandle | None = None
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def paths(self) -> list[str]:
+        return [p for p, _ in self.calls]
+
+    async def _lookup(self, request: Request, send: Send) -> None:
+        body = await request.json()
+        self.calls.append(("/lookup", body))
+        if self.hang:
+            await self.release.wait()
+        if self.lookup_status != 200:
+            await send_json(send, self.lookup_status, {"detail": "boom"})
+            return
+        if self.array_shape:
+            layout: dict[str, Any] = {k: [loc, n] for k, (loc, n) in self.layout.items()}
+        else:
+            layout = {k: {"0": loc, "1": n} for k, (loc, n) in self.layout.items()}
+        await send_json(send, 200, {"event_id": f"Lookup-{len(self.calls)}", "layout_info": layout})
+
+    def _action(self, name: str):  # type: ignore[no-untyped-def]
+        async def handler(request: Request, send: Send) -> None:
+            body = await request.json()
+            self.calls.append((f"/{name}", body))
+            if self.action_status != 200:
+                await send_json(send, self.action_status, {"detail": "boom"})
+                return
+            await send_json(send, 200, {"event_id": f"{name}-{len(self.calls)}", "num_tokens": len(body["tokens"])})
+
+        return handler
+
+    async def start(self) -> MockController:
+        router = Router()
+        router.add("POST", "/lookup", self._lookup)
+        router.add("POST", "/pin", self._action("pin"))
+        router.add("POST", "/compress", self._action("compress"))
+        if self.evict_route:
+            router.add("POST", "/evict", self._action("evict"))
+
+        async def not_found(request: Request, send: Send) -> None:
+            self.calls.append((request.path, await request.json()))
+            await send_json(send, 404, {"detail": "Not Found"})
+
+        router.not_found = not_found
+        self.handle = await start_server(router, timeout_graceful_shutdown=0.5)
+        return self
+
+    @property
+    def url(self) -> str:
+        assert self.handle is not None
+        return self.handle.url
+
+    async def stop(self) -> None:
+        self.release.set()
+        if self.handle is not None:
+            await self.handle.stop(1.0)
+
+
+def dead_url() -> str:
+    """A loopback URL nobody listens on (connection refused)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return f"http://127.0.0.1:{port}"

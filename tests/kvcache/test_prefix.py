@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvgate.routing.prefix import choose_prefix_endpoint
+
+
+@dataclass
+class Ep:
+    id: str
+    in_flight: int = 0
+    ok: bool = True
+
+    def healthy(self) -> bool:
+        return self.ok
+
+
+def test_longest_match_wins() -> None:
+    eps = [Ep("a"), Ep("b"), Ep("c")]
+    c = choose_prefix_endpoint({"a": 256, "b": 768, "c": 512}, eps)
+    assert c.endpoint_id == "b" and c.matched_tokens == 768 and not c.rejected
+
+
+def test_zero_match_never_wins_and_min_match() -> None:
+    eps = [Ep("a"), Ep("b")]
+    c = choose_prefix_endpoint({"a": 0, "b": 0}, eps)
+    assert c.endpoint_id is None and c.rejected["below_min_match"] == 2
+    c = choose_prefix_endpoint({"a": 256, "b": 512}, eps, min_match_tokens=600)
+    assert c.endpoint_id is None
+    c = choose_prefix_endpoint({"a": 256, "b": 512}, eps, min_match_tokens=512)
+    assert c.endpoint_id == "b"
+
+
+def test_tie_broken_by_in_flight_then_config_order() -> None:
+    eps = [Ep("a", in_flight=3), Ep("b", in_flight=1), Ep("c", in_flight=1)]
+    assert choose_prefix_endpoint({"c": 512, "a": 512, "b": 512}, eps).endpoint_id == "b"
+    eps = [Ep("a", 2), Ep("b", 2), Ep("c", 2)]
+    assert choose_prefix_endpoint({"c": 512, "b": 512}, eps).endpoint_id == "b"
+    # longer match beats lower load
+    eps = [Ep("a", 0), Ep("b", 50)]
+    assert choose_prefix_endpoint({"a": 256, "b": 512}, eps).endpoint_id == "b"
+
+
+def test_unknown_and_unhealthy_instances_ignored_and_counted() -> None:
+    eps = [Ep("a"), Ep("b", ok=False)]
+    c = choose_prefix_endpoint({"ghost": 4096, "b": 1024, "a": 256}, eps)
+    assert c.endpoint_id == "a" and c.matched_tokens == 256
+    assert c.rejected == {"unknown_instance": 1, "unhealthy": 1}
+    c = choose_prefix_endpoint({"ghost": 4096}, eps)
+    assert c.endpoint_id is None and c.rejected == {"unknown_instance": 1}
+
+
+def test_without_cluster_view_deterministic() -> None:
+    assert choose_prefix_endpoint({"z": 512, "y": 512, "x": 256}, None).endpoint_id == "y"
+    assert choose_prefix_endpoint({"z": 0}, None).endpoint_id is None
+    assert choose_prefix_endpoint({}, None).endpoint_id is None
