@@ -6,7 +6,7 @@ same in one ``model_validator`` so the error names the key (``ConfigError(path, 
 Unknown keys are accepted (Pixiu ignores them) and logged by the filter factory.
 
 Keys we add (not in Pixiu): ``max_background_tasks``, ``background_queue_size``,
-``min_match_tokens`` and ``retry.jitter``.
+``min_match_tokens``, ``tokenize_on_miss`` and ``retry.jitter``.
 """
 
 from __future__ import annotations
@@ -107,6 +107,9 @@ class KVCacheConfig(_Section):
     max_background_tasks: int = DEFAULT_MAX_BACKGROUND_TASKS
     background_queue_size: int = DEFAULT_BACKGROUND_QUEUE_SIZE
     min_match_tokens: int = 0  # 0 = any positive match routes
+    # False = Pixiu/seed: tokens come from the token cache only, so a prompt's first request is never
+    # routed. True = on a miss, call /tokenize synchronously inside the same routing cap, then look up.
+    tokenize_on_miss: bool = False
 
     @model_validator(mode="after")
     def _apply(self) -> KVCacheConfig:

@@ -5,8 +5,10 @@ Decode path (synchronous, always ``CONTINUE``, errors never reach the client):
 1. extract model / prompt (Pixiu rules, :mod:`.extract`); no prompt → done;
 2. record the request key in the hot map;
 3. routing lookup — only with ``token_cache.enabled`` and only if the tokens are already cached
-   (Pixiu's rule, kept: the *first* request for a prompt is never routed; its background job
-   tokenizes it so the next identical request can be). The lookup is capped by
+   (Pixiu's rule, kept by default: the *first* request for a prompt is never routed; its background
+   job tokenizes it so the next identical request can be). With ``tokenize_on_miss: true`` a miss
+   is tokenized synchronously inside the same cap, so first requests (every new turn of a chat)
+   are routed too. The lookup (tokenize included) is capped by
    ``lookup_routing_timeout`` (also by ``request_timeout`` / the HCM timeout if smaller) with
    ``asyncio.timeout_at``, so the request never waits longer than the cap;
 4. choose the endpoint (:func:`kvgate.routing.prefix.choose_prefix_endpoint`) and set
@@ -174,28 +176,32 @@ class KVCacheFilter(HttpFilter):
             return
         key = req.key
         self.hot.record(key)
-        lookup = await self._route(ctx, key)
+        lookup = await self._route(ctx, req, key)
         self._enqueue(req, key, lookup, self.cfg.effective_timeout(ctx.timeout))
 
-    async def _route(self, ctx: RequestContext, key: str) -> LookupResult | None:
+    async def _route(self, ctx: RequestContext, req: Extracted, key: str) -> LookupResult | None:
         m = self.metrics
         if not self.cfg.token_cache.enabled:
             m.routing_lookups.labels("disabled").inc()
             return None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.cfg.routing_timeout(ctx.timeout)
         tokens = self.token_cache.get(key)
         m.token_cache_size.set(len(self.token_cache))
         if tokens is None:
             m.token_cache_misses.inc()
-            m.routing_lookups.labels("no_tokens").inc()
-            log.debug("[kvcache] routing lookup skipped: token cache miss (key=%s)", key[:12])
-            return None
-        m.token_cache_hits.inc()
+            if self.cfg.tokenize_on_miss:
+                tokens = await self._tokenize_within(req, key, deadline)
+            if tokens is None:
+                m.routing_lookups.labels("no_tokens").inc()
+                log.debug("[kvcache] routing lookup skipped: token cache miss (key=%s)", key[:12])
+                return None
+        else:
+            m.token_cache_hits.inc()
         breaker = self.breakers["lookup"]
         if not breaker.would_allow():
             m.routing_lookups.labels("breaker_open").inc()
             return None
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.cfg.routing_timeout(ctx.timeout)
         t0 = time.perf_counter()
         outcome: str | None = None
         try:
@@ -219,6 +225,29 @@ class KVCacheFilter(HttpFilter):
         outcome = self._apply_choice(ctx, lookup)
         m.routing_lookups.labels(outcome).inc()
         return lookup
+
+    async def _tokenize_within(self, req: Extracted, key: str, deadline: float) -> list[int] | None:
+        """``tokenize_on_miss``: tokenize on the request path, bounded by the routing deadline."""
+        breaker = self.breakers["tokenize"]
+        if not breaker.would_allow():
+            return None
+        t0 = time.perf_counter()
+        body = req.tokenize_request()
+        try:
+            async with asyncio.timeout_at(deadline):
+                tokens = await breaker.call(lambda: self.tokenizer.tokenize(body, deadline=deadline),
+                                            deadline=deadline)
+        except (TimeoutError, KVCacheError) as exc:
+            self.metrics.tokenize_calls.labels("error").inc()
+            log.debug("[kvcache] routing tokenize failed: %s (key=%s, prompt_chars=%d)",
+                      type(exc).__name__, key[:12], len(req.prompt))
+            return None
+        finally:
+            self.metrics.tokenize_latency.observe(time.perf_counter() - t0)
+        self.metrics.tokenize_calls.labels("ok").inc()
+        self.token_cache.put(key, tokens)
+        self.metrics.token_cache_size.set(len(self.token_cache))
+        return tokens
 
     def _apply_choice(self, ctx: RequestContext, lookup: LookupResult) -> str:
         if not lookup.layout:
