@@ -7,9 +7,10 @@ Runs inside the real venv (needs ``tokenizers``, ``transformers`` and ``torch``)
 
 Recipe (reference real-vllm-lmcache-cpu.md §3):
 
-* tokenizer: byte-level BPE trained on the first 400 top-level ``*.py`` files of this interpreter's standard
-  library, sorted by name; vocab 4096 with the specials ``<|begin_of_text|>`` 0 (BOS), ``<|end_of_text|>`` 1 (EOS),
-  ``<|pad|>`` 2, ``<|im_start|>`` 3, ``<|im_end|>`` 4; a ``TemplateProcessing`` post-processor prepends BOS;
+* tokenizer: byte-level BPE trained on 400 ``*.py`` files of this interpreter's standard library (all top-level
+  files sorted by name, then package files by relative path; see :func:`corpus_files`); vocab 4096 with the
+  specials ``<|begin_of_text|>`` 0 (BOS), ``<|end_of_text|>`` 1 (EOS), ``<|pad|>`` 2, ``<|im_start|>`` 3,
+  ``<|im_end|>`` 4; a ``TemplateProcessing`` post-processor prepends BOS;
   a ChatML-like chat template (no BOS) in ``chat_template.jinja`` and in ``tokenizer_config.json``;
 * model: 2-layer ``LlamaConfig`` (hidden 128, 4 heads of 32, vocab 4096, float32), ``torch.manual_seed(0)``,
   random init, saved as safetensors.
@@ -87,11 +88,32 @@ def is_valid(out_dir: Path) -> bool:
 
 
 def corpus_files() -> list[str]:
+    """The first 400 ``*.py`` files of this interpreter's standard library, deterministic.
+
+    CPython 3.11 has only ~170 *top-level* ``*.py`` files, so the reference recipe ("first 400 top-level files")
+    cannot be followed literally: take every top-level file sorted by name, then files of the stdlib packages sorted
+    by relative path (``site-packages`` and ``__pycache__`` excluded), keeping only UTF-8 files, up to 400.
+    """
     stdlib = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(p for p in stdlib.glob("*.py") if p.is_file())
-    if len(files) < N_CORPUS_FILES:
-        raise SystemExit(f"only {len(files)} top-level *.py files in {stdlib}; need {N_CORPUS_FILES}")
-    return [str(p) for p in files[:N_CORPUS_FILES]]
+    top = sorted((p for p in stdlib.glob("*.py") if p.is_file()), key=lambda p: p.name)
+    nested = sorted(
+        (
+            p
+            for p in stdlib.rglob("*.py")
+            if p.is_file() and p.parent != stdlib and not {"site-packages", "__pycache__"} & set(p.parts)
+        ),
+        key=lambda p: p.relative_to(stdlib).as_posix(),
+    )
+    files: list[str] = []
+    for path in [*top, *nested]:
+        try:
+            path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        files.append(str(path))
+        if len(files) == N_CORPUS_FILES:
+            return files
+    raise SystemExit(f"only {len(files)} UTF-8 *.py files under {stdlib}; need {N_CORPUS_FILES}")
 
 
 def build(out_dir: Path) -> None:
@@ -168,6 +190,9 @@ def build(out_dir: Path) -> None:
             raise SystemExit(f"chat ids should start with <|im_start|> (3): {chat_ids[:5]}")
 
         (tmp / MARKER).write_text(marker_text() + "\n")
+        tmp.chmod(0o755)
+        for f in tmp.iterdir():
+            f.chmod(0o644)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)

@@ -48,8 +48,8 @@ async def metric(s: aiohttp.ClientSession, admin: str, line_prefix: str) -> floa
     return total
 
 
-async def wait_for(pred, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
+async def wait_for(pred, limit_s: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + limit_s
     while time.monotonic() < deadline:
         if await pred():
             return

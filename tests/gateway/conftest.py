@@ -25,7 +25,7 @@ def dead_port() -> int:
 def gateway_config(endpoints: list[tuple[str, int]], *, lb: str = "RoundRobin", fallback: bool = False,
                    filters: list[dict[str, Any]] | None = None, hcm_extra: dict[str, Any] | None = None,
                    proxy: dict[str, Any] | None = None, llm_meta: dict[str, Any] | None = None) -> dict[str, Any]:
-    http_filters = list(filters or []) + [{"name": "dgp.filter.llm.proxy", "config": proxy or {}}]
+    http_filters = [*(filters or []), {"name": "dgp.filter.llm.proxy", "config": proxy or {}}]
     hcm: dict[str, Any] = {
         "route_config": {"routes": [{"match": {"prefix": "/v1"}, "route": {"cluster": "llm"}}]},
         "http_filters": http_filters,
