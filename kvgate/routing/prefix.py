@@ -6,7 +6,11 @@ endpoints. The choice (fixing Pixiu's random-map-order pick):
 * only instances that are endpoints of the cluster and healthy are eligible (others are counted
   as ``unknown_instance`` / ``unhealthy``);
 * a match must be positive and at least ``min_match_tokens`` (else ``below_min_match``);
-* the longest match wins; ties go to the lower in-flight load, then to config order.
+* the longest match wins; ties go to the lower in-flight load, then to config order;
+* load guard (off unless ``max_imbalance_abs > 0``): if the winner's in-flight count exceeds the
+  least-loaded healthy endpoint's by at least ``max_imbalance_abs`` AND is more than
+  ``max_imbalance_rel`` times it, the cache hint is dropped (``overloaded``) and the load balancer
+  decides — SGLang's abs/rel imbalance gate, so a hot prefix cannot pile onto one engine.
 
 Without a cluster view (``endpoints=None``) every positive match is eligible and ties go to the
 lexicographically smallest id, so the result is still deterministic.
@@ -47,6 +51,8 @@ def choose_prefix_endpoint(
     *,
     min_match_tokens: int = 0,
     healthy: Callable[[PrefixEndpoint], bool] = _default_healthy,
+    max_imbalance_abs: int = 0,
+    max_imbalance_rel: float = 1.5,
 ) -> PrefixChoice:
     """Pick the endpoint holding the longest cached prefix, or ``None`` (see module docstring)."""
     rejected: Counter[str] = Counter()
@@ -83,4 +89,10 @@ def choose_prefix_endpoint(
             best, best_ep = rank, ep
     if best is None or best_ep is None:
         return PrefixChoice(None, 0, rejected)
+    if max_imbalance_abs > 0:
+        low = min((ep.in_flight for ep in endpoints if healthy(ep)), default=0)
+        load = best_ep.in_flight
+        if load - low >= max_imbalance_abs and load > max_imbalance_rel * low:
+            rejected["overloaded"] += 1
+            return PrefixChoice(None, 0, rejected)
     return PrefixChoice(best_ep.id, -best[0], rejected)

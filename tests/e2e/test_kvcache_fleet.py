@@ -70,13 +70,18 @@ async def test_pixiu_sample_scenario_second_request_goes_to_prefix_holder(fleet:
                 inst, body = await post(s, url, {"model": MODEL, "prompt": LONG, "max_tokens": 4})
                 served.append(inst)
                 assert body["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+            async with s.post(url, json={"model": MODEL, "prompt": LONG, "max_tokens": 1}) as r:
+                assert r.headers["x-kvgate-kvcache"].startswith("routed;lookup_ms=")
+                served.append(r.headers["x-kvgate-sim-instance"])
+            async with s.post(url, json={"model": MODEL, "prompt": "short, unseen", "max_tokens": 1}) as r:
+                assert "x-kvgate-kvcache" not in r.headers  # not routed: no tokens cached yet
             routed = await metric(s, gw.admin_url, 'kvgate_kvcache_routing_lookups_total{outcome="routed"}')
             honored = await metric(s, gw.admin_url, 'kvgate_preferred_endpoint_decisions_total{cluster="sim_fleet",'
                                                     'outcome="honored"}')
     finally:
         await gw.stop()
-    assert served == [first] * 4
-    assert routed == 3 and honored == 3
+    assert served == [first] * 5
+    assert routed == 4 and honored == 4
 
 
 async def test_tokenize_on_miss_routes_the_next_chat_turn(fleet: Fleet) -> None:

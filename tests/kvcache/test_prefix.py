@@ -54,3 +54,19 @@ def test_without_cluster_view_deterministic() -> None:
     assert choose_prefix_endpoint({"z": 512, "y": 512, "x": 256}, None).endpoint_id == "y"
     assert choose_prefix_endpoint({"z": 0}, None).endpoint_id is None
     assert choose_prefix_endpoint({}, None).endpoint_id is None
+
+
+def test_load_guard_drops_hint_for_an_overloaded_holder() -> None:
+    eps = [Ep("a", in_flight=10), Ep("b", in_flight=1), Ep("c", in_flight=2, ok=False)]
+    # off by default (Pixiu): the holder wins whatever its load
+    assert choose_prefix_endpoint({"a": 512}, eps).endpoint_id == "a"
+    c = choose_prefix_endpoint({"a": 512}, eps, max_imbalance_abs=8, max_imbalance_rel=1.5)
+    assert c.endpoint_id is None and c.rejected["overloaded"] == 1
+    # both conditions must hold: abs gap below the threshold keeps the hint
+    assert choose_prefix_endpoint({"a": 512}, eps, max_imbalance_abs=10).endpoint_id == "a"
+    # relative: 10 vs 8 is within 1.5x, so the hint stays even with a small abs threshold
+    eps2 = [Ep("a", in_flight=10), Ep("b", in_flight=8)]
+    assert choose_prefix_endpoint({"a": 512}, eps2, max_imbalance_abs=1, max_imbalance_rel=1.5).endpoint_id == "a"
+    # unhealthy endpoints do not count as "least loaded"
+    eps3 = [Ep("a", in_flight=3), Ep("b", in_flight=0, ok=False)]
+    assert choose_prefix_endpoint({"a": 512}, eps3, max_imbalance_abs=2).endpoint_id == "a"

@@ -6,7 +6,8 @@ same in one ``model_validator`` so the error names the key (``ConfigError(path, 
 Unknown keys are accepted (Pixiu ignores them) and logged by the filter factory.
 
 Keys we add (not in Pixiu): ``max_background_tasks``, ``background_queue_size``,
-``min_match_tokens``, ``tokenize_on_miss`` and ``retry.jitter``.
+``min_match_tokens``, ``tokenize_on_miss``, ``max_imbalance_abs``, ``max_imbalance_rel`` and
+``retry.jitter``.
 """
 
 from __future__ import annotations
@@ -110,6 +111,10 @@ class KVCacheConfig(_Section):
     # False = Pixiu/seed: tokens come from the token cache only, so a prompt's first request is never
     # routed. True = on a miss, call /tokenize synchronously inside the same routing cap, then look up.
     tokenize_on_miss: bool = False
+    # Load guard (0 = off, Pixiu behaviour): drop the cache hint when the holder has at least this many
+    # more in-flight requests than the least-loaded endpoint AND more than max_imbalance_rel times as many.
+    max_imbalance_abs: int = 0
+    max_imbalance_rel: float = 1.5
 
     @model_validator(mode="after")
     def _apply(self) -> KVCacheConfig:
@@ -184,6 +189,10 @@ class KVCacheConfig(_Section):
             raise ConfigError("background_queue_size", "[kvcache] background_queue_size must be >= 1")
         if self.min_match_tokens < 0:
             raise ConfigError("min_match_tokens", "[kvcache] min_match_tokens must be >= 0")
+        if self.max_imbalance_abs < 0:
+            raise ConfigError("max_imbalance_abs", "[kvcache] max_imbalance_abs must be >= 0")
+        if self.max_imbalance_rel < 1:
+            raise ConfigError("max_imbalance_rel", "[kvcache] max_imbalance_rel must be >= 1")
 
     def effective_timeout(self, hcm_timeout: float) -> float:
         """Pixiu's ``effectiveTimeout``: request_timeout, lowered to the HCM timeout if smaller; <= 0 → 2s."""

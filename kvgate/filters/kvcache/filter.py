@@ -224,6 +224,9 @@ class KVCacheFilter(HttpFilter):
             return None
         outcome = self._apply_choice(ctx, lookup)
         m.routing_lookups.labels(outcome).inc()
+        # Decision label for clients and benchmarks: which instance was preferred and why.
+        ctx.response_headers.append((b"x-kvgate-kvcache", f"{outcome};lookup_ms={(time.perf_counter() - t0) * 1e3:.1f}"
+                                     .encode()))
         return lookup
 
     async def _tokenize_within(self, req: Extracted, key: str, deadline: float) -> list[int] | None:
@@ -255,7 +258,9 @@ class KVCacheFilter(HttpFilter):
             return "empty"
         cluster = self.runtime.clusters.get(ctx.cluster_name) if ctx.cluster_name else None
         choice = choose_prefix_endpoint(lookup.matches, cluster.endpoints if cluster is not None else None,
-                                        min_match_tokens=self.cfg.min_match_tokens)
+                                        min_match_tokens=self.cfg.min_match_tokens,
+                                        max_imbalance_abs=self.cfg.max_imbalance_abs,
+                                        max_imbalance_rel=self.cfg.max_imbalance_rel)
         for reason, n in choice.rejected.items():
             self.metrics.routing_rejected.labels(reason).inc(n)
         if choice.endpoint_id is None:
