@@ -34,6 +34,12 @@ die() { printf '[real-setup] ERROR: %s\n' "$*" >&2; exit 1; }
 
 export LMCACHE_TRACK_USAGE=false DO_NOT_TRACK=1 VLLM_NO_USAGE_STATS=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+# The smoke import and the model build would write compile/config caches under ~/.cache, ~/.config and /tmp
+# (torchinductor_root, matplotlib, vllm); keep them in a scratch dir of the project instead (pip keeps its own).
+SCRATCH="$ROOT/.cache/real-setup-scratch"
+PYENV=(env "XDG_CACHE_HOME=$SCRATCH/cache" "MPLCONFIGDIR=$SCRATCH/matplotlib" "TORCHINDUCTOR_CACHE_DIR=$SCRATCH/inductor"
+    "TRITON_CACHE_DIR=$SCRATCH/triton" "VLLM_CACHE_ROOT=$SCRATCH/vllm" "VLLM_CONFIG_ROOT=$SCRATCH/vllm-config"
+    "HF_HOME=$SCRATCH/hf" "NUMBA_CACHE_DIR=$SCRATCH/numba")
 
 # Cheap check of the venv: package metadata only (no torch / vllm import).
 check_venv() {
@@ -102,7 +108,8 @@ if [[ "$venv_ok" != "1" ]]; then
 
     check_venv || die "version check failed after install"
     log "smoke import: transformers.LlamaConfig, vllm, lmcache"
-    "$VENV/bin/python" -c 'from transformers import LlamaConfig; import vllm, lmcache.v1.gpu_connector, lmcache.v1.rpc_utils' \
+    "${PYENV[@]}" "$VENV/bin/python" -c \
+        'from transformers import LlamaConfig; import vllm, lmcache.v1.gpu_connector, lmcache.v1.rpc_utils' \
         || die "smoke import failed"
     echo "$MARKER_TEXT" > "$MARKER"
     t3=$(date +%s)
@@ -116,7 +123,7 @@ if [[ "${KVGATE_REAL_REINSTALL:-0}" != "1" ]] && "$VENV/bin/python" "$BUILD_SCRI
 else
     t4=$(date +%s)
     log "building the tiny model into $MODEL_DIR"
-    "$VENV/bin/python" "$BUILD_SCRIPT" "$MODEL_DIR"
+    "${PYENV[@]}" "$VENV/bin/python" "$BUILD_SCRIPT" "$MODEL_DIR"
     t5=$(date +%s)
     log "model built in $((t5 - t4)) s; size $(du -sh "$MODEL_DIR" | cut -f1)"
 fi

