@@ -1,0 +1,122 @@
+"""Benchmark runners: real time over HTTP, virtual/real agreement, mode configs, reports, missing peers.
+
+No assertion depends on timing; the whole module runs in well under a minute.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from kvgate.bench import cli as bench_cli
+from kvgate.bench import peers
+from kvgate.bench.modes import GATEWAY_MODES, MODES, FleetSpec, gateway_config, peer_available, resolve_modes
+from kvgate.bench.realtime import parse_hit_counters, run_mode, run_modes
+from kvgate.bench.results import summarize
+from kvgate.bench.virtual import prepare, run_virtual
+from kvgate.bench.workloads import get_workload
+from kvgate.config import parse_config
+from kvgate.sim.fleet import Fleet
+
+SPEC = FleetSpec(engines=2, time_scale=0.5)
+HIT_TOLERANCE = 0.08  # absolute hit-rate difference allowed between the virtual and real-time runners
+
+
+def _small_workload():  # type: ignore[no-untyped-def]
+    return get_workload("multi_round_qa", num_users=3, num_rounds=3, system_prompt_len=200, history_len=300,
+                        answer_len=6, qps=30.0)  # fmt: skip
+
+
+def _stub_fleet() -> Fleet:
+    """A :class:`Fleet` whose engines are address stubs (nothing started): enough for ``gateway_config``."""
+    engines = [SimpleNamespace(instance_id=f"sim-{i}", url=f"http://127.0.0.1:{20000 + i}", port=20000 + i)
+               for i in range(3)]  # fmt: skip
+    return Fleet(engines, "http://127.0.0.1:19999")  # type: ignore[arg-type]
+
+
+def test_modes_produce_distinct_valid_configs() -> None:
+    fleet = _stub_fleet()
+    dumped = []
+    for name in GATEWAY_MODES:
+        mode_cfg = gateway_config(MODES[name], fleet)
+        parse_config(mode_cfg)  # every mode's config is accepted by the gateway
+        dumped.append(json.dumps(mode_cfg, sort_keys=True))
+    assert len(set(dumped)) == len(GATEWAY_MODES)
+    kv = gateway_config(MODES["kvcache"], fleet)
+    filters = kv["listeners"][0]["filter_chains"]["filters"][0]["config"]["http_filters"]
+    assert filters[0]["name"] == "dgp.filter.ai.kvcache"
+    assert filters[0]["config"]["tokenize_on_miss"] is True
+    assert kv["clusters"][0]["lb_policy"] == "least_request"
+    seed = gateway_config(MODES["kvcache-seed"], fleet)
+    assert seed["listeners"][0]["filter_chains"]["filters"][0]["config"]["http_filters"][0]["config"][
+        "tokenize_on_miss"] is False  # fmt: skip
+    rr = gateway_config(MODES["round_robin"], fleet)
+    names = [f["name"] for f in rr["listeners"][0]["filter_chains"]["filters"][0]["config"]["http_filters"]]
+    assert names == ["dgp.filter.llm.proxy"]
+    with pytest.raises(KeyError):
+        resolve_modes(["nope"])
+
+
+def test_parse_hit_counters() -> None:
+    text = (
+        "# HELP vllm:prefix_cache_queries_total x\n"
+        'vllm:prefix_cache_queries_total{engine="0",model_name="m"} 100.0\n'
+        'vllm:prefix_cache_hits_total{engine="0",model_name="m"} 40.0\n'
+        'vllm:external_prefix_cache_hits_total{engine="0",model_name="m"} 10.0\n'
+        "vllm:prefix_cache_queries_created 1.7e9\n"
+    )
+    c = parse_hit_counters(text)
+    assert c["vllm:prefix_cache_queries_total"] == 100.0
+    assert c["vllm:prefix_cache_hits_total"] + c["vllm:external_prefix_cache_hits_total"] == 50.0
+
+
+async def test_realtime_counts_every_request_once_and_agrees_with_virtual() -> None:
+    wl = _small_workload()
+    vreqs = prepare(wl)
+    for name in ("round_robin", "kvcache"):
+        mode = MODES[name]
+        run = await run_mode(mode, wl, SPEC)
+        ids = [r.req_id for r in run.results]
+        assert sorted(ids) == sorted(r.req_id for r in wl.requests)  # every request exactly once
+        assert all(r.ok for r in run.results), [r.error for r in run.results if not r.ok]
+        s = summarize(name, run.results, hit_rate=run.hit_rate, instances=run.instances)
+        assert sum(s.instance_counts.values()) == len(wl.requests) == s.requests
+        assert set(s.instance_counts) == set(run.instances)
+        assert all(r.instance in run.instances for r in run.results)
+        virt = run_virtual(mode, vreqs, SPEC, wl.closed_loop)
+        assert abs(run.hit_rate - virt.hit_rate) <= HIT_TOLERANCE, (name, run.hit_rate, virt.hit_rate)
+
+
+async def test_missing_peer_is_skipped_with_a_message(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(peers, "find_peer", lambda name: None)
+    mode = MODES["vllm-router:cache_aware"]
+    ok, why = peer_available(mode)
+    assert not ok and "not installed" in why and "vllm-router" in why
+    messages: list[str] = []
+    runs = await run_modes([mode], _small_workload(), SPEC, show_progress=False, on_skip=messages.append)
+    assert runs == [] and messages == [why]
+
+
+def test_cli_virtual_writes_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "rep"
+    code = bench_cli.main(["--workload", "multi_round_qa", "--virtual", "--engines", "2", "--param", "num_users=3",
+                           "--param", "num_rounds=2", "--modes", "round_robin,kvcache,vllm-router:cache_aware",
+                           "--out", str(out), "--no-progress"])  # fmt: skip
+    assert code == 0
+    for name in ("report.md", "results.json", "ttft_cdf.png", "instance_traffic.png", "hit_rate.png"):
+        assert (out / name).is_file(), name
+    data = json.loads((out / "results.json").read_text())
+    assert [s["mode"] for s in data["summaries"]] == ["round_robin", "kvcache"]
+    assert len(data["requests"]) == 2 * 3 * 2
+    text = capsys.readouterr().out
+    assert "vllm-router:cache_aware: skipped" in text and "report.md" in text
+
+
+def test_cli_param_parsing() -> None:
+    assert bench_cli.parse_param("qps=4") == ("qps", 4)
+    assert bench_cli.parse_param("block_tokens_scale=1/16") == ("block_tokens_scale", 1 / 16)
+    assert bench_cli.parse_param("distribution=zipf") == ("distribution", "zipf")
+    assert bench_cli.parse_param("ordered=true") == ("ordered", True)
