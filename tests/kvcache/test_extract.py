@@ -70,8 +70,19 @@ def test_prompt_key_is_pixius() -> None:
     import hashlib
 
     assert prompt_key("m", "p") == hashlib.sha256(b"m\x00p").hexdigest()
-    r = extract({"model": "m", "prompt": " p "}, "")
+    r = extract({"model": "m", "prompt": "p"}, "")
     assert r is not None and r.key == prompt_key("m", "p")
+
+
+def test_prompt_is_tokenized_exactly_as_the_engine_sees_it() -> None:
+    # Regression: a leading space changes every token id (and LMCache chunk hash); Pixiu's stripped
+    # prompt made every lookup miss for such prompts. The stripped text stays the extracted prompt.
+    r = extract({"model": "m", "prompt": " p "}, "")
+    assert r is not None and r.prompt == "p"
+    assert r.tokenize_request() == {"model": "m", "prompt": " p "}
+    assert r.key == prompt_key("m", " p ") != prompt_key("m", "p")
+    r = extract({"model": "m", "prompt": [" only one"]}, "")
+    assert r is not None and r.tokenize_request()["prompt"] == " only one"
 
 
 def test_chat_key_covers_roles_and_contents() -> None:

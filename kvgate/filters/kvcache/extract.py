@@ -9,8 +9,11 @@ Extraction is Pixiu's exactly:
 * the result is stripped.
 
 What differs from Pixiu (defect fixes): the ``/tokenize`` body is *built* (``{model, prompt}`` or
-``{model, messages, add_generation_prompt: true}``), never the client's raw body; and the cache key
-of a chat request covers every message's role and content (canonical JSON), not the joined text.
+``{model, messages, add_generation_prompt: true}``), never the client's raw body, and for prompt
+requests it carries the prompt **exactly as the engine will see it** (not stripped: a leading space
+changes every token id, and so every LMCache chunk hash); the cache key covers that exact text; and
+the cache key of a chat request covers every message's role and content (canonical JSON), not the
+joined text.
 """
 
 from __future__ import annotations
@@ -34,19 +37,20 @@ class Extracted:
     kind: Literal["prompt", "chat"]
     messages: tuple[Any, ...] = ()
     tools: Any = None
+    engine_prompt: str | None = None  # prompt requests: the exact text the engine tokenizes
 
     @property
     def key(self) -> str:
         """Token-cache / hot-map / coalescing key (hex SHA-256)."""
         if self.kind == "prompt":
-            return prompt_key(self.model, self.prompt)
+            return prompt_key(self.model, self.engine_text)
         return chat_key(self.model, self.messages, self.tools)
 
     def tokenize_request(self) -> dict[str, Any]:
         """The JSON body for vLLM ``POST /tokenize`` (``TokenizeCompletionRequest`` / ``TokenizeChatRequest``)."""
         body: dict[str, Any]
         if self.kind == "prompt":
-            body = {"model": self.model, "prompt": self.prompt}
+            body = {"model": self.model, "prompt": self.engine_text}
         else:
             body = {"model": self.model, "messages": list(self.messages), "add_generation_prompt": True}
             if self.tools is not None:
@@ -54,6 +58,11 @@ class Extracted:
         if not self.model:
             body.pop("model")
         return body
+
+
+    @property
+    def engine_text(self) -> str:
+        return self.engine_prompt if self.engine_prompt is not None else self.prompt
 
 
 def prompt_key(model: str, prompt: str) -> str:
@@ -114,7 +123,11 @@ def extract(data: Any, default_model: str = "") -> Extracted | None:
     assert isinstance(data, dict)
     raw_prompt = data.get("prompt")
     if _prompt_text(raw_prompt).strip():
-        return Extracted(model=model, prompt=prompt, kind="prompt")
+        # A one-element list is one prompt; a longer list is a batch, approximated by Pixiu's joined text.
+        if isinstance(raw_prompt, list) and len(raw_prompt) == 1 and isinstance(raw_prompt[0], str):
+            raw_prompt = raw_prompt[0]
+        engine_prompt = raw_prompt if isinstance(raw_prompt, str) else _prompt_text(raw_prompt)
+        return Extracted(model=model, prompt=prompt, kind="prompt", engine_prompt=engine_prompt)
     messages = data.get("messages")
     tools = data.get("tools") if isinstance(data.get("tools"), list) else None
     return Extracted(model=model, prompt=prompt, kind="chat", messages=tuple(messages or ()), tools=tools)
