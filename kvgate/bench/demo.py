@@ -25,16 +25,17 @@ DEMO_MODES = ("round_robin", "kvcache")
 DEMO_WORKLOAD: dict[str, Any] = {
     "num_users": 16,
     "num_rounds": 5,
-    "system_prompt_len": 200,
-    "history_len": 400,
+    "system_prompt_len": 1000,
+    "history_len": 2000,
     "answer_len": 20,
     "qps": 4.0,
 }
-# A user's history reaches ~850 tokens (~53 GPU blocks, ~3 LMCache chunks) by the last round. 16 users over
-# 4 engines = 4 users per engine ≈ 215 blocks: the GPU cache below holds about one engine's share (plus the
-# running requests), the LMCache tier about as much. Round robin asks every engine to hold all 16 users.
-DEMO_GPU_BLOCKS = 288
-DEMO_LMCACHE_CHUNKS = 16
+# production-stack's README example sizes (1000-token system prompt, 2000-token user context). A user's
+# prompt reaches ~3,300 tokens (~206 GPU blocks, ~13 LMCache chunks) by the last round. 16 users over 4 engines
+# = 4 users per engine ≈ 830 blocks: the GPU cache below holds about one engine's share, the LMCache CPU tier
+# (larger, as in real deployments) a little more. Round robin asks every engine to hold all 16 users.
+DEMO_GPU_BLOCKS = 800
+DEMO_LMCACHE_CHUNKS = 64
 
 
 def build_parser(prog: str = "kvgate demo") -> argparse.ArgumentParser:

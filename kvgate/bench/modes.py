@@ -20,7 +20,11 @@ Modes:
     only), ``RoundRobin`` otherwise.
 ``kvcache``
     ours: ``tokenize_on_miss: true`` (a token-cache miss tokenizes synchronously within the
-    ``lookup_routing_timeout`` cap, then looks up), ``least_request`` as the fallback.
+    ``lookup_routing_timeout`` cap, then looks up), ``cold_placement: lru`` (a request with no usable
+    cached prefix goes to the least-loaded, least-recently-cold endpoint, spreading new sessions),
+    ``min_match_ratio: 0.5`` (route only when the cached prefix covers half the prompt, so a shared
+    system prompt does not drag new conversations to the one instance LMCache credits for it), the
+    load guard ``max_imbalance_abs: 8`` and ``least_request`` as the LB policy.
 ``vllm-router:cache_aware`` / ``vllm-router:round_robin``
     the external peer (PyPI ``vllm-router``), real time only, only when installed.
 """
@@ -45,6 +49,16 @@ KVCACHE_COMMON: dict[str, Any] = {
     "lookup_routing_timeout": "100ms",
     "token_cache": {"enabled": True, "max_size": 8192, "ttl": "10m"},
     "max_background_tasks": 4,
+}
+
+
+#: kvgate's recommended kvcache settings beyond the seed (docs/kvcache-filter.md, "Recommended settings").
+KVCACHE_RECOMMENDED: dict[str, Any] = {
+    "tokenize_on_miss": True,  # route first requests (every new chat turn) too
+    "cold_placement": "lru",  # spread prompts with no usable cached prefix
+    "min_match_ratio": 0.5,  # a shared system prompt alone does not pull new conversations to one engine
+    "max_imbalance_abs": 8,  # load guard: never pile a hot prefix onto an overloaded engine
+    "max_imbalance_rel": 1.5,
 }
 
 
@@ -103,9 +117,9 @@ MODES: dict[str, Mode] = {
         Mode(
             "kvcache",
             "gateway",
-            "kvcache filter, tokenize_on_miss (every prompt looked up); least_request fallback",
+            "kvcache filter, recommended settings (tokenize_on_miss, cold lru, min_match_ratio .5, load guard)",
             lb_policy="least_request",
-            kvcache={**KVCACHE_COMMON, "tokenize_on_miss": True},
+            kvcache={**KVCACHE_COMMON, **KVCACHE_RECOMMENDED},
             balancer="least_request",
             prefix="always",
         ),

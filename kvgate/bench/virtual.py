@@ -32,7 +32,7 @@ from kvgate.bench.realtime import ModeRun
 from kvgate.bench.results import STATUS_OK, RequestResult
 from kvgate.bench.workloads import ClosedLoop, Workload
 from kvgate.routing.balancers import make_balancer
-from kvgate.routing.prefix import choose_prefix_endpoint
+from kvgate.routing.prefix import ColdPlacement, choose_prefix_endpoint
 from kvgate.sim.controller_index import ControllerIndex
 from kvgate.sim.engine_model import EngineCore, Prompt
 from kvgate.sim.protocol import LMCACHE_CHUNK_SIZE
@@ -158,7 +158,12 @@ class VirtualRouter:
         self.by_id = {e.id: e for e in endpoints}
         self.index = index
         self.balancer = make_balancer(mode.balancer)
-        self.min_match_tokens = min_match_tokens
+        kv = dict(mode.kvcache or {})
+        self.min_match_tokens = int(kv.get("min_match_tokens", min_match_tokens))
+        self.max_imbalance_abs = int(kv.get("max_imbalance_abs", 0))
+        self.max_imbalance_rel = float(kv.get("max_imbalance_rel", 1.5))
+        self.min_match_ratio = float(kv.get("min_match_ratio", 0.0))
+        self.cold = ColdPlacement() if kv.get("cold_placement") == "lru" else None
         self.seen: set[int] = set()
         self.outcomes: dict[str, int] = {}
 
@@ -175,19 +180,28 @@ class VirtualRouter:
         if prefix == "seed" and v.key not in self.seen:
             self.seen.add(v.key)
             self._count("no_tokens")
-            return picked
+            return self._cold(picked)
         layout = self.index.lookup_hashes(v.prompt.chunk_hashes(self.index.chunk_size), v.num_tokens)
         if not layout:
             self._count("empty")
-            return picked
+            return self._cold(picked)
         choice = choose_prefix_endpoint(
-            {iid: end for iid, (_loc, end) in layout.items()}, self.endpoints, min_match_tokens=self.min_match_tokens
+            {iid: end for iid, (_loc, end) in layout.items()}, self.endpoints, min_match_tokens=self.min_match_tokens,
+            max_imbalance_abs=self.max_imbalance_abs, max_imbalance_rel=self.max_imbalance_rel,
+            min_match_ratio=self.min_match_ratio, num_tokens=v.num_tokens,
         )
         if choice.endpoint_id is None:
             self._count("no_match")
-            return picked
+            return self._cold(picked)
         self._count("routed")
         return self.by_id[choice.endpoint_id]
+
+    def _cold(self, picked: VEndpoint) -> VEndpoint:
+        """The kvcache filter's ``cold_placement: lru`` (same :class:`ColdPlacement` code), else the LB pick."""
+        if self.cold is None:
+            return picked
+        target = self.cold.pick(self.endpoints)
+        return self.by_id[target] if target is not None else picked
 
 
 # --------------------------------------------------------------------------------------------------

@@ -5,7 +5,11 @@ endpoints. The choice (fixing Pixiu's random-map-order pick):
 
 * only instances that are endpoints of the cluster and healthy are eligible (others are counted
   as ``unknown_instance`` / ``unhealthy``);
-* a match must be positive and at least ``min_match_tokens`` (else ``below_min_match``);
+* a match must be positive and at least ``min_match_tokens`` (else ``below_min_match``), and cover at
+  least ``min_match_ratio`` of the prompt's ``num_tokens`` (else ``below_min_ratio``). The ratio
+  keeps a ubiquitous shared system prompt from dragging every *new* conversation to the one
+  instance LMCache credits for it (the controller credits only the first registered holder of a
+  chunk, so the other holders are invisible);
 * the longest match wins; ties go to the lower in-flight load, then to config order;
 * load guard (off unless ``max_imbalance_abs > 0``): if the winner's in-flight count exceeds the
   least-loaded healthy endpoint's by at least ``max_imbalance_abs`` AND is more than
@@ -53,10 +57,18 @@ def choose_prefix_endpoint(
     healthy: Callable[[PrefixEndpoint], bool] = _default_healthy,
     max_imbalance_abs: int = 0,
     max_imbalance_rel: float = 1.5,
+    min_match_ratio: float = 0.0,
+    num_tokens: int = 0,
 ) -> PrefixChoice:
     """Pick the endpoint holding the longest cached prefix, or ``None`` (see module docstring)."""
     rejected: Counter[str] = Counter()
     floor = max(1, min_match_tokens)
+    if min_match_ratio > 0 and num_tokens > 0:
+        ratio_floor = min_match_ratio * num_tokens
+        if all(n < ratio_floor for n in matches.values()):
+            rejected["below_min_ratio"] += len(matches)
+            return PrefixChoice(None, 0, rejected)
+        floor = max(floor, int(-(-ratio_floor // 1)))
     if endpoints is None:
         best_id: str | None = None
         best_n = 0
@@ -96,3 +108,33 @@ def choose_prefix_endpoint(
             rejected["overloaded"] += 1
             return PrefixChoice(None, 0, rejected)
     return PrefixChoice(best_ep.id, -best[0], rejected)
+
+
+class ColdPlacement:
+    """Where a request with no usable cached prefix goes (``cold_placement: lru``).
+
+    Among healthy endpoints: the fewest in-flight requests, then the one that least recently received
+    a cold request, then config order. Spreading *new* prefixes this way (llm-d's "no-hit LRU" idea)
+    keeps sessions evenly distributed, so that later cache-affine turns do not pile onto whichever
+    engine a round-robin cursor happened to favour. Pure and deterministic; not thread-safe.
+    """
+
+    def __init__(self) -> None:
+        self._seq = 0
+        self._last: dict[str, int] = {}
+
+    def pick(
+        self, endpoints: Sequence[PrefixEndpoint], healthy: Callable[[PrefixEndpoint], bool] = _default_healthy
+    ) -> str | None:
+        best: tuple[int, int, int] | None = None
+        best_id: str | None = None
+        for index, ep in enumerate(endpoints):
+            if not healthy(ep):
+                continue
+            rank = (ep.in_flight, self._last.get(ep.id, -1), index)
+            if best is None or rank < best:
+                best, best_id = rank, ep.id
+        if best_id is not None:
+            self._seq += 1
+            self._last[best_id] = self._seq
+        return best_id

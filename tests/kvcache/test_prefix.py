@@ -70,3 +70,17 @@ def test_load_guard_drops_hint_for_an_overloaded_holder() -> None:
     # unhealthy endpoints do not count as "least loaded"
     eps3 = [Ep("a", in_flight=3), Ep("b", in_flight=0, ok=False)]
     assert choose_prefix_endpoint({"a": 512}, eps3, max_imbalance_abs=2).endpoint_id == "a"
+
+
+def test_cold_placement_spreads_new_prefixes() -> None:
+    from kvgate.routing.prefix import ColdPlacement
+
+    cold = ColdPlacement()
+    eps = [Ep("a"), Ep("b"), Ep("c")]
+    # all idle: rotate by least recently used, config order first
+    assert [cold.pick(eps) for _ in range(6)] == ["a", "b", "c", "a", "b", "c"]
+    # load first: a busy endpoint is skipped even if it is the least recently used
+    eps[0].in_flight = 2
+    assert cold.pick(eps) == "b"
+    # unhealthy endpoints are never chosen; nothing healthy → None
+    assert cold.pick([Ep("x", ok=False)]) is None

@@ -6,8 +6,8 @@ same in one ``model_validator`` so the error names the key (``ConfigError(path, 
 Unknown keys are accepted (Pixiu ignores them) and logged by the filter factory.
 
 Keys we add (not in Pixiu): ``max_background_tasks``, ``background_queue_size``,
-``min_match_tokens``, ``tokenize_on_miss``, ``max_imbalance_abs``, ``max_imbalance_rel`` and
-``retry.jitter``.
+``min_match_tokens``, ``tokenize_on_miss``, ``max_imbalance_abs``, ``max_imbalance_rel``,
+``cold_placement``, ``min_match_ratio`` and ``retry.jitter``.
 """
 
 from __future__ import annotations
@@ -115,6 +115,11 @@ class KVCacheConfig(_Section):
     # more in-flight requests than the least-loaded endpoint AND more than max_imbalance_rel times as many.
     max_imbalance_abs: int = 0
     max_imbalance_rel: float = 1.5
+    # Requests with no usable cached prefix: "lb" = leave the choice to the proxy's load balancer
+    # (Pixiu); "lru" = least in-flight, then least recently given a cold request (spreads new sessions).
+    cold_placement: str = "lb"
+    # Route only when the match covers at least this fraction of the prompt (0 = off, Pixiu).
+    min_match_ratio: float = 0.0
 
     @model_validator(mode="after")
     def _apply(self) -> KVCacheConfig:
@@ -189,6 +194,10 @@ class KVCacheConfig(_Section):
             raise ConfigError("background_queue_size", "[kvcache] background_queue_size must be >= 1")
         if self.min_match_tokens < 0:
             raise ConfigError("min_match_tokens", "[kvcache] min_match_tokens must be >= 0")
+        if not 0 <= self.min_match_ratio <= 1:
+            raise ConfigError("min_match_ratio", "[kvcache] min_match_ratio must be between 0 and 1")
+        if self.cold_placement not in ("lb", "lru"):
+            raise ConfigError("cold_placement", "[kvcache] cold_placement must be 'lb' or 'lru'")
         if self.max_imbalance_abs < 0:
             raise ConfigError("max_imbalance_abs", "[kvcache] max_imbalance_abs must be >= 0")
         if self.max_imbalance_rel < 1:

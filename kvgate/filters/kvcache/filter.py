@@ -48,7 +48,7 @@ from kvgate.filters.kvcache.resilience import CircuitBreaker, RetryPolicy, Sleep
 from kvgate.filters.kvcache.signals import LoadSignals, ProcessSignals
 from kvgate.filters.kvcache.strategy import StrategyExecutor, make_decision
 from kvgate.filters.kvcache.tokens import TokenCache
-from kvgate.routing.prefix import choose_prefix_endpoint
+from kvgate.routing.prefix import ColdPlacement, choose_prefix_endpoint
 from kvgate.runtime import Runtime
 
 log = logging.getLogger("kvgate.filters.kvcache")
@@ -104,6 +104,7 @@ class KVCacheFilter(HttpFilter):
             or (cs.enable_eviction and cs.memory_threshold > 0)
             or (cs.enable_pinning and cs.hot_content_threshold > 0)
         )
+        self.cold = ColdPlacement() if config.cold_placement == "lru" else None
         self._queue: asyncio.Queue[_Job] | None = None
         self._pending: set[str] = set()
         self._workers: list[asyncio.Task[None]] = []
@@ -177,6 +178,8 @@ class KVCacheFilter(HttpFilter):
         key = req.key
         self.hot.record(key)
         lookup = await self._route(ctx, req, key)
+        if self.cold is not None and PREFERRED_ENDPOINT_PARAM not in ctx.params:
+            self._place_cold(ctx)
         self._enqueue(req, key, lookup, self.cfg.effective_timeout(ctx.timeout))
 
     async def _route(self, ctx: RequestContext, req: Extracted, key: str) -> LookupResult | None:
@@ -222,7 +225,7 @@ class KVCacheFilter(HttpFilter):
         if outcome is not None:
             m.routing_lookups.labels(outcome).inc()
             return None
-        outcome = self._apply_choice(ctx, lookup)
+        outcome = self._apply_choice(ctx, lookup, len(tokens))
         m.routing_lookups.labels(outcome).inc()
         # Decision label for clients and benchmarks: which instance was preferred and why.
         ctx.response_headers.append((b"x-kvgate-kvcache", f"{outcome};lookup_ms={(time.perf_counter() - t0) * 1e3:.1f}"
@@ -252,7 +255,20 @@ class KVCacheFilter(HttpFilter):
         self.metrics.token_cache_size.set(len(self.token_cache))
         return tokens
 
-    def _apply_choice(self, ctx: RequestContext, lookup: LookupResult) -> str:
+    def _place_cold(self, ctx: RequestContext) -> None:
+        """``cold_placement: lru``: no usable cached prefix, so spread the new prefix (see ColdPlacement)."""
+        assert self.cold is not None
+        cluster = self.runtime.clusters.get(ctx.cluster_name) if ctx.cluster_name else None
+        if cluster is None:
+            return
+        target = self.cold.pick(cluster.endpoints)
+        if target is None:
+            return
+        ctx.params[PREFERRED_ENDPOINT_PARAM] = target
+        self.metrics.cold_placements.labels(target).inc()
+        ctx.response_headers.append((b"x-kvgate-kvcache-cold", target.encode()))
+
+    def _apply_choice(self, ctx: RequestContext, lookup: LookupResult, num_tokens: int = 0) -> str:
         if not lookup.layout:
             log.debug("[kvcache] routing lookup returned empty instance")
             return "empty"
@@ -260,7 +276,8 @@ class KVCacheFilter(HttpFilter):
         choice = choose_prefix_endpoint(lookup.matches, cluster.endpoints if cluster is not None else None,
                                         min_match_tokens=self.cfg.min_match_tokens,
                                         max_imbalance_abs=self.cfg.max_imbalance_abs,
-                                        max_imbalance_rel=self.cfg.max_imbalance_rel)
+                                        max_imbalance_rel=self.cfg.max_imbalance_rel,
+                                        min_match_ratio=self.cfg.min_match_ratio, num_tokens=num_tokens)
         for reason, n in choice.rejected.items():
             self.metrics.routing_rejected.labels(reason).inc(n)
         if choice.endpoint_id is None:

@@ -56,6 +56,8 @@ class KVCacheMetrics:
             "Background jobs by result (done, error, timeout, expired, coalesced, dropped)", ["result"], registry=r)
         self.background_dropped = Counter(p + "background_dropped", "Background jobs dropped (queue full)",
                                           registry=r)
+        self.cold_placements = Counter(p + "cold_placements", "Requests without a usable cached prefix placed by "
+                                       "cold_placement=lru", ["endpoint"], registry=r)
         self.errors = Counter(p + "decode_errors", "Unexpected errors swallowed on the decode path", registry=r)
         for outcome in LOOKUP_OUTCOMES:
             self.routing_lookups.labels(outcome)
