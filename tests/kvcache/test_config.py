@@ -137,3 +137,22 @@ def test_registered_through_chain_validation() -> None:
 
     kind = _REGISTRY["dgp.filter.ai.kvcache"]
     assert kind.config_model is KVCacheConfig and not kind.terminal
+
+
+def test_kvgate_routing_keys_validated() -> None:
+    import pytest as _pytest
+
+    from kvgate.errors import ConfigError as _CE
+    from kvgate.filters.kvcache.config import KVCacheConfig
+
+    base = {"enabled": True, "vllm_endpoint": "http://127.0.0.1:1", "lmcache_endpoint": "http://127.0.0.1:2"}
+    cfg = KVCacheConfig.model_validate(base)
+    assert (cfg.tokenize_on_miss, cfg.cold_placement, cfg.min_match_ratio, cfg.max_imbalance_abs) == (
+        False, "lb", 0.0, 0)
+    for key, bad, msg in [("cold_placement", "random", "cold_placement must be 'lb' or 'lru'"),
+                          ("min_match_ratio", 1.5, "min_match_ratio must be between 0 and 1"),
+                          ("max_imbalance_abs", -1, "max_imbalance_abs must be >= 0"),
+                          ("max_imbalance_rel", 0.5, "max_imbalance_rel must be >= 1")]:
+        with _pytest.raises((_CE, ValueError)) as ei:
+            KVCacheConfig.model_validate({**base, key: bad})
+        assert msg in str(ei.value)

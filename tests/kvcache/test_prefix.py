@@ -84,3 +84,15 @@ def test_cold_placement_spreads_new_prefixes() -> None:
     assert cold.pick(eps) == "b"
     # unhealthy endpoints are never chosen; nothing healthy → None
     assert cold.pick([Ep("x", ok=False)]) is None
+
+
+def test_min_match_ratio_ignores_a_shared_system_prompt_alone() -> None:
+    eps = [Ep("a"), Ep("b")]
+    # a new conversation: only the shared 1,024-token system prompt is cached (credited to "a")
+    c = choose_prefix_endpoint({"a": 1024}, eps, min_match_ratio=0.5, num_tokens=3100)
+    assert c.endpoint_id is None and c.rejected["below_min_ratio"] == 1
+    # the next turn of a conversation: most of the prompt is cached on "b"
+    c = choose_prefix_endpoint({"a": 1024, "b": 2816}, eps, min_match_ratio=0.5, num_tokens=3300)
+    assert c.endpoint_id == "b" and c.matched_tokens == 2816
+    # off by default
+    assert choose_prefix_endpoint({"a": 1024}, eps, num_tokens=3100).endpoint_id == "a"
