@@ -172,13 +172,11 @@ class ProxyFilter(HttpFilter):
                     url += "?" + ctx.query_string.decode("latin-1")
                 cluster.acquire(ep)
                 try:
-                    resp = await asyncio.wait_for(
-                        self._client().request(
+                    async with asyncio.timeout(self.config.header_timeout):  # no extra task (unlike wait_for)
+                        resp = await self._client().request(
                             ctx.method, url, data=ctx.body or None, headers=self._headers(ctx, ep),
                             allow_redirects=False, compress=False,
-                        ),
-                        timeout=self.config.header_timeout,
-                    )
+                        )
                 except TimeoutError:
                     cluster.release(ep)
                     saw_timeout = True

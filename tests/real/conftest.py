@@ -25,6 +25,16 @@ import pytest
 from kvgate.real import fleet as real
 
 ENGINES = int(os.environ.get("KVGATE_REAL_ENGINES", "2"))
+HERE = Path(__file__).resolve().parent
+
+# Tests that change the session fleet, in the order they must run, after every other test of the session
+# (file order alone would put test_gateway_real.py after test_fleet.py's engine kill).
+FLEET_MUTATING = (
+    "test_gateway_real.py::test_gateway_survives_controller_restart",  # kills the controller, restarts it
+    "test_fleet.py::test_controller_restart_reregisters_and_resyncs",
+    "test_fleet.py::test_killed_engine_is_dropped",  # kills the last engine
+    "test_gateway_real.py::test_gateway_fails_over_dead_engine",  # (kills it itself when run alone)
+)
 RUNS_DIR = Path(os.environ.get("KVGATE_REAL_TEST_RUNS_DIR") or real.ROOT / ".cache" / "real-run-pytest")
 
 
@@ -63,6 +73,24 @@ def _reap_dead_sessions() -> None:
                 real.RealFleet.from_state(run_dir).stop()
         if not (run_dir / real.STATE_FILE).exists():
             shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _mutating_rank(item: pytest.Item) -> int | None:
+    path = Path(str(item.fspath)).resolve()
+    if path.parent != HERE:
+        return None
+    name = f"{path.name}::{item.name}"
+    return FLEET_MUTATING.index(name) if name in FLEET_MUTATING else None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Move the fleet-mutating tests to the end, in ``FLEET_MUTATING`` order; everything else keeps its order."""
+    ranks = [_mutating_rank(it) for it in items]
+    if all(r is None for r in ranks):
+        return
+    keep = [it for it, r in zip(items, ranks, strict=True) if r is None]
+    last = sorted(((r, it) for it, r in zip(items, ranks, strict=True) if r is not None), key=lambda p: p[0])
+    items[:] = keep + [it for _, it in last]
 
 
 @pytest.fixture(scope="session")
