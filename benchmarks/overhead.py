@@ -5,7 +5,10 @@ process (uvloop); the load generator (aiohttp, fixed concurrency) in this one. E
 direct → gateway several times so machine noise hits both sides alike; figures are reported as
 ratios and differences against the direct baseline of the same run.
 
-    python benchmarks/overhead.py [--concurrency 8] [--requests 4000] [--rounds 3]
+    python benchmarks/overhead.py [--concurrency 8] [--requests 4000] [--rounds 3] [--no-peer]
+
+When ``vllm-router`` (PyPI, Rust; an optional peer, not a dependency) is installed, it is measured in the
+same run, in front of the same upstream (``--policy round_robin``).
 """
 
 from __future__ import annotations
@@ -39,7 +42,12 @@ def _upstream(port_q: mp.Queue) -> None:  # type: ignore[type-arg]
         await req.body()
         await send_response(send, 200, reply)
 
+    async def health(req, send):  # type: ignore[no-untyped-def]
+        await send_response(send, 200, b"{}")
+
     router.add("POST", "/v1/completions", comp)
+    router.add("GET", "/health", health)
+    router.add("GET", "/v1/models", health)
 
     async def main() -> None:
         h = await start_server(router, log_level="error")
@@ -96,6 +104,7 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--requests", type=int, default=4000)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--no-peer", action="store_true", help="skip vllm-router even when installed")
     args = ap.parse_args()
     ctx = mp.get_context("spawn")
     q: mp.Queue = ctx.Queue()  # type: ignore[type-arg]
@@ -116,13 +125,26 @@ def main() -> int:
     gw = ctx.Process(target=_gateway, args=(cfg_path, q), daemon=True)
     gw.start()
     gw_port = q.get(timeout=30)
+    peer = None
+    from kvgate.bench.peers import find_peer, start_peer
+
+    if not args.no_peer and find_peer("vllm-router"):
+        peer = asyncio.run(start_peer("vllm-router", "round_robin", [f"http://127.0.0.1:{up_port}"]))
+    elif not args.no_peer:
+        print("vllm-router not installed: peer comparison skipped (pip install vllm-router)")
     try:
         direct: list[float] = []
         via: list[float] = []
+        peer_lat: list[float] = []
         d_rps: list[float] = []
         g_rps: list[float] = []
+        p_rps: list[float] = []
         conc = args.concurrency
         for _ in range(args.rounds):
+            if peer is not None:
+                lat, wall = asyncio.run(_load(f"{peer.url}/v1/completions", args.requests, conc))
+                peer_lat += lat
+                p_rps.append(len(lat) / wall)
             lat, wall = asyncio.run(_load(f"http://127.0.0.1:{up_port}/v1/completions", args.requests, conc))
             direct += lat
             d_rps.append(len(lat) / wall)
@@ -130,6 +152,8 @@ def main() -> int:
             via += lat
             g_rps.append(len(lat) / wall)
     finally:
+        if peer is not None:
+            asyncio.run(peer.stop())
         gw.terminate()
         up.terminate()
         gw.join(5)
@@ -144,6 +168,12 @@ def main() -> int:
     res["added_p50_ms"] = res["gateway_p50_ms"] - res["direct_p50_ms"]
     res["added_p99_ms"] = res["gateway_p99_ms"] - res["direct_p99_ms"]
     res["rps_ratio"] = res["gateway_rps"] / res["direct_rps"]
+    if peer_lat:
+        res["vllm_router_p50_ms"] = pct(peer_lat, 50) * 1e3
+        res["vllm_router_p99_ms"] = pct(peer_lat, 99) * 1e3
+        res["vllm_router_added_p50_ms"] = res["vllm_router_p50_ms"] - res["direct_p50_ms"]
+        res["vllm_router_rps"] = statistics.median(p_rps)
+        res["vllm_router_rps_ratio"] = res["vllm_router_rps"] / res["direct_rps"]
     for k, v in res.items():
         print(f"{k:>20}: {v:.3f}" if isinstance(v, float) else f"{k:>20}: {v}")
     return 0
