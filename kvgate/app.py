@@ -35,8 +35,6 @@ class RunningGateway:
         if self._stopped:
             return
         self._stopped = True
-        for app in self.gateway.listener_apps:
-            app.draining = True
         await asyncio.gather(*(h.stop(drain_timeout) for h in self.listeners), return_exceptions=True)
         if self.admin is not None:
             await self.admin.stop(2.0)

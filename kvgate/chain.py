@@ -55,7 +55,7 @@ _UNSET: Any = object()
 @dataclass(slots=True, eq=False)
 class RequestContext:
     method: str
-    path: str
+    path: str  # percent-decoded (route matching)
     query_string: bytes
     headers: list[tuple[bytes, bytes]]
     body: bytes
@@ -68,6 +68,7 @@ class RequestContext:
     local_reply: LocalReply | None = None
     response_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     completed: bool = False  # the last response byte was handed to the server
+    raw_path: bytes = b""  # as the client sent it (forwarded upstream unchanged)
     _json: Any = _UNSET
 
     def header(self, name: str, default: str | None = None) -> str | None:

@@ -9,6 +9,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
+
 from kvgate.asgi import (
     BodyTooLarge,
     ClientDisconnected,
@@ -30,7 +32,7 @@ from kvgate.runtime import Runtime
 
 log = logging.getLogger("kvgate.server")
 
-SECRET_KEYS = ("api_key", "apikey", "authorization", "password", "secret", "token")
+SECRET_KEYS = frozenset({"api_key", "apikey", "authorization", "password", "secret", "token", "access_token"})
 
 
 @dataclass
@@ -55,7 +57,6 @@ class ListenerApp:
         self.runtime = runtime
         self.routes = [RouteEntry(r.match.prefix, r.match.path, r.route.cluster) for r in hcm.route_config.routes]
         self.metrics = runtime.metrics
-        self.draining = False
 
     def _route(self, path: str) -> RouteEntry | None:
         for r in self.routes:
@@ -73,7 +74,13 @@ class ListenerApp:
             return
         if scope["type"] != "http":
             return
-        route = self._route(scope["path"])
+        path = scope["path"]
+        if any(seg in (".", "..") for seg in path.split("/")):
+            # Dot segments would be collapsed by the upstream client, escaping the matched route prefix.
+            await self._local(send, 400, "invalid request path (dot segments are not allowed)",
+                              "invalid_request_error", "bad_path")
+            return
+        route = self._route(path)
         if route is None:
             await self._local(send, 404, f"no route for path {scope['path']!r}", "not_found", "no_route")
             return
@@ -85,11 +92,14 @@ class ListenerApp:
                               "body_too_large")
             return
         except ClientDisconnected:
+            self.metrics.requests.labels(route.cluster, "", "client_closed").inc()
+            log.info("client disconnected while sending the request body")
             return
         ctx = RequestContext(
             method=scope["method"], path=scope["path"], query_string=scope.get("query_string", b""),
             headers=list(scope.get("headers", [])), body=body, cluster_name=route.cluster,
             route_prefix=route.prefix, timeout=self.hcm.timeout,
+            raw_path=scope.get("raw_path") or path.encode("utf-8"),
         )
         # One watcher task per request: a client disconnect cancels this handler (and so the upstream
         # call or stream it is in), which closes the upstream connection and frees the endpoint slot.
@@ -127,6 +137,12 @@ class ListenerApp:
             self.metrics.local_replies.labels(str(exc.status), exc.error_type).inc()
             await send_json(send, exc.status, openai_error(str(exc), exc.error_type, exc.status))
             return
+        except Exception as exc:  # a bug or shutdown race: still an OpenAI-style answer, never a crash
+            log.exception("request failed inside the filter chain: %s", type(exc).__name__)
+            self.metrics.requests.labels(ctx.cluster_name, _endpoint(ctx), "502").inc()
+            self.metrics.local_replies.labels("502", "internal_error").inc()
+            await send_json(send, 502, openai_error(f"gateway error: {type(exc).__name__}", "gateway_error", 502))
+            return
         if ctx.local_reply is not None:
             lr = ctx.local_reply
             self.metrics.local_replies.labels(str(lr.status), "filter").inc()
@@ -145,8 +161,18 @@ class ListenerApp:
             if resp.endpoint_id:
                 headers.append((b"x-kvgate-endpoint", resp.endpoint_id.encode()))
             await send({"type": "http.response.start", "status": resp.status, "headers": headers})
-            async for chunk in resp.body:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            sent = 0
+            try:
+                async for chunk in resp.body:
+                    sent += len(chunk)
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                # Too late for an error answer: end without completing the response, so the server
+                # drops the connection and the client sees a truncated stream, not a clean end.
+                log.warning("upstream %s/%s aborted the response after %d bytes: %s", ctx.cluster_name,
+                            resp.endpoint_id, sent, type(exc).__name__)
+                self.metrics.requests.labels(ctx.cluster_name, resp.endpoint_id or "", "upstream_aborted").inc()
+                return
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             ctx.completed = True
             self.metrics.requests.labels(ctx.cluster_name, resp.endpoint_id or "", str(resp.status)).inc()
@@ -169,10 +195,14 @@ def _endpoint(ctx: RequestContext) -> str:
 
 
 def redact(obj: Any) -> Any:
+    """Secrets by exact key name; credentials embedded in URLs (``http://user:pw@host``)."""
     if isinstance(obj, dict):
-        return {k: ("***" if any(s in k.lower() for s in SECRET_KEYS) and v else redact(v)) for k, v in obj.items()}
+        return {k: ("***" if k.lower() in SECRET_KEYS and v else redact(v)) for k, v in obj.items()}
     if isinstance(obj, list):
         return [redact(v) for v in obj]
+    if isinstance(obj, str) and "://" in obj and "@" in obj.split("://", 1)[1].split("/", 1)[0]:
+        scheme, rest = obj.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
     return obj
 
 
@@ -197,6 +227,11 @@ class Gateway:
             kinds = [get_kind(fc.name) for fc in hcm.http_filters]
             if not any(k is not None and k.terminal for k in kinds):
                 raise ConfigError(base, "no terminal filter: add dgp.filter.llm.proxy as the last http filter")
+            for fi, k in enumerate(kinds):
+                if k is not None and k.terminal and fi != len(kinds) - 1:
+                    raise ConfigError(f"{base}[{fi}].name",
+                                      f"{k.name} answers the request, so it must be the last http filter "
+                                      "(and appear once)")
             last = kinds[-1]
             if last is None or not last.terminal:
                 raise ConfigError(f"{base}[{len(kinds) - 1}].name",

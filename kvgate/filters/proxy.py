@@ -21,6 +21,7 @@ from typing import Any
 
 import aiohttp
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from yarl import URL
 
 from kvgate.chain import (
     PREFERRED_ENDPOINT_PARAM,
@@ -45,6 +46,8 @@ HOP_BY_HOP = frozenset(
         b"trailers", b"transfer-encoding", b"upgrade", b"host", b"content-length", b"expect",
     }
 )
+# Set by the gateway's own HTTP server; an upstream copy would duplicate them (RFC 9110: one Date).
+RESPONSE_DROP = HOP_BY_HOP | {b"date", b"server"}
 RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
 
 
@@ -52,9 +55,15 @@ class ProxyConfig(BaseModel):
     model_config = ConfigDict(extra="allow", populate_by_name=True)
 
     timeout: Duration = Field(default=0.0, ge=0, description="max wait for response headers; 0 = response_timeout")
-    response_timeout: Duration = Field(default=300.0, gt=0)
+    response_timeout: Duration = Field(default=300.0, gt=0, description="header wait when timeout is 0")
     connect_timeout: Duration = Field(default=5.0, gt=0)
-    maxIdleConns: int = Field(default=0, ge=0)  # Pixiu's camelCase keys
+    stream_idle_timeout: Duration = Field(default=300.0, gt=0, description="max gap between body chunks")
+    keepalive_timeout: Duration = Field(default=4.0, gt=0, description="idle upstream connections are closed "
+                                        "after this; keep it below the upstream's own (uvicorn: 5s)")
+    # Pixiu's camelCase keys. maxIdleConns* have no aiohttp equivalent (Go's idle-pool sizes) and are
+    # accepted for compatibility only; maxConnsPerHost caps concurrent connections per endpoint (0 = no cap),
+    # and a wait for a free connection counts toward `timeout`.
+    maxIdleConns: int = Field(default=0, ge=0)
     maxIdleConnsPerHost: int = Field(default=0, ge=0)
     maxConnsPerHost: int = Field(default=0, ge=0)
     scheme: str = "http"
@@ -95,10 +104,9 @@ class ProxyFilter(HttpFilter):
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            limit = self.config.maxIdleConns or 0  # 0 = unlimited in aiohttp
             connector = aiohttp.TCPConnector(
-                limit=limit, limit_per_host=self.config.maxConnsPerHost or 0, ttl_dns_cache=300,
-                keepalive_timeout=30, enable_cleanup_closed=True,
+                limit=0, limit_per_host=self.config.maxConnsPerHost or 0, ttl_dns_cache=300,
+                keepalive_timeout=self.config.keepalive_timeout, enable_cleanup_closed=True,
             )
             self._session = aiohttp.ClientSession(
                 connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent", "Content-Type"),
@@ -158,18 +166,46 @@ class ProxyFilter(HttpFilter):
         first = self._choose(ctx, cluster)
         attempts_log: list[dict[str, Any]] = []
         ctx.params[UPSTREAM_ATTEMPTS_PARAM] = attempts_log
-        last_resp: tuple[EndpointState, aiohttp.ClientResponse, float] | None = None
-        saw_timeout = False
-        saw_broken = False
+        kept: list[tuple[EndpointState, aiohttp.ClientResponse, float]] = []  # newest retryable error answer
+        try:
+            ok = await self._attempt_all(ctx, cluster, first, attempts_log, kept)
+        except BaseException:
+            for _, r, _ in kept:
+                r.release()
+            raise
+        if ok is None and kept:  # every attempt failed: pass the last upstream error answer through
+            ok = kept.pop()
+            cluster.acquire(ok[0])  # _wrap's release() frees it when the body ends
+        for _, r, _ in kept:
+            r.release()
+        if ok is not None:
+            ep, resp, t0 = ok
+            ctx.response = self._wrap(cluster, ep, resp, t0, acquired=True)
+            return FilterStatus.CONTINUE
+        outcomes = {a["error_type"] for a in attempts_log}
+        if "timeout" in outcomes:
+            raise UpstreamTimeout(f"upstream did not answer within {self.config.header_timeout:g}s")
+        if "broken" in outcomes:
+            raise UpstreamError("upstream connection broken before a response")
+        raise UpstreamError(f"no endpoint of cluster {cluster.name!r} is reachable", status=503,
+                            error_type="service_unavailable")
+
+    async def _attempt_all(
+        self, ctx: RequestContext, cluster: ClusterState, first: EndpointState,
+        attempts_log: list[dict[str, Any]], kept: list[tuple[EndpointState, aiohttp.ClientResponse, float]],
+    ) -> tuple[EndpointState, aiohttp.ClientResponse, float] | None:
+        """Try the endpoints in order with their retry policies; the first good answer (slot held) or None."""
         for ep in self._order(cluster, first):
             n_attempts, delay = _attempts_and_delays(ep)
             for attempt in range(1, n_attempts + 1):
                 if attempt > 1:
                     await asyncio.sleep(delay(attempt - 1))
                 t0 = time.perf_counter()
-                url = f"{self.config.scheme}://{ep.base_url.split('://', 1)[1]}{ctx.path}"
+                raw = f"{self.config.scheme}://{ep.base_url.split('://', 1)[1]}"
+                raw += (ctx.raw_path or ctx.path.encode()).decode("latin-1")
                 if ctx.query_string:
-                    url += "?" + ctx.query_string.decode("latin-1")
+                    raw += "?" + ctx.query_string.decode("latin-1")
+                url = URL(raw, encoded=True)  # forward the client's path bytes as they are
                 cluster.acquire(ep)
                 try:
                     async with asyncio.timeout(self.config.header_timeout):  # no extra task (unlike wait_for)
@@ -179,7 +215,6 @@ class ProxyFilter(HttpFilter):
                         )
                 except TimeoutError:
                     cluster.release(ep)
-                    saw_timeout = True
                     self._record(attempts_log, cluster, ep, "timeout", None)
                     continue
                 except aiohttp.ClientConnectorError as exc:
@@ -188,7 +223,6 @@ class ProxyFilter(HttpFilter):
                     break  # transport errors are not retried on the same endpoint (Pixiu); move on
                 except (aiohttp.ClientError, OSError) as exc:
                     cluster.release(ep)
-                    saw_broken = True
                     self._record(attempts_log, cluster, ep, "broken", None, str(exc))
                     continue
                 except BaseException:
@@ -200,28 +234,15 @@ class ProxyFilter(HttpFilter):
                     if attempt < n_attempts:
                         resp.release()
                         continue
-                    if last_resp is not None:  # keep only the newest error answer to pass through
-                        last_resp[1].release()
-                    last_resp = (ep, resp, t0)
+                    for _, r, _ in kept:
+                        r.release()
+                    kept[:] = [(ep, resp, t0)]
                     continue
                 self._record(attempts_log, cluster, ep, "ok", resp.status)
-                if last_resp is not None:
-                    last_resp[1].release()
                 cluster.mark_ok(ep)
-                ctx.response = self._wrap(cluster, ep, resp, t0, acquired=True)
-                return FilterStatus.CONTINUE
+                return ep, resp, t0
             cluster.mark_failed(ep)
-        if last_resp is not None:
-            ep, resp, t0 = last_resp
-            cluster.acquire(ep)
-            ctx.response = self._wrap(cluster, ep, resp, t0, acquired=True)
-            return FilterStatus.CONTINUE
-        if saw_timeout:
-            raise UpstreamTimeout(f"upstream did not answer within {self.config.header_timeout:g}s")
-        if saw_broken:
-            raise UpstreamError("upstream connection broken before a response")
-        raise UpstreamError(f"no endpoint of cluster {cluster.name!r} is reachable", status=503,
-                            error_type="service_unavailable")
+        return None
 
     def _record(self, log_: list[dict[str, Any]], cluster: ClusterState, ep: EndpointState, outcome: str,
                 status: int | None, detail: str = "") -> None:
@@ -233,30 +254,37 @@ class ProxyFilter(HttpFilter):
 
     def _wrap(self, cluster: ClusterState, ep: EndpointState, resp: aiohttp.ClientResponse, t0: float,
               acquired: bool) -> UpstreamResponse:
-        headers = [(k.lower(), v) for k, v in resp.raw_headers if k.lower() not in HOP_BY_HOP]
+        headers = [(k.lower(), v) for k, v in resp.raw_headers if k.lower() not in RESPONSE_DROP]
         if resp.headers.get("Content-Length") and "chunked" not in resp.headers.get("Transfer-Encoding", ""):
             headers.append((b"content-length", resp.headers["Content-Length"].encode("latin-1")))
         metrics = self.metrics
         released = False
 
+        idle = self.config.stream_idle_timeout
+
         def release() -> None:
+            """Idempotent: free the endpoint slot and the connection (also when the body never started)."""
             nonlocal released
             if not released:
                 released = True
+                with contextlib.suppress(Exception):
+                    resp.release() if resp.content.at_eof() else resp.close()
                 cluster.release(ep)
                 metrics.upstream_latency.labels(cluster.name, ep.id).observe(time.perf_counter() - t0)
 
         async def body() -> AsyncIterator[bytes]:
             first = True
             try:
-                async for chunk in resp.content.iter_any():
+                while True:
+                    async with asyncio.timeout(idle):  # a stalled upstream must not hold the slot forever
+                        chunk = await resp.content.readany()
+                    if not chunk:
+                        break
                     if first:
                         metrics.upstream_ttfb.labels(cluster.name, ep.id).observe(time.perf_counter() - t0)
                         first = False
                     yield chunk
             finally:
-                with contextlib.suppress(Exception):
-                    resp.release() if resp.content.at_eof() else resp.close()
                 release()
 
         return UpstreamResponse(resp.status, headers, body(), endpoint_id=ep.id, on_close=release)

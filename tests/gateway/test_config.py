@@ -149,3 +149,20 @@ def test_check_config_cli(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "kvgate.cli", "check-config", str(tmp_path / "broken.yaml")],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "invalid YAML" in r.stderr
+
+
+def test_terminal_filter_must_be_last_and_unique() -> None:
+    data = seed_with_clusters()
+    hf = data["listeners"][0]["filter_chains"]["filters"][0]["config"]["http_filters"]
+    hf.insert(0, {"name": "dgp.filter.llm.proxy"})
+    with pytest.raises(ConfigError) as ei:
+        Gateway(parse_config(data))
+    assert ei.value.path == "listeners[0].filter_chains.filters[0].config.http_filters[0].name"
+    assert "must be the last http filter" in ei.value.reason
+
+
+def test_redaction_of_url_credentials_keeps_other_keys() -> None:
+    out = redact({"lmcache_endpoint": "http://user:pw@127.0.0.1:9000/x", "token_cache": {"max_size": 5},
+                  "api_key": "sk"})
+    assert out == {"lmcache_endpoint": "http://***@127.0.0.1:9000/x", "token_cache": {"max_size": 5},
+                   "api_key": "***"}

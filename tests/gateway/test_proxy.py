@@ -229,3 +229,39 @@ async def test_least_request_and_ring_hash(upstreams: Upstreams, gateways) -> No
             assert len(got) == 1  # sticky per session
             seen[sess] = got.pop()
     assert set(seen.values()) == {"a", "b"}  # and spread across endpoints
+
+
+async def test_paths_are_forwarded_verbatim_and_dot_segments_rejected(upstreams: Upstreams, gateways) -> None:
+    a = await upstreams.add("a")
+    gw = await launch(gateways, gateway_config([a]))
+    async with aiohttp.ClientSession() as s:
+        async with s.get(aiohttp.client.URL(f"{gw.url}/v1/models/org%2Fmodel?x=%3F", encoded=True)) as r:
+            assert r.status == 404
+            got = await r.json()
+        assert got == {"raw_path": "/v1/models/org%2Fmodel", "query": "x=%3F"}
+        # "/v1/../admin" would be collapsed to "/admin" by the upstream client: escape from the route prefix
+        async with s.post(aiohttp.client.URL(f"{gw.url}/v1/../reset_prefix_cache", encoded=True), json={}) as r:
+            assert r.status == 400
+            assert (await r.json())["error"]["type"] == "invalid_request_error"
+    assert all("reset_prefix_cache" not in c.get("path", "") for c in upstreams.states["a"].calls)
+
+
+async def test_upstream_dying_mid_stream_is_counted_and_truncates(upstreams: Upstreams, gateways) -> None:
+    a = await upstreams.add("a")
+    gw = await launch(gateways, gateway_config([a]))
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"{gw.url}/v1/die", json={}) as r:
+            assert r.status == 200
+            try:
+                await r.read()
+                truncated = False
+            except aiohttp.ClientPayloadError:
+                truncated = True
+        assert truncated  # never a clean end for an aborted stream
+        async with s.get(f"{gw.admin_url}/metrics") as r:
+            text = await r.text()
+        # the gateway still answers, and the abort was counted
+        async with s.post(f"{gw.url}/v1/completions", json={"prompt": "x"}) as r:
+            assert r.status == 200
+            assert len(r.headers.getall("date")) == 1  # no duplicated Date from the upstream
+    assert 'kvgate_requests_total{cluster="llm",endpoint="a",status="upstream_aborted"} 1.0' in text

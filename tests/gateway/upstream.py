@@ -89,6 +89,20 @@ def make_upstream(name: str) -> tuple[Router, UpstreamState]:
         finally:
             watcher.cancel()
 
+    async def echo_path(req: Request, send: Send) -> None:
+        raw = req.scope.get("raw_path") or b""
+        state.calls.append({"path": req.path, "raw_path": raw.decode("latin-1"), "query": req.query_string.decode()})
+        await send_json(send, 404, {"raw_path": raw.decode("latin-1"), "query": req.query_string.decode()})
+
+    async def die_mid_stream(req: Request, send: Send) -> None:
+        await req.body()
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream"), (b"content-length", b"100000")]})
+        await send({"type": "http.response.body", "body": b"data: {}\n\n", "more_body": True})
+        raise RuntimeError("upstream dies mid-stream")  # uvicorn drops the connection
+
+    router.not_found = echo_path
+    router.add("POST", "/v1/die", die_mid_stream)
     router.add("GET", "/health", health)
     router.add("GET", "/v1/models", models)
     router.add("POST", "/v1/completions", completions)

@@ -179,3 +179,31 @@ async def test_deadline_cuts_backoff_short() -> None:
     assert len(calls) == 1 and loop.time() - t0 < 0.05
     with pytest.raises(CallTimeout):
         await retry_call(_failing([], calls), RetryPolicy(), deadline=loop.time() - 1)
+
+
+async def test_cancelled_half_open_trials_give_their_slot_back() -> None:
+    # Regression: trials cancelled by something other than their deadline (client gone) used to keep
+    # their half-open slot forever, so the breaker could never close again.
+    now = [0.0]
+    b = CircuitBreaker("c", 1, 10, 1, lambda: now[0])
+    b.record_failure()
+    assert b.state == BreakerState.OPEN
+    now[0] = 11.0
+
+    async def hang() -> None:
+        await asyncio.sleep(30)
+
+    for _ in range(3):  # the uncounted transition call, then trials, all cancelled
+        t = asyncio.create_task(b.call(hang))
+        await asyncio.sleep(0)
+        t.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await t
+    assert b.state == BreakerState.HALF_OPEN
+    assert b.would_allow()
+
+    async def ok() -> int:
+        return 1
+
+    assert await b.call(ok) == 1
+    assert b.state == BreakerState.CLOSED

@@ -35,7 +35,8 @@ class StatusError(UpstreamCallError):
     """Non-2xx response. 4xx other than 408/429 is not retryable."""
 
     def __init__(self, what: str, status: int, body: str):
-        super().__init__(f"[kvcache] {what} status {status}: {body[:300]}")
+        # The body is NOT part of the message: upstream validation errors echo client input (prompt text).
+        super().__init__(f"[kvcache] {what} status {status} ({len(body)}-byte body)")
         self.status = status
         self.body = body
 

@@ -54,7 +54,9 @@ from kvgate.runtime import Runtime
 log = logging.getLogger("kvgate.filters.kvcache")
 
 T = TypeVar("T")
-BREAKERS = ("tokenize", "lookup", "manage")
+# tokenize_routing: request-path tokenizes (tokenize_on_miss), cut by the routing cap; kept apart from the
+# background "tokenize" breaker so slow routing tokenizes cannot stop the background work that fills the cache.
+BREAKERS = ("tokenize", "tokenize_routing", "lookup", "manage")
 
 
 @dataclass(slots=True)
@@ -234,7 +236,7 @@ class KVCacheFilter(HttpFilter):
 
     async def _tokenize_within(self, req: Extracted, key: str, deadline: float) -> list[int] | None:
         """``tokenize_on_miss``: tokenize on the request path, bounded by the routing deadline."""
-        breaker = self.breakers["tokenize"]
+        breaker = self.breakers["tokenize_routing"]
         if not breaker.would_allow():
             return None
         t0 = time.perf_counter()

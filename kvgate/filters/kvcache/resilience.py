@@ -105,6 +105,10 @@ class CircuitBreaker:
         except asyncio.CancelledError:
             if deadline is not None and asyncio.get_running_loop().time() >= deadline - 0.002:
                 self.record_failure()
+            elif self.state == BreakerState.HALF_OPEN and self.half_open_calls > 0:
+                # Not an upstream verdict (shutdown, client gone): give the trial slot back, or a
+                # half-open breaker whose trials were all cancelled would never close again.
+                self.half_open_calls -= 1
             raise
         except UpstreamCallError as exc:
             if exc.retryable:
