@@ -125,10 +125,17 @@ class Endpoint(Model):
 
 class ActiveHealthCheck(Model):
     path: str = "/health"
-    interval: Duration = 5.0
-    timeout: Duration = 1.0
+    interval: Duration = Field(default=5.0, gt=0)
+    timeout: Duration = Field(default=1.0, gt=0)
     unhealthy_threshold: int = Field(default=2, ge=1)
     healthy_threshold: int = Field(default=1, ge=1)
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str) -> str:
+        if not v.startswith("/"):
+            raise ValueError("path must start with '/'")
+        return v
 
 
 class Cluster(Model):

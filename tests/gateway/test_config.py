@@ -166,3 +166,41 @@ def test_redaction_of_url_credentials_keeps_other_keys() -> None:
                   "api_key": "sk"})
     assert out == {"lmcache_endpoint": "http://***@127.0.0.1:9000/x", "token_cache": {"max_size": 5},
                    "api_key": "***"}
+
+
+@pytest.mark.parametrize(("hc", "key", "reason"), [
+    ({"interval": "0s"}, "interval", "greater than 0"),
+    ({"timeout": "-1s"}, "timeout", "greater than 0"),
+    ({"path": "health"}, "path", "must start with '/'"),
+])
+def test_active_health_check_validation(hc: dict[str, Any], key: str, reason: str) -> None:
+    data = seed_with_clusters()
+    data["clusters"][0]["health_check"] = hc
+    with pytest.raises(ConfigError) as ei:
+        parse_config(data)
+    assert ei.value.path == f"clusters[0].health_check.{key}"
+    assert reason in ei.value.reason
+
+
+async def test_active_health_checks_mark_a_dead_endpoint_down() -> None:
+    import asyncio
+
+    from kvgate.app import start_gateway
+
+    from .conftest import dead_port
+
+    data = seed_with_clusters()
+    data["clusters"][0]["endpoints"][1]["socket_address"]["port"] = dead_port()
+    data["clusters"][0]["health_check"] = {"interval": "50ms", "timeout": "200ms", "unhealthy_threshold": 1}
+    kv = data["listeners"][0]["filter_chains"]["filters"][0]["config"]["http_filters"][0]["config"]
+    kv["enabled"] = False
+    gw = await start_gateway(parse_config(data), host="127.0.0.1", port=0, admin_port=0)
+    try:
+        cluster = gw.gateway.runtime.clusters.get("vllm_cluster")
+        for _ in range(100):
+            if not cluster.get("vllm-instance-2").healthy():
+                break
+            await asyncio.sleep(0.05)
+        assert not cluster.get("vllm-instance-2").healthy()
+    finally:
+        await gw.stop()

@@ -112,6 +112,11 @@ class KVCacheFilter(HttpFilter):
         self._workers: list[asyncio.Task[None]] = []
         self._closed = False
         self._running = 0
+        self._dropped = 0
+        if config.enabled and config.token_cache.enabled and config.token_cache.max_size == 0 and \
+                config.token_cache.ttl == 0:
+            log.warning("[kvcache] token_cache has neither max_size nor ttl: it grows without bound "
+                        "(set token_cache.max_size, e.g. 8192, and a ttl)")
         extra = unknown_keys(config)
         if extra:
             log.warning("[kvcache] ignoring unknown config keys: %s", ", ".join(extra))
@@ -309,6 +314,10 @@ class KVCacheFilter(HttpFilter):
         except asyncio.QueueFull:
             m.background_dropped.inc()
             m.background_jobs.labels("dropped").inc()
+            self._dropped += 1
+            if self._dropped == 1 or self._dropped % 100 == 0:  # logged, but not once per request
+                log.warning("[kvcache] background queue full (%d): job dropped (%d dropped so far)",
+                            self.cfg.background_queue_size, self._dropped)
             return
         self._pending.add(key)
         m.background_queue_depth.set(self._queue.qsize())
@@ -325,6 +334,8 @@ class KVCacheFilter(HttpFilter):
             try:
                 if loop.time() - job.enqueued > job.timeout:
                     result = "expired"
+                    log.debug("[kvcache] background job expired in the queue after %.3fs (key=%s)",
+                              loop.time() - job.enqueued, job.key[:12])
                     continue
                 self._running += 1
                 m.background_running.set(self._running)
