@@ -95,7 +95,7 @@ class RingHash(Balancer):
 
     Without a key the pick falls back to round robin. Unhealthy endpoints are skipped clockwise, so
     only the keys of a failed endpoint move. ``MaglevHashing`` maps here too (same contract: stable
-    key → endpoint with minimal disruption), documented in docs/design.md.
+    key → endpoint with minimal disruption), documented in docs/architecture.md.
     """
 
     name = "ring_hash"
