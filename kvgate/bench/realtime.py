@@ -12,11 +12,16 @@ the workload is driven with streaming requests (aiohttp):
 
 A global semaphore (``concurrency``) bounds requests in flight so a 2-core box is not swamped; a request
 held back by it is timed from its actual send. Per request: TTFT (first SSE data chunk carrying generated
-text), E2E, the serving instance (``x-kvgate-sim-instance`` response header), status, cached tokens (stream
-usage). The mode's hit rate comes from the engines' own counters, scraped from ``/metrics`` before and after:
+text), E2E, the serving instance (``x-kvgate-sim-instance`` response header of a simulated engine, else the
+gateway's ``x-kvgate-endpoint``), status, cached tokens (stream usage). The mode's hit rate comes from the
+engines' own counters, scraped from ``/metrics`` before and after:
 ``(Δ vllm:prefix_cache_hits_total + Δ vllm:external_prefix_cache_hits_total) / Δ vllm:prefix_cache_queries_total``.
 Everything started is stopped in ``finally`` blocks (gateway, peer process group, fleet). Prompt text is never
 logged.
+
+External fleet (``fleet=`` an :class:`kvgate.bench.realfleet.ExternalFleet`, e.g. the real vLLM-CPU + LMCache
+fleet): no fleet is started; before each mode the fleet's caches are reset (vLLM prefix cache, LMCache CPU tier)
+and the runner waits until the controller's ``/lookup`` finds none of the workload's prompts.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
@@ -39,9 +44,13 @@ from kvgate.bench.modes import FleetSpec, Mode, gateway_config, tokenize_on_miss
 from kvgate.bench.results import STATUS_OK, RequestResult
 from kvgate.bench.workloads import Request, Workload
 
+if TYPE_CHECKING:
+    from kvgate.bench.realfleet import ExternalFleet
+
 log = logging.getLogger("kvgate.bench")
 
 INSTANCE_HEADER = "x-kvgate-sim-instance"
+ENDPOINT_HEADER = "x-kvgate-endpoint"  # set by the gateway: the endpoint id (= instance id) that served the request
 _METRIC_RE = re.compile(r"^(vllm:[a-z_]+)(?:\{[^}]*\})?\s+([0-9.eE+-]+|NaN|\+Inf|-Inf)\s*$")
 _HIT_METRICS = (
     "vllm:prefix_cache_queries_total",
@@ -185,7 +194,7 @@ class Driver:
                 async with self.session.post(
                     self.base_url + req.path(), json=req.body(self.model, stream=True), headers=req.headers
                 ) as resp:
-                    instance = resp.headers.get(INSTANCE_HEADER)
+                    instance = resp.headers.get(INSTANCE_HEADER) or resp.headers.get(ENDPOINT_HEADER)
                     if resp.status != 200:
                         body = (await resp.read())[:200].decode("utf-8", "replace")
                         status, error = f"http_{resp.status}", f"http_{resp.status}: {body}"
@@ -297,8 +306,11 @@ async def run_mode(
     spec: FleetSpec,
     opts: RealtimeOptions | None = None,
     progress: ProgressFn | None = None,
+    *,
+    fleet: ExternalFleet | None = None,
 ) -> ModeRun:
-    """Run ``workload`` once through ``mode`` on a fresh fleet; everything started is stopped on return."""
+    """Run ``workload`` once through ``mode`` on a fresh simulated fleet, or on the external ``fleet`` after
+    resetting its caches; everything started here is stopped on return (an external fleet keeps running)."""
     from kvgate.app import start_gateway
     from kvgate.bench.peers import start_gateway_process, start_peer
     from kvgate.config import parse_config
@@ -306,14 +318,25 @@ async def run_mode(
 
     opts = opts or RealtimeOptions()
     info: dict[str, Any] = {"runner": "realtime"}
-    fleet = await start_fleet(spec.engines, engine_config=spec.base_engine_config(), seed=spec.seed)
+    external = fleet is not None
+    model = fleet.model if fleet is not None else spec.model
+    if fleet is None:
+        fleet_any: Any = await start_fleet(spec.engines, engine_config=spec.base_engine_config(), seed=spec.seed)
+    else:
+        from kvgate.bench.realfleet import probe_ids
+
+        info["fleet"] = fleet.label
+        connector = aiohttp.TCPConnector(limit=8)
+        async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as session:
+            info["reset"] = await fleet.reset(session, probe_ids(workload))
+        fleet_any = fleet
     gateway: Any = None
     peer: Any = None
     try:
-        urls = [e.url for e in fleet.engines]
+        urls = [e.url for e in fleet_any.engines]
         admin_url: str | None = None
         if mode.kind == "gateway":
-            cfg = gateway_config(mode, fleet)
+            cfg = gateway_config(mode, fleet_any)
             if opts.gateway_process:
                 peer = await start_gateway_process(cfg)
                 base, admin_url = peer.url, peer.admin_url
@@ -333,24 +356,25 @@ async def run_mode(
             before = await scrape_counters(session, urls)
             loop = asyncio.get_running_loop()
             t0 = loop.time() + 0.05
-            driver = Driver(session, base, mode.name, spec.model, opts, t0, progress)
+            driver = Driver(session, base, mode.name, model, opts, t0, progress)
             await drive(workload, driver)
             wall = loop.time() - t0
-            await asyncio.sleep(0.05)  # let the last LMCache ops / counters settle
+            await asyncio.sleep(1.0 if external else 0.05)  # let the last LMCache ops / counters settle
             after = await scrape_counters(session, urls)
             if admin_url is not None and mode.kvcache is not None:
                 info["routing_lookups"] = await scrape_gateway_routing(session, admin_url)
         info["engine_counters"] = {k: after[k] - before[k] for k in after}
         by_id = {r.req_id: r for r in driver.results}
         results = [by_id[r.req_id] for r in workload.requests if r.req_id in by_id]
-        return ModeRun(mode.name, results, hit_rate_from(before, after), wall, fleet.instance_ids, info)
+        return ModeRun(mode.name, results, hit_rate_from(before, after), wall, list(fleet_any.instance_ids), info)
     finally:
         if gateway is not None:
             with contextlib.suppress(Exception):
                 await gateway.stop(2.0)
         if peer is not None:
             await peer.stop()
-        await fleet.stop()
+        if not external:
+            await fleet_any.stop()
 
 
 async def run_modes(
@@ -361,8 +385,11 @@ async def run_modes(
     *,
     show_progress: bool = True,
     on_skip: Callable[[str], None] | None = None,
+    fleet: ExternalFleet | None = None,
 ) -> list[ModeRun]:
-    """:func:`run_mode` for each mode in turn, with a rich progress bar; unavailable peers are skipped."""
+    """:func:`run_mode` for each mode in turn, with a rich progress bar; unavailable peers are skipped.
+
+    ``fleet``: run every mode on this external fleet (caches reset before each) instead of fresh simulated ones."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -376,7 +403,7 @@ async def run_modes(
             (on_skip or (lambda m: console.print(f"[yellow]{m}[/]")))(why)
             continue
         if not show_progress:
-            runs.append(await run_mode(mode, workload, spec, opts))
+            runs.append(await run_mode(mode, workload, spec, opts, fleet=fleet))
             continue
         with Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -384,7 +411,7 @@ async def run_modes(
         ) as progress:  # fmt: skip
             task = progress.add_task(f"{mode.name:<24}", total=len(workload.requests))
             advance = functools.partial(progress.advance, task)
-            runs.append(await run_mode(mode, workload, spec, opts, advance))
+            runs.append(await run_mode(mode, workload, spec, opts, advance, fleet=fleet))
     return runs
 
 

@@ -28,7 +28,10 @@ def build_parser(prog: str = "kvgate sim") -> argparse.ArgumentParser:
     p.add_argument("--gpu-blocks", type=int, default=None, help="GPU KV blocks per engine (default: from profile)")
     p.add_argument("--lmcache-chunks", type=int, default=2048, help="LMCache CPU-tier capacity in 256-token chunks")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-controller", action="store_true", help="do not start the simulated controller")
+    p.add_argument("--controller", dest="no_controller", action="store_false", default=False,
+                   help="start the simulated LMCache controller (the default)")
+    p.add_argument("--no-controller", dest="no_controller", action="store_true",
+                   help="do not start the simulated controller")
     p.add_argument("--lmcache-controller", metavar="URL", default=None,
                    help="HTTP URL of a REAL LMCache controller the engines register with (needs --lmcache-pull and "
                         "--lmcache-reply); the generated config then points the kvcache filter at it")

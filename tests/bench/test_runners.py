@@ -1,4 +1,5 @@
-"""Benchmark runners: real time over HTTP, virtual/real agreement, mode configs, reports, missing peers.
+"""Benchmark runners: real time over HTTP, virtual/real agreement, mode configs, reports, missing peers, and the
+external-fleet path (``--fleet real``) exercised against a simulated fleet.
 
 No assertion depends on timing; the whole module runs in well under a minute.
 """
@@ -9,17 +10,20 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
+import aiohttp
 import pytest
 
 from kvgate.bench import cli as bench_cli
 from kvgate.bench import peers
 from kvgate.bench.modes import GATEWAY_MODES, MODES, FleetSpec, gateway_config, peer_available, resolve_modes
+from kvgate.bench.oracle import oracle_hit_rate
+from kvgate.bench.realfleet import ExternalFleet, prepare_workload, probe_ids
 from kvgate.bench.realtime import parse_hit_counters, run_mode, run_modes
 from kvgate.bench.results import summarize
 from kvgate.bench.virtual import prepare, run_virtual
-from kvgate.bench.workloads import get_workload
+from kvgate.bench.workloads import Request, get_workload
 from kvgate.config import parse_config
-from kvgate.sim.fleet import Fleet
+from kvgate.sim.fleet import Fleet, start_fleet
 
 SPEC = FleetSpec(engines=2, time_scale=0.5)
 HIT_TOLERANCE = 0.08  # absolute hit-rate difference allowed between the virtual and real-time runners
@@ -120,3 +124,75 @@ def test_cli_param_parsing() -> None:
     assert bench_cli.parse_param("block_tokens_scale=1/16") == ("block_tokens_scale", 1 / 16)
     assert bench_cli.parse_param("distribution=zipf") == ("distribution", "zipf")
     assert bench_cli.parse_param("ordered=true") == ("ordered", True)
+
+
+# --------------------------------------------------------------------------------------------------
+# external fleet (--fleet real / --fleet-state): exercised against a simulated fleet, no real engines
+# --------------------------------------------------------------------------------------------------
+
+
+def _external(fleet: Fleet) -> ExternalFleet:
+    state = {
+        "run_id": "test",
+        "model_name": SPEC.model,
+        "controller": {"url": fleet.controller_url},
+        "engines": [{"instance_id": e.instance_id, "url": e.url, "port": e.port, "alive": True} for e in fleet.engines],
+    }
+    return ExternalFleet.from_state(state, label="sim-external")
+
+
+async def _cached_tokens(session: aiohttp.ClientSession, url: str, req: Request, model: str) -> int:
+    async with session.post(url + req.path(), json=req.body(model, stream=False)) as resp:
+        assert resp.status == 200, await resp.text()
+        usage = (await resp.json())["usage"]
+    return int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
+
+
+async def test_external_fleet_resets_caches_between_modes() -> None:
+    wl = _small_workload()
+    sim = await start_fleet(2, engine_config=SPEC.base_engine_config(), seed=SPEC.seed)
+    try:
+        fleet = _external(sim)
+        assert fleet.instance_ids == sim.instance_ids and fleet.model == SPEC.model
+        wl2, facts = await prepare_workload(fleet, wl)  # /tokenize of the sim = the workload's own ids
+        assert [r.prompt_token_ids for r in wl2.requests] == [r.prompt_token_ids for r in wl.requests]
+        assert facts["oracle_by_block_size"][16] == pytest.approx(oracle_hit_rate(wl.requests))
+        runs = await run_modes([MODES["round_robin"], MODES["kvcache"]], wl2, SPEC, show_progress=False, fleet=fleet)
+        assert [r.mode for r in runs] == ["round_robin", "kvcache"]
+        for run in runs:
+            assert sorted(r.req_id for r in run.results) == sorted(r.req_id for r in wl.requests)
+            assert all(r.ok for r in run.results), [r.error for r in run.results if not r.ok]
+            assert {r.instance for r in run.results} <= set(fleet.instance_ids)
+            assert run.info["reset"]["probes"] == len(probe_ids(wl2)) > 0
+            assert run.info["engine_counters"]["vllm:prefix_cache_queries_total"] == wl2.total_prompt_tokens
+        assert runs[1].info["reset"]["cleared_tokens"] and sum(runs[1].info["reset"]["cleared_tokens"].values()) > 0
+        assert runs[1].hit_rate > runs[0].hit_rate  # kvcache routing still works with the external fleet
+        # after a reset nothing is found: no controller lookup hit, no engine prefix-cache hit
+        last = max(wl2.requests, key=lambda r: r.num_prompt_tokens)
+        async with aiohttp.ClientSession() as session:
+            assert await _cached_tokens(session, fleet.urls[0], last, fleet.model) >= 0  # store it somewhere
+            info = await fleet.reset(session, probe_ids(wl2))
+            assert info["lookup_polls"] >= 1
+            for p in probe_ids(wl2):
+                assert await fleet.lookup(session, p) == {}
+            assert await _cached_tokens(session, fleet.urls[0], last, fleet.model) == 0
+        cfg = gateway_config(MODES["kvcache"], fleet)
+        parse_config(cfg)
+        assert [e["id"] for e in cfg["clusters"][0]["endpoints"]] == fleet.instance_ids
+        kv = cfg["listeners"][0]["filter_chains"]["filters"][0]["config"]["http_filters"][0]["config"]
+        assert kv["default_model"] == SPEC.model and kv["lmcache_endpoint"] == fleet.controller_url
+        assert kv["min_match_ratio"] == MODES["kvcache"].kvcache["min_match_ratio"]  # mode settings unchanged
+    finally:
+        await sim.stop()
+
+
+def test_cli_fleet_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = bench_cli.build_parser().parse_args(["--fleet", "real"])
+    assert args.fleet == "real" and args.engines is None and args.fleet_state is None
+    with pytest.raises(SystemExit):
+        bench_cli.main(["--fleet", "real", "--virtual", "--modes", "round_robin"])
+    assert "real time only" in capsys.readouterr().err
+    code = bench_cli.main(["--fleet-state", str(tmp_path / "nope.json"), "--modes", "round_robin", "--no-progress",
+                           "--out", str(tmp_path / "rep")])  # fmt: skip
+    assert code == 1
+    assert "no fleet state file" in capsys.readouterr().out
