@@ -170,7 +170,8 @@ async def test_external_fleet_resets_caches_between_modes() -> None:
         # after a reset nothing is found: no controller lookup hit, no engine prefix-cache hit
         last = max(wl2.requests, key=lambda r: r.num_prompt_tokens)
         async with aiohttp.ClientSession() as session:
-            assert await _cached_tokens(session, fleet.urls[0], last, fleet.model) >= 0  # store it somewhere
+            await _cached_tokens(session, fleet.urls[0], last, fleet.model)  # stored again on engine 0
+            assert await fleet.lookup(session, last.prompt_token_ids)
             info = await fleet.reset(session, probe_ids(wl2))
             assert info["lookup_polls"] >= 1
             for p in probe_ids(wl2):
