@@ -31,13 +31,13 @@ Modes:
 
 from __future__ import annotations
 
-import copy
 import shutil
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from kvgate.sim.engine_model import EngineConfig
+from kvgate.sim.fleet import deep_merge
 
 PrefixRouting = Literal["none", "seed", "always"]
 
@@ -182,16 +182,6 @@ def peer_available(mode: Mode) -> tuple[bool, str]:
     return True, ""
 
 
-def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        if isinstance(v, Mapping) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
-
-
 def gateway_config(mode: Mode, fleet: Any) -> dict[str, Any]:
     """The kvgate config dict (Pixiu shape) that runs ``mode`` in front of a started simulated ``fleet``.
 
@@ -206,7 +196,7 @@ def gateway_config(mode: Mode, fleet: Any) -> dict[str, Any]:
 
 def kvcache_overrides(mode: Mode) -> dict[str, Any] | None:
     """The kvcache filter overrides of ``mode`` merged over nothing (for display / JSON metadata)."""
-    return None if mode.kvcache is None else _merge({}, mode.kvcache)
+    return None if mode.kvcache is None else deep_merge({}, mode.kvcache)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -77,7 +78,7 @@ class Fleet:
                 "token_cache": {"enabled": True, "max_size": 4096, "ttl": "10m"},
             }
             if isinstance(kvcache, dict):
-                kv = _merge(kv, kvcache)
+                kv = deep_merge(kv, kvcache)
             filters.append({"name": "dgp.filter.ai.kvcache", "config": kv})
         filters.append({"name": "dgp.filter.llm.proxy", "config": proxy or {}})
         return {
@@ -127,13 +128,14 @@ class Fleet:
         await self.stop()
 
 
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` updated by ``over``, nested mappings merged key by key; neither input is modified."""
     out = copy.deepcopy(base)
     for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
+        if isinstance(v, Mapping) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
         else:
-            out[k] = v
+            out[k] = copy.deepcopy(v)
     return out
 
 
