@@ -21,8 +21,11 @@ DEFAULT_HOST = "127.0.0.1"
 
 def bind_socket(host: str = DEFAULT_HOST, port: int = 0) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto=IPPROTO_TCP matters: asyncio sets TCP_NODELAY on accepted sockets only when their proto says
+    # TCP, and Nagle + delayed ACK otherwise add ~40 ms to responses written as headers, then body.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # inherited by accepted sockets on Linux
     sock.bind((host, port))
     sock.listen(2048)
     sock.setblocking(False)
