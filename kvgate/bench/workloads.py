@@ -27,6 +27,7 @@ import inspect
 import json
 import math
 import operator
+import os
 import random
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -41,7 +42,17 @@ from kvgate.sim.tokenizer import Tokenizer, get_tokenizer, render_chat
 
 RequestKind = Literal["chat", "completion"]
 
-DEFAULT_TRACE_PATH = Path("/work/shared/traces/mooncake_conversation_trace.jsonl")
+def _default_trace_path() -> Path:
+    """The Mooncake trace: ``$KVGATE_TRACE``, else ``shared/traces/`` beside the project checkout."""
+    env = os.environ.get("KVGATE_TRACE")
+    if env:
+        return Path(env)
+    name = "mooncake_conversation_trace.jsonl"
+    beside_checkout = Path(__file__).resolve().parents[3] / "shared" / "traces" / name
+    return beside_checkout if beside_checkout.exists() else Path("/work/shared/traces") / name
+
+
+DEFAULT_TRACE_PATH = _default_trace_path()
 MOONCAKE_BLOCK_TOKENS = 512
 
 _MASK64 = (1 << 64) - 1
