@@ -381,3 +381,19 @@ async def test_token_cache_disabled_means_no_routing(h: Harness) -> None:
         assert PREFERRED_ENDPOINT_PARAM not in ctx.params
     assert h.metric("kvgate_kvcache_routing_lookups_total", {"outcome": "disabled"}) == 2
     assert h.ctrl.calls == [] and h.vllm.requests == []  # no strategy configured → no background work
+
+
+async def test_tokenize_on_miss_routes_first_requests_but_skips_prompts_below_one_chunk(h: Harness) -> None:
+    flt = await h.make(tokenize_on_miss=True)
+    long_prompt = " ".join(["the quick brown fox jumps"] * 12)  # > 256 bytes: could fill a chunk
+    ctx = make_ctx({"model": "m", "prompt": long_prompt})
+    await flt.decode(ctx)
+    assert ctx.params[PREFERRED_ENDPOINT_PARAM] == "engine-b"  # routed on its very first request
+    assert h.vllm.requests == [{"model": "m", "prompt": long_prompt}]
+    assert h.metric("kvgate_kvcache_routing_lookups_total", {"outcome": "routed"}) == 1
+    # A prompt shorter than 256 bytes can never fill a 256-token LMCache chunk: no synchronous tokenize.
+    short = make_ctx({"model": "m", "prompt": "the quick brown fox"})
+    await flt.decode(short)
+    assert PREFERRED_ENDPOINT_PARAM not in short.params
+    assert h.metric("kvgate_kvcache_routing_lookups_total", {"outcome": "no_tokens"}) == 1
+    assert len([c for c in h.ctrl.calls if c[0] == "/lookup"]) == 1

@@ -68,6 +68,21 @@ class _Job:
     enqueued: float
 
 
+LMCACHE_CHUNK_TOKENS = 256  # the controller's hard-coded lookup granularity
+_TEMPLATE_TOKENS_PER_MESSAGE = 8  # generous bound on chat-template tokens around each message
+
+
+def _may_fill_a_chunk(req: Extracted) -> bool:
+    """False when the prompt cannot reach one 256-token LMCache chunk, so a lookup could never match.
+
+    Byte-level BPE (and SentencePiece with byte fallback) never makes more tokens than UTF-8 bytes; the
+    chat template adds a few tokens per message. Skipping saves a synchronous /tokenize for short prompts.
+    """
+    text = req.engine_text if req.kind == "prompt" else req.prompt
+    extra = _TEMPLATE_TOKENS_PER_MESSAGE * (len(req.messages) + 1) if req.kind == "chat" else 2
+    return len(text.encode("utf-8")) + extra >= LMCACHE_CHUNK_TOKENS
+
+
 class KVCacheFilter(HttpFilter):
     """See the module docstring. Long-lived: one instance per listener."""
 
@@ -200,7 +215,7 @@ class KVCacheFilter(HttpFilter):
         m.token_cache_size.set(len(self.token_cache))
         if tokens is None:
             m.token_cache_misses.inc()
-            if self.cfg.tokenize_on_miss:
+            if self.cfg.tokenize_on_miss and _may_fill_a_chunk(req):
                 tokens = await self._tokenize_within(req, key, deadline)
             if tokens is None:
                 m.routing_lookups.labels("no_tokens").inc()
