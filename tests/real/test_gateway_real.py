@@ -412,19 +412,28 @@ def test_gateway_survives_controller_restart(fleet: RealFleet, gateway: GatewayT
     before = gateway.metrics()
 
     fleet.kill_controller()
-    # Not `prompt` itself: unrouted, it could land on the other engine, which would then hold it too, and after
-    # the full sync the controller credits each chunk to one instance only (the first to re-register).
-    down = [gateway.complete(code_prompt("gwdown")), gateway.chat([{"role": "user", "content": code_prompt("gwdc")}]),
-            gateway.complete(code_prompt("gwdown2")), gateway.complete("def tiny():\n    return 1")]
-    assert [r.status for r in down] == [200] * 4, down
-    assert not any(r.kvcache.startswith("routed") for r in down), down
-    during = gateway.metrics()
-    failed = sum(sample(during, "kvgate_kvcache_routing_lookups_total", outcome=o)
-                 - sample(before, "kvgate_kvcache_routing_lookups_total", outcome=o)
-                 for o in ("error", "breaker_open", "timeout"))
-    assert failed == 4, failed
-
-    fleet.restart_controller()  # waits: re-registration (heartbeat), full sync (freeze mode), a stored probe
+    try:
+        # Not `prompt` itself: unrouted, it could land on the other engine, which would then hold it too, and
+        # after the full sync the controller credits each chunk to one instance only (the first to re-register).
+        down = [gateway.complete(code_prompt("gwdown")),
+                gateway.chat([{"role": "user", "content": code_prompt("gwdc")}]),
+                gateway.complete(code_prompt("gwdown2")), gateway.complete("def tiny():\n    return 1")]
+        assert [r.status for r in down] == [200] * 4, down
+        assert not any(r.kvcache.startswith("routed") for r in down), down
+        during = gateway.metrics()
+        failed = sum(sample(during, "kvgate_kvcache_routing_lookups_total", outcome=o)
+                     - sample(before, "kvgate_kvcache_routing_lookups_total", outcome=o)
+                     for o in ("error", "breaker_open", "timeout"))
+        # The three long prompts tried the dead controller; the short one cannot fill a 256-token chunk, so the
+        # filter does not even tokenize it (no_tokens).
+        assert failed == 3, failed
+        no_tokens = sample(during, "kvgate_kvcache_routing_lookups_total", outcome="no_tokens") \
+            - sample(before, "kvgate_kvcache_routing_lookups_total", outcome="no_tokens")
+        assert no_tokens == 1, no_tokens
+    finally:
+        # Always bring the controller back (also after a failed assertion), so the tests after this one
+        # see a working fleet. Waits: re-registration (heartbeat), full sync (freeze mode), a stored probe.
+        fleet.restart_controller()
     real.wait_for_lookup(fleet.controller_url, ids, holder.instance_id, full_chunks(len(ids)), timeout=60)
     deadline = time.monotonic() + 60  # breaker recovery (3 s) + half-open trial
     replies = []
