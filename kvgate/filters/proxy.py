@@ -81,6 +81,14 @@ class ProxyConfig(BaseModel):
         return self.timeout if self.timeout > 0 else self.response_timeout
 
 
+def _header_value(raw: bytes) -> str:
+    """aiohttp re-encodes header values as UTF-8: decode valid UTF-8 as such so non-ASCII values round-trip."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
+
+
 def _attempts_and_delays(ep: EndpointState) -> tuple[int, Any]:
     policy = ep.config.llm_meta.retry_policy
     cfg = policy.config
@@ -152,7 +160,7 @@ class ProxyFilter(HttpFilter):
         return order
 
     def _headers(self, ctx: RequestContext, ep: EndpointState) -> list[tuple[str, str]]:
-        out = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in ctx.headers if k not in HOP_BY_HOP]
+        out = [(k.decode("latin-1"), _header_value(v)) for k, v in ctx.headers if k not in HOP_BY_HOP]
         api_key = ep.config.llm_meta.api_key
         if api_key:
             out = [(k, v) for k, v in out if k.lower() != "authorization"]

@@ -39,7 +39,8 @@ async def test_non_streaming_pass_through(upstreams: Upstreams, gateways) -> Non
     gw = await launch(gateways, gateway_config([ep], llm_meta={"api_key": "sk-secret"}))
     async with aiohttp.ClientSession() as s:
         async with s.post(f"{gw.url}/v1/chat/completions?trace=1", json={"model": "demo", "messages": []},
-                          headers={"x-custom": "yes", "Authorization": "Bearer client"}) as r:
+                          headers={"x-custom": "yes", "Authorization": "Bearer client",
+                                   "x-user-name": "café"}) as r:
             assert r.status == 200
             body = await r.json()
             assert r.headers["x-served-by"] == "a"
@@ -49,6 +50,7 @@ async def test_non_streaming_pass_through(upstreams: Upstreams, gateways) -> Non
     assert call["query"] == "trace=1"
     assert call["body"] == {"model": "demo", "messages": []}
     assert call["headers"]["x-custom"] == "yes"
+    assert call["headers"]["x-user-name"] == "café"  # non-ASCII (UTF-8) header values round-trip
     assert call["headers"]["authorization"] == "Bearer sk-secret"  # api_key replaces the client's
     assert call["headers"]["host"].startswith("127.0.0.1:")
 
