@@ -17,11 +17,29 @@ def word_tokens(text: str) -> list[int]:
 
 
 @dataclass
-class MockVLLM:
+class _Served:
+    """A mock served on a loopback ephemeral port."""
+
+    handle: ServerHandle | None = None
+
+    async def _serve(self, router: Router) -> None:
+        self.handle = await start_server(router, timeout_graceful_shutdown=0.5)
+
+    @property
+    def url(self) -> str:
+        assert self.handle is not None
+        return self.handle.url
+
+    async def stop(self) -> None:
+        if self.handle is not None:
+            await self.handle.stop(1.0)
+
+
+@dataclass
+class MockVLLM(_Served):
     delay: float = 0.0
     status: int = 200
     requests: list[dict[str, Any]] = field(default_factory=list)
-    handle: ServerHandle | None = None
 
     async def _tokenize(self, request: Request, send: Send) -> None:
         body = await request.json()
@@ -42,21 +60,12 @@ class MockVLLM:
     async def start(self) -> MockVLLM:
         router = Router()
         router.add("POST", "/tokenize", self._tokenize)
-        self.handle = await start_server(router, timeout_graceful_shutdown=0.5)
+        await self._serve(router)
         return self
-
-    @property
-    def url(self) -> str:
-        assert self.handle is not None
-        return self.handle.url
-
-    async def stop(self) -> None:
-        if self.handle is not None:
-            await self.handle.stop(1.0)
 
 
 @dataclass
-class MockController:
+class MockController(_Served):
     """``layout``: instance_id → (location, matched tokens). ``array_shape`` picks the real wire form."""
 
     layout: dict[str, tuple[str, int]] = field(default_factory=dict)
@@ -66,7 +75,6 @@ class MockController:
     action_status: int = 200
     evict_route: bool = True
     calls: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
-    handle: ServerHandle | None = None
     release: asyncio.Event = field(default_factory=asyncio.Event)
 
     def paths(self) -> list[str]:
@@ -110,18 +118,12 @@ class MockController:
             await send_json(send, 404, {"detail": "Not Found"})
 
         router.not_found = not_found
-        self.handle = await start_server(router, timeout_graceful_shutdown=0.5)
+        await self._serve(router)
         return self
-
-    @property
-    def url(self) -> str:
-        assert self.handle is not None
-        return self.handle.url
 
     async def stop(self) -> None:
         self.release.set()
-        if self.handle is not None:
-            await self.handle.stop(1.0)
+        await super().stop()
 
 
 def dead_url() -> str:
