@@ -23,6 +23,8 @@ MARKER_TEXT="lmcache==$LMCACHE_VERSION torch==$TORCH_VERSION+cpu v1"
 
 log() { printf '[setup-lmcache] %s\n' "$*"; }
 die() { printf '[setup-lmcache] ERROR: %s\n' "$*" >&2; exit 1; }
+# shellcheck source=lib/venv.sh
+. "$ROOT/scripts/lib/venv.sh"
 
 export LMCACHE_TRACK_USAGE=false DO_NOT_TRACK=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 
@@ -53,17 +55,7 @@ if [[ "${KVGATE_LMCACHE_REINSTALL:-0}" != "1" && -f "$MARKER" && "$(cat "$MARKER
 fi
 
 start=$(date +%s)
-command -v "$PY" >/dev/null 2>&1 || die "$PY not found (set KVGATE_LMCACHE_PYTHON)"
-if [[ "${KVGATE_LMCACHE_REINSTALL:-0}" == "1" && -d "$VENV" ]]; then
-    log "removing $VENV (KVGATE_LMCACHE_REINSTALL=1)"
-    rm -rf "$VENV"
-fi
-rm -f "$MARKER"
-if [[ ! -x "$VENV/bin/python" ]]; then
-    log "creating venv $VENV with $PY"
-    mkdir -p "$(dirname "$VENV")"
-    "$PY" -m venv "$VENV"
-fi
+bootstrap_venv "$VENV" "$PY" "${KVGATE_LMCACHE_REINSTALL:-0}" "$MARKER" KVGATE_LMCACHE_PYTHON
 PIP=("$VENV/bin/python" -m pip --no-input)
 
 log "pip install --no-deps lmcache==$LMCACHE_VERSION"

@@ -31,6 +31,8 @@ BUILD_SCRIPT="$HERE/build_tiny_model.py"
 
 log() { printf '[real-setup] %s\n' "$*"; }
 die() { printf '[real-setup] ERROR: %s\n' "$*" >&2; exit 1; }
+# shellcheck source=../lib/venv.sh
+. "$ROOT/scripts/lib/venv.sh"
 
 export LMCACHE_TRACK_USAGE=false DO_NOT_TRACK=1 VLLM_NO_USAGE_STATS=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
@@ -76,18 +78,8 @@ if [[ "${KVGATE_REAL_REINSTALL:-0}" != "1" && -f "$MARKER" && "$(cat "$MARKER")"
 fi
 
 if [[ "$venv_ok" != "1" ]]; then
-    command -v "$PY" >/dev/null 2>&1 || die "$PY not found (set KVGATE_REAL_PYTHON)"
     t0=$(date +%s)
-    if [[ "${KVGATE_REAL_REINSTALL:-0}" == "1" && -d "$VENV" ]]; then
-        log "removing $VENV (KVGATE_REAL_REINSTALL=1)"
-        rm -rf "$VENV"
-    fi
-    rm -f "$MARKER"
-    if [[ ! -x "$VENV/bin/python" ]]; then
-        log "creating venv $VENV with $PY"
-        mkdir -p "$(dirname "$VENV")"
-        "$PY" -m venv "$VENV"
-    fi
+    bootstrap_venv "$VENV" "$PY" "${KVGATE_REAL_REINSTALL:-0}" "$MARKER" KVGATE_REAL_PYTHON
     PIP=("$VENV/bin/python" -m pip --no-input)
 
     log "step 1: pip install torch==$TORCH_VERSION (must resolve to the +cpu build)"
