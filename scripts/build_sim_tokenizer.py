@@ -75,9 +75,7 @@ def build(out: Path) -> None:
     for tok, rank in ranks.items():
         if len(tok) == 1:
             continue
-        local = [
-            (tok[:i], tok[i:]) for i in range(1, len(tok)) if tok[:i] in ranks and tok[i:] in ranks
-        ]
+        local = [(tok[:i], tok[i:]) for i in range(1, len(tok)) if tok[:i] in ranks and tok[i:] in ranks]
         local.sort(key=lambda p: (ranks[p[0]], ranks[p[1]]))
         merges.extend((s(a), s(b), rank) for a, b in local)
     merges.sort(key=lambda m: m[2])

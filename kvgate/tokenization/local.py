@@ -1,0 +1,175 @@
+"""In-process tokenization giving the engine's exact ids, from a local model/tokenizer directory.
+
+- ``tokenizer.json`` through Hugging Face ``tokenizers`` (never a hand-written tokenizer);
+- chat template from ``chat_template.jinja``, else ``tokenizer_config.json``'s ``chat_template`` (a string,
+  or a list of ``{name, template}`` where ``default`` is used);
+- special tokens (``bos_token``, ``eos_token``, ...) from ``tokenizer_config.json`` (string or
+  ``{"content": ...}``) passed to the template as variables.
+
+vLLM semantics: ``/v1/completions`` and ``/tokenize`` with ``prompt`` encode with ``add_special_tokens=True``
+(the tokenizer's post-processor adds BOS); chat renders the template then encodes with
+``add_special_tokens=False``.
+
+The async methods run the encode in a worker thread when the text is longer than ``thread_threshold``
+characters (``tokenizers`` releases the GIL while encoding; see docs/local-routing.md for the figures).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from tokenizers import Tokenizer
+
+from kvgate.tokenization.chat_template import ChatTemplate
+from kvgate.tokenization.errors import TokenizationError
+
+# Below this many characters an encode costs well under 0.1 ms: a thread hop would cost more than it saves.
+DEFAULT_THREAD_THRESHOLD = 4096
+_SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
+
+
+def _token_text(value: Any) -> str | None:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, Mapping) and isinstance(value.get("content"), str):
+        return str(value["content"])
+    return None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise TokenizationError(f"cannot read {path.name}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise TokenizationError(f"{path.name} must hold a JSON object")
+    return data
+
+
+def _template_source(directory: Path, config: Mapping[str, Any]) -> str | None:
+    jinja_file = directory / "chat_template.jinja"
+    if jinja_file.is_file():
+        return jinja_file.read_text(encoding="utf-8")
+    tmpl = config.get("chat_template")
+    if isinstance(tmpl, str):
+        return tmpl
+    if isinstance(tmpl, list):
+        for entry in tmpl:
+            if isinstance(entry, Mapping) and entry.get("name") == "default" and isinstance(entry.get("template"), str):
+                return str(entry["template"])
+    return None
+
+
+class LocalTokenizer:
+    """Thread-safe: ``tokenizers.Tokenizer.encode`` and jinja rendering hold no shared mutable state."""
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        chat_template: ChatTemplate | None,
+        *,
+        name: str = "local",
+        thread_threshold: int = DEFAULT_THREAD_THRESHOLD,
+    ) -> None:
+        self._tok = tokenizer
+        self.chat_template = chat_template
+        self.name = name
+        self.thread_threshold = thread_threshold
+
+    @classmethod
+    def from_dir(cls, directory: str | Path, *, thread_threshold: int = DEFAULT_THREAD_THRESHOLD) -> LocalTokenizer:
+        d = Path(directory)
+        tok_file = d / "tokenizer.json"
+        if not tok_file.is_file():
+            raise TokenizationError(f"no tokenizer.json in the tokenizer directory {d.name!r}")
+        try:
+            tok = Tokenizer.from_file(str(tok_file))
+        except Exception as exc:  # the Rust loader raises plain Exception
+            raise TokenizationError(f"cannot load tokenizer.json: {exc}") from exc
+        cfg_file = d / "tokenizer_config.json"
+        config = _read_json(cfg_file) if cfg_file.is_file() else {}
+        specials = {k: v for k in _SPECIAL_KEYS if (v := _token_text(config.get(k))) is not None}
+        source = _template_source(d, config)
+        template = ChatTemplate(source, specials) if source is not None else None
+        return cls(tok, template, name=d.name, thread_threshold=thread_threshold)
+
+    # --- synchronous API ---
+
+    def encode_prompt(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        if not isinstance(text, str):
+            raise TokenizationError("prompt must be a string")
+        return list(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
+
+    def render_chat(
+        self,
+        messages: Any,
+        *,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        tools: Sequence[Any] | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> str:
+        if self.chat_template is None:
+            raise TokenizationError("the tokenizer directory has no chat template")
+        return self.chat_template.render(
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+            tools=tools,
+            extra=extra,
+        )
+
+    def encode_chat(
+        self,
+        messages: Any,
+        *,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        tools: Sequence[Any] | None = None,
+        add_special_tokens: bool = False,
+        extra: Mapping[str, Any] | None = None,
+    ) -> list[int]:
+        text = self.render_chat(
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+            tools=tools,
+            extra=extra,
+        )
+        return self.encode_prompt(text, add_special_tokens=add_special_tokens)
+
+    # --- asyncio API: long texts are encoded on a worker thread so the event loop keeps serving ---
+
+    async def _encode_async(self, text: str, add_special_tokens: bool) -> list[int]:
+        if len(text) <= self.thread_threshold:
+            return self.encode_prompt(text, add_special_tokens=add_special_tokens)
+        return await asyncio.to_thread(self.encode_prompt, text, add_special_tokens=add_special_tokens)
+
+    async def aencode_prompt(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        if not isinstance(text, str):
+            raise TokenizationError("prompt must be a string")
+        return await self._encode_async(text, add_special_tokens)
+
+    async def aencode_chat(
+        self,
+        messages: Any,
+        *,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        tools: Sequence[Any] | None = None,
+        add_special_tokens: bool = False,
+        extra: Mapping[str, Any] | None = None,
+    ) -> list[int]:
+        # rendering is pure-Python jinja (tens of microseconds for ordinary chats): done inline
+        text = self.render_chat(
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+            tools=tools,
+            extra=extra,
+        )
+        return await self._encode_async(text, add_special_tokens)
