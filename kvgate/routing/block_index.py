@@ -1,0 +1,213 @@
+"""A pure prefix index of which instance holds which KV blocks, fed by vLLM KV-cache events.
+
+No I/O and no clock: callers apply events in order (live from the ZMQ subscriber, or replayed in virtual
+time by the simulator) and ask ``match(token_ids)``.
+
+Keying. The gateway cannot reproduce vLLM's block hashes (the algorithm and its seed are engine-side), so
+every block is keyed by the index's own chain key ``hash((parent_key, tuple(block_token_ids)))`` (CPython's
+tuple-of-int hash: 64-bit, deterministic across processes, no salt). ``BlockStored`` carries the token ids,
+so the key chain is rebuilt from them; a per-instance map ``engine_hash -> (block_size, key, medium)``
+lets ``BlockRemoved`` (hashes only) be applied. Keys are kept per block size (GPU 16 or 128 on CPU
+vLLM, LMCache chunks 256), and ``match`` walks the prompt once per block size present.
+
+Media. Every holder records the media it holds a block in ("GPU", "cpu"/"CPU", "STORAGE", None);
+``match(media=...)`` can restrict to some of them. Media names are compared case-insensitively.
+
+Bounds. ``max_blocks`` caps the number of distinct keys; stores beyond it are refused and counted
+(``stats.refused_blocks``). vLLM reports evictions as ``BlockRemoved``, so a cap above the fleet's total
+capacity is never reached in steady state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+BlockHash = int | bytes
+EngineKey = tuple[int, BlockHash]  # (block_size, engine hash): LMCache and vLLM hashes never mix
+
+
+def _medium(medium: str | None) -> str:
+    return medium.upper() if medium else "GPU"
+
+
+@dataclass(slots=True)
+class IndexStats:
+    stored_blocks: int = 0
+    removed_blocks: int = 0
+    refused_blocks: int = 0  # over max_blocks
+    orphan_events: int = 0  # BlockStored whose parent the index does not know: chain unknown
+    token_mismatch_events: int = 0  # len(token_ids) != len(block_hashes) * block_size
+    unknown_removals: int = 0  # BlockRemoved for a hash the instance never stored (or was refused)
+    clears: int = 0
+
+
+@dataclass(slots=True)
+class _Entry:
+    parent: int | None
+    holders: dict[str, set[str]] = field(default_factory=dict)  # instance -> media
+
+
+class BlockIndex:
+    def __init__(self, max_blocks: int = 2_000_000) -> None:
+        if max_blocks <= 0:
+            raise ValueError("max_blocks must be positive")
+        self.max_blocks = max_blocks
+        self.stats = IndexStats()
+        self._blocks: dict[int, dict[int, _Entry]] = {}  # block_size -> key -> entry
+        self._engine: dict[str, dict[EngineKey, tuple[int, str]]] = {}  # instance -> engine key -> (key, medium)
+        self._size = 0
+
+    # --- introspection ---
+
+    def __len__(self) -> int:
+        return self._size
+
+    @property
+    def block_sizes(self) -> list[int]:
+        return sorted(s for s, blocks in self._blocks.items() if blocks)
+
+    def instances(self) -> list[str]:
+        return sorted(i for i, m in self._engine.items() if m)
+
+    def blocks_of(self, instance: str) -> int:
+        return len(self._engine.get(instance, ()))
+
+    # --- event application ---
+
+    @staticmethod
+    def chain_keys(token_ids: Sequence[int], block_size: int, parent: int | None = None) -> list[int]:
+        """The index keys of every full block of ``token_ids`` (what ``match`` computes)."""
+        keys: list[int] = []
+        for start in range(0, len(token_ids) - block_size + 1, block_size):
+            parent = hash((parent, tuple(token_ids[start : start + block_size])))
+            keys.append(parent)
+        return keys
+
+    def apply_stored(
+        self,
+        instance: str,
+        block_hashes: Sequence[BlockHash],
+        parent_block_hash: BlockHash | None,
+        token_ids: Sequence[int],
+        block_size: int,
+        medium: str | None = None,
+    ) -> int:
+        """Index the blocks of one ``BlockStored``; returns how many were added or refreshed."""
+        if block_size <= 0 or len(token_ids) != len(block_hashes) * block_size:
+            self.stats.token_mismatch_events += 1
+            return 0
+        med = _medium(medium)
+        emap = self._engine.setdefault(instance, {})
+        parent_key: int | None = None
+        if parent_block_hash is not None:
+            known = emap.get((block_size, parent_block_hash))
+            if known is None:
+                self.stats.orphan_events += 1
+                return 0
+            parent_key = known[0]
+        blocks = self._blocks.setdefault(block_size, {})
+        keys = self.chain_keys(token_ids, block_size, parent_key)
+        done = 0
+        for engine_hash, key in zip(block_hashes, keys, strict=True):
+            entry = blocks.get(key)
+            if entry is None:
+                if self._size >= self.max_blocks:
+                    self.stats.refused_blocks += len(keys) - done
+                    return done
+                entry = blocks[key] = _Entry(parent_key)
+                self._size += 1
+            entry.holders.setdefault(instance, set()).add(med)
+            emap[(block_size, engine_hash)] = (key, med)
+            parent_key = key
+            done += 1
+        self.stats.stored_blocks += done
+        return done
+
+    def _drop_holder(self, instance: str, block_size: int, key: int, medium: str) -> None:
+        blocks = self._blocks.get(block_size)
+        entry = blocks.get(key) if blocks is not None else None
+        if entry is None or blocks is None:
+            return
+        media = entry.holders.get(instance)
+        if media is None:
+            return
+        media.discard(medium)
+        if not media:
+            del entry.holders[instance]
+            if not entry.holders:
+                del blocks[key]
+                self._size -= 1
+
+    def apply_removed(self, instance: str, block_hashes: Iterable[BlockHash], medium: str | None = None) -> int:
+        """Apply one ``BlockRemoved``. vLLM's event carries no block size: every size is tried. The medium
+        removed is the one recorded when the hash was stored (``medium`` is informational)."""
+        emap = self._engine.get(instance)
+        removed = 0
+        for engine_hash in block_hashes:
+            hit = False
+            for size in list(self._blocks):
+                rec = emap.pop((size, engine_hash), None) if emap is not None else None
+                if rec is None:
+                    continue
+                key, med = rec
+                self._drop_holder(instance, size, key, med)  # the medium recorded at store time
+                hit = True
+            if hit:
+                removed += 1
+            else:
+                self.stats.unknown_removals += 1
+        self.stats.removed_blocks += removed
+        return removed
+
+    def clear_instance(self, instance: str) -> int:
+        """``AllBlocksCleared``, an engine restart, a stale or removed instance: forget all it holds."""
+        emap = self._engine.pop(instance, None)
+        if not emap:
+            return 0
+        for (size, _engine_hash), (key, med) in emap.items():
+            self._drop_holder(instance, size, key, med)
+        self.stats.clears += 1
+        return len(emap)
+
+    # --- lookup ---
+
+    def match(
+        self, token_ids: Sequence[int], media: Iterable[str] | None = None, limit: int | None = None
+    ) -> dict[str, int]:
+        """Each instance's longest held prefix of ``token_ids`` in tokens (instances matching 0 are absent).
+
+        ``media`` restricts to blocks held in those media; ``limit`` caps the tokens considered (e.g. the
+        prompt length minus one, as vLLM recomputes the last token).
+        """
+        want = {_medium(m) for m in media} if media is not None else None
+        n = len(token_ids) if limit is None else min(limit, len(token_ids))
+        best: dict[str, int] = {}
+        for size, blocks in self._blocks.items():
+            if not blocks or n < size:
+                continue
+            active: set[str] | None = None
+            parent: int | None = None
+            matched = 0
+            for start in range(0, n - size + 1, size):
+                parent = hash((parent, tuple(token_ids[start : start + size])))
+                entry = blocks.get(parent)
+                if entry is None:
+                    break
+                holders = (
+                    entry.holders.keys()
+                    if want is None
+                    else {i for i, m in entry.holders.items() if not want.isdisjoint(m)}
+                )
+                if active is None:
+                    active = set(holders)
+                else:
+                    for gone in active.difference(holders):
+                        best[gone] = max(best.get(gone, 0), matched)
+                    active.intersection_update(holders)
+                if not active:
+                    break
+                matched = start + size
+            for inst in active or ():
+                best[inst] = max(best.get(inst, 0), matched)
+        return {i: t for i, t in best.items() if t > 0}
