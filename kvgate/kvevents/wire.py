@@ -2,8 +2,9 @@
 
 A ZMQ multipart message ``[topic, seq (8 bytes, unsigned big-endian), payload (msgpack)]``. The payload is
 a ``KVEventBatch`` encoded as an array ``[ts, events, data_parallel_rank]``; each event is a tagged map
-(msgspec ``tag=True``; vLLM omits defaulted optional fields, this encoder writes all fields): ``{"type": "BlockStored", "block_hashes": [...],
-"parent_block_hash": ..., "token_ids": [...], "block_size": 16, "lora_id": null, "medium": "GPU",
+(msgspec ``tag=True``; vLLM omits defaulted optional fields, this encoder writes all fields):
+``{"type": "BlockStored", "block_hashes": [...], "parent_block_hash": ..., "token_ids": [...],
+"block_size": 16, "lora_id": null, "medium": "GPU",
 "lora_name": null, ...optional extra_keys, group_idx, locality...}``, ``{"type": "BlockRemoved",
 "block_hashes": [...], "medium": ...}``, ``{"type": "AllBlocksCleared"}``.
 
