@@ -1,0 +1,142 @@
+"""The pure block prefix index: keying by own chain hash, removal through engine hashes, media, bounds."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvgate.routing.block_index import BlockIndex
+
+BS = 4
+
+
+def toks(n: int, start: int = 0) -> list[int]:
+    return list(range(start, start + n))
+
+
+def store(
+    idx: BlockIndex,
+    inst: str,
+    ids: list[int],
+    hashes: list[int],
+    parent: int | None = None,
+    bs: int = BS,
+    medium: str | None = "GPU",
+) -> int:
+    return idx.apply_stored(inst, hashes, parent, ids, bs, medium)
+
+
+def test_longest_prefix_per_instance() -> None:
+    idx = BlockIndex()
+    prompt = toks(20)
+    store(idx, "a", prompt[:16], [1, 2, 3, 4])
+    store(idx, "b", prompt[:8], [11, 12])
+    assert idx.match(prompt) == {"a": 16, "b": 8}
+    # a different first block matches nothing even though later tokens are equal
+    assert idx.match([999, *prompt[1:]]) == {}
+    # partial trailing block never counts
+    assert idx.match(prompt[:7]) == {"a": 4, "b": 4}
+    assert idx.match(prompt, limit=19) == {"a": 16, "b": 8}
+    assert idx.match(prompt, limit=15) == {"a": 12, "b": 8}
+
+
+def test_engine_hashes_are_not_trusted_for_keys() -> None:
+    # two engines with different vLLM hashes (different seeds) for the same tokens share the index key
+    idx = BlockIndex()
+    store(idx, "a", toks(8), [1, 2])
+    store(idx, "b", toks(8), [777, 888])
+    assert len(idx) == 2
+    assert idx.match(toks(8)) == {"a": 8, "b": 8}
+
+
+def test_parent_chain_continues_across_events() -> None:
+    idx = BlockIndex()
+    store(idx, "a", toks(4), [1])
+    store(idx, "a", toks(4, 4), [2], parent=1)
+    assert idx.match(toks(12)) == {"a": 8}
+    # an unknown parent makes the chain unknown: refused and counted
+    assert store(idx, "a", toks(4, 8), [3], parent=42) == 0
+    assert idx.stats.orphan_events == 1
+
+
+def test_removed_uses_engine_hash_map_and_keeps_other_holders() -> None:
+    idx = BlockIndex()
+    store(idx, "a", toks(8), [1, 2])
+    store(idx, "b", toks(8), [5, 6])
+    assert idx.apply_removed("a", [2]) == 1
+    assert idx.match(toks(8)) == {"a": 4, "b": 8}
+    assert idx.apply_removed("b", [5, 6]) == 2
+    assert idx.match(toks(8)) == {"a": 4}
+    assert len(idx) == 1
+    assert idx.apply_removed("a", [99]) == 0
+    assert idx.stats.unknown_removals == 1
+
+
+def test_hole_in_the_middle_ends_the_prefix() -> None:
+    idx = BlockIndex()
+    store(idx, "a", toks(12), [1, 2, 3])
+    idx.apply_removed("a", [2])
+    assert idx.match(toks(12)) == {"a": 4}
+
+
+def test_media_are_per_block_attributes() -> None:
+    idx = BlockIndex()
+    store(idx, "a", toks(8), [1, 2], medium="GPU")
+    store(idx, "b", toks(16), [9], bs=16, medium="cpu")  # LMCache chunk, lower-case medium
+    assert idx.block_sizes == [BS, 16]
+    assert idx.match(toks(16)) == {"a": 8, "b": 16}
+    assert idx.match(toks(16), media=["GPU"]) == {"a": 8}
+    assert idx.match(toks(16), media=["CPU"]) == {"b": 16}
+    # removing the CPU chunk leaves the GPU blocks
+    idx.apply_removed("b", [9], "cpu")
+    assert idx.match(toks(16)) == {"a": 8}
+
+
+def test_same_block_in_two_media_of_one_instance() -> None:
+    idx = BlockIndex()
+    store(idx, "a", toks(4), [1], medium="GPU")
+    store(idx, "a", toks(4), [100], medium="CPU")
+    idx.apply_removed("a", [1])
+    assert idx.match(toks(4), media=["CPU"]) == {"a": 4}
+    assert idx.match(toks(4), media=["GPU"]) == {}
+
+
+def test_clear_and_instance_removal() -> None:
+    idx = BlockIndex()
+    store(idx, "a", toks(8), [1, 2])
+    store(idx, "b", toks(8), [3, 4])
+    assert idx.clear_instance("a") == 2
+    assert idx.match(toks(8)) == {"b": 8}
+    assert idx.instances() == ["b"]
+    idx.clear_instance("b")
+    assert len(idx) == 0
+    assert idx.match(toks(8)) == {}
+    # after a clear the same engine hashes can be stored again (engine restart)
+    store(idx, "a", toks(8), [1, 2])
+    assert idx.match(toks(8)) == {"a": 8}
+
+
+def test_token_count_mismatch_is_refused() -> None:
+    idx = BlockIndex()
+    # e.g. LMCache's 257 token ids for one 256-token chunk
+    assert idx.apply_stored("a", [1], None, toks(BS + 1), BS, "cpu") == 0
+    assert idx.stats.token_mismatch_events == 1
+    assert len(idx) == 0
+
+
+def test_cap_refuses_and_counts() -> None:
+    idx = BlockIndex(max_blocks=3)
+    assert store(idx, "a", toks(20), [1, 2, 3, 4, 5]) == 3
+    assert idx.stats.refused_blocks == 2
+    assert len(idx) == 3
+    assert idx.match(toks(20)) == {"a": 12}
+    # a held block can still gain holders at the cap
+    assert store(idx, "b", toks(4), [7]) == 1
+    with pytest.raises(ValueError):
+        BlockIndex(max_blocks=0)
+
+
+def test_chain_keys_match_what_match_walks() -> None:
+    keys = BlockIndex.chain_keys(toks(9), BS)
+    assert len(keys) == 2
+    assert keys != BlockIndex.chain_keys(toks(9, 1), BS)
+    assert BlockIndex.chain_keys(toks(8), BS)[:1] == keys[:1]
