@@ -7,7 +7,8 @@ Measures, in one process, p50/p99 of:
   plus LMCache-like 256-token CPU chunks);
 - ``step``: render + encode + match, each iteration a different chat (the last user turn changes, so no
   layer caches the whole prompt);
-and whether ``tokenizers`` releases the GIL while encoding (progress of a pure-Python counter thread).
+and whether the encoder releases the GIL (progress of a pure-Python counter thread). Both engines are
+measured: ``tokenizers`` alone (``fast=False``) and the default (tiktoken where ``fast_bpe`` proves it equal).
 
     python benchmarks/routing_step.py [--tokenizer-dir assets/tokenizers/sim-qwen2.5] [--tokens 8192] [--iters 200]
 """
@@ -89,8 +90,12 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=200)
     args = ap.parse_args()
 
+    for fast in (False, True):
+        run(LocalTokenizer.from_dir(args.tokenizer_dir, fast=fast), args)
+
+
+def run(tok: LocalTokenizer, args: argparse.Namespace) -> None:
     rng = random.Random(0)
-    tok = LocalTokenizer.from_dir(args.tokenizer_dir)
     base = chat_of(args.tokens, tok, rng, "tail")
     chats = [
         [*base[:-1], {"role": "user", "content": f"question {i}: " + " ".join(rng.choices(WORDS, k=20))}]
@@ -124,13 +129,18 @@ def main() -> None:
             f"  {name:7s} p50 {pct(xs, 0.5):7.3f} ms   p99 {pct(xs, 0.99):7.3f} ms"
             f"   mean {statistics.mean(xs) * 1e3:7.3f} ms"
         )
-    raw = tok._tok
     text = texts[0]
-    print(
-        f"  GIL: a Python thread keeps {gil_share(lambda: raw.encode(text, add_special_tokens=False)):.0%} of its "
-        f"idle progress during encode(), {gil_share(lambda: raw.encode_batch([text], add_special_tokens=False)):.0%} "
-        "during encode_batch()"
-    )
+    if tok.engine == "tokenizers":
+        raw = tok._tok
+        enc = gil_share(lambda: raw.encode(text, add_special_tokens=False))
+        batch = gil_share(lambda: raw.encode_batch([text], add_special_tokens=False))
+        print(
+            f"  GIL: a Python thread keeps {enc:.0%} of its idle progress during encode(), {batch:.0%} during "
+            "encode_batch()"
+        )
+    else:
+        share = gil_share(lambda: tok.encode_prompt(text, add_special_tokens=False))
+        print(f"  GIL: a Python thread keeps {share:.0%} of its idle progress during the tiktoken encode")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ capacity is never reached in steady state.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Sequence, Set
 from dataclasses import dataclass, field
 
 BlockHash = int | bytes
@@ -194,14 +194,13 @@ class BlockIndex:
                 entry = blocks.get(parent)
                 if entry is None:
                     break
-                holders = (
-                    entry.holders.keys()
-                    if want is None
-                    else {i for i, m in entry.holders.items() if not want.isdisjoint(m)}
-                )
+                if want is None:
+                    holders: Set[str] = entry.holders.keys()
+                else:
+                    holders = {i for i, m in entry.holders.items() if not want.isdisjoint(m)}
                 if active is None:
                     active = set(holders)
-                else:
+                elif not holders >= active:  # the common case (same holders as the previous block) costs no set
                     for gone in active.difference(holders):
                         best[gone] = max(best.get(gone, 0), matched)
                     active.intersection_update(holders)

@@ -1,6 +1,7 @@
 """In-process tokenization giving the engine's exact ids, from a local model/tokenizer directory.
 
-- ``tokenizer.json`` through Hugging Face ``tokenizers`` (never a hand-written tokenizer);
+- ``tokenizer.json`` through Hugging Face ``tokenizers`` (never a hand-written tokenizer), or through
+  ``tiktoken`` when ``fast_bpe`` proves it gives the same ids (about 10x faster on long prompts);
 - chat template from ``chat_template.jinja``, else ``tokenizer_config.json``'s ``chat_template`` (a string,
   or a list of ``{name, template}`` where ``default`` is used);
 - special tokens (``bos_token``, ``eos_token``, ...) from ``tokenizer_config.json`` (string or
@@ -27,6 +28,7 @@ from tokenizers import Tokenizer
 
 from kvgate.tokenization.chat_template import ChatTemplate
 from kvgate.tokenization.errors import TokenizationError
+from kvgate.tokenization.fast_bpe import FastBPE
 
 # Below this many characters an encode costs well under 0.1 ms: a thread hop would cost more than it saves.
 DEFAULT_THREAD_THRESHOLD = 4096
@@ -75,14 +77,25 @@ class LocalTokenizer:
         *,
         name: str = "local",
         thread_threshold: int = DEFAULT_THREAD_THRESHOLD,
+        fast: FastBPE | None = None,
+        fast_reason: str = "not requested",
     ) -> None:
         self._tok = tokenizer
         self.chat_template = chat_template
         self.name = name
         self.thread_threshold = thread_threshold
+        self._fast = fast
+        self.fast_reason = fast_reason  # "ok" when the tiktoken engine is in use, else why not
+
+    @property
+    def engine(self) -> str:
+        return "tiktoken" if self._fast is not None else "tokenizers"
 
     @classmethod
-    def from_dir(cls, directory: str | Path, *, thread_threshold: int = DEFAULT_THREAD_THRESHOLD) -> LocalTokenizer:
+    def from_dir(
+        cls, directory: str | Path, *, thread_threshold: int = DEFAULT_THREAD_THRESHOLD, fast: bool = True
+    ) -> LocalTokenizer:
+        """Load a directory; ``fast`` tries the tiktoken engine (used only where proven equivalent)."""
         d = Path(directory)
         tok_file = d / "tokenizer.json"
         if not tok_file.is_file():
@@ -91,18 +104,21 @@ class LocalTokenizer:
             tok = Tokenizer.from_file(str(tok_file))
         except Exception as exc:  # the Rust loader raises plain Exception
             raise TokenizationError(f"cannot load tokenizer.json: {exc}") from exc
+        engine, reason = FastBPE.build(_read_json(tok_file), tok) if fast else (None, "not requested")
         cfg_file = d / "tokenizer_config.json"
         config = _read_json(cfg_file) if cfg_file.is_file() else {}
         specials = {k: v for k in _SPECIAL_KEYS if (v := _token_text(config.get(k))) is not None}
         source = _template_source(d, config)
         template = ChatTemplate(source, specials) if source is not None else None
-        return cls(tok, template, name=d.name, thread_threshold=thread_threshold)
+        return cls(tok, template, name=d.name, thread_threshold=thread_threshold, fast=engine, fast_reason=reason)
 
     # --- synchronous API ---
 
     def encode_prompt(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         if not isinstance(text, str):
             raise TokenizationError("prompt must be a string")
+        if self._fast is not None:
+            return self._fast.encode(text, add_special_tokens)
         return list(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
 
     def render_chat(
@@ -151,6 +167,8 @@ class LocalTokenizer:
         return await asyncio.to_thread(self._encode_nogil, text, add_special_tokens)
 
     def _encode_nogil(self, text: str, add_special_tokens: bool) -> list[int]:
+        if self._fast is not None:  # tiktoken releases the GIL while encoding
+            return self._fast.encode(text, add_special_tokens)
         return list(self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids)
 
     async def aencode_prompt(self, text: str, *, add_special_tokens: bool = True) -> list[int]:

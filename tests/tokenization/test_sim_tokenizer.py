@@ -43,9 +43,11 @@ def _random_corpus(n: int) -> list[str]:
     return out
 
 
-@pytest.fixture(scope="module")
-def local() -> LocalTokenizer:
-    return LocalTokenizer.from_dir(ASSET)
+@pytest.fixture(scope="module", params=[True, False], ids=["tiktoken-engine", "tokenizers-engine"])
+def local(request: pytest.FixtureRequest) -> LocalTokenizer:
+    tok = LocalTokenizer.from_dir(ASSET, fast=request.param)
+    assert tok.engine == ("tiktoken" if request.param else "tokenizers"), tok.fast_reason
+    return tok
 
 
 def test_asset_files_present_and_reasonably_small() -> None:
