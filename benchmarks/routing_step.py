@@ -5,8 +5,10 @@ Measures, in one process, p50/p99 of:
 - ``encode``: Hugging Face ``tokenizers`` on the rendered text (add_special_tokens=False);
 - ``match``: ``BlockIndex.match`` on the ids (4 instances holding prefixes of varied length, GPU block 16,
   plus LMCache-like 256-token CPU chunks);
-- ``step``: render + encode + match, each iteration a different chat (the last user turn changes, so no
-  layer caches the whole prompt);
+- ``step miss``: render + encode + match of a chat seen for the first time (the message-segment cache is
+  cleared before every iteration: a token-cache miss with nothing reusable);
+- ``step turn``: the same for the next turn of a known conversation (only the last user turn is new; the
+  earlier messages hit the segment cache);
 and whether the encoder releases the GIL (progress of a pure-Python counter thread). Both engines are
 measured: ``tokenizers`` alone (``fast=False``) and the default (tiktoken where ``fast_bpe`` proves it equal).
 
@@ -118,15 +120,31 @@ def run(tok: LocalTokenizer, args: argparse.Namespace) -> None:
     encode = timeit(lambda i: tok.encode_prompt(texts[i], add_special_tokens=False), args.iters)
     ids = [tok.encode_prompt(t, add_special_tokens=False) for t in texts]
     match = timeit(lambda i: index.match(ids[i]), args.iters)
-    step = timeit(lambda i: index.match(tok.encode_chat(chats[i])), args.iters)
 
+    def miss(i: int) -> float:
+        if tok.segments is not None:
+            tok.segments.clear()
+        t0 = time.perf_counter()
+        index.match(tok.encode_chat(chats[i]))
+        return time.perf_counter() - t0
+
+    step_miss = [miss(i) for i in range(args.iters)]
+    step_turn = timeit(lambda i: index.match(tok.encode_chat(chats[i])), args.iters)
+
+    print(f"[engine {tok.engine}; tiktoken path: {tok.fast_reason}; segment reuse: {tok.segments is not None}]")
     print(
         f"tokenizer {args.tokenizer_dir.name}: chat of {len(ids0)} tokens, {len(texts[0])} chars, "
         f"{len(base)} messages; index {len(index)} blocks, sizes {index.block_sizes}; result {index.match(ids0)}"
     )
-    for name, xs in (("render", render), ("encode", encode), ("match", match), ("step", step)):
+    for name, xs in (
+        ("render", render),
+        ("encode", encode),
+        ("match", match),
+        ("step miss", step_miss),
+        ("step turn", step_turn),
+    ):
         print(
-            f"  {name:7s} p50 {pct(xs, 0.5):7.3f} ms   p99 {pct(xs, 0.99):7.3f} ms"
+            f"  {name:9s} p50 {pct(xs, 0.5):7.3f} ms   p99 {pct(xs, 0.99):7.3f} ms"
             f"   mean {statistics.mean(xs) * 1e3:7.3f} ms"
         )
     text = texts[0]

@@ -24,11 +24,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from tokenizers import Tokenizer
+from tokenizers import Tokenizer, normalizers
 
 from kvgate.tokenization.chat_template import ChatTemplate
 from kvgate.tokenization.errors import TokenizationError
 from kvgate.tokenization.fast_bpe import FastBPE
+from kvgate.tokenization.segments import SegmentEncoder
 
 # Below this many characters an encode costs well under 0.1 ms: a thread hop would cost more than it saves.
 DEFAULT_THREAD_THRESHOLD = 4096
@@ -86,6 +87,21 @@ class LocalTokenizer:
         self.thread_threshold = thread_threshold
         self._fast = fast
         self.fast_reason = fast_reason  # "ok" when the tiktoken engine is in use, else why not
+        self.segments = self._segment_encoder(tokenizer)
+
+    def _segment_encoder(self, tok: Tokenizer) -> SegmentEncoder | None:
+        """Message-level reuse when piecewise encoding is provably identical (see segments.py)."""
+        added = tok.get_added_tokens_decoder()
+        if any(a.lstrip or a.rstrip or a.single_word for a in added.values()):
+            return None
+        nfc = isinstance(tok.normalizer, normalizers.NFC)
+        if any(a.normalized for a in added.values()) and tok.normalizer is not None and not nfc:
+            return None
+        return SegmentEncoder(
+            {a.content: i for i, a in added.items()},
+            lambda piece: self.encode_prompt(piece, add_special_tokens=False),
+            nfc=nfc,
+        )
 
     @property
     def engine(self) -> str:
@@ -157,6 +173,8 @@ class LocalTokenizer:
             tools=tools,
             extra=extra,
         )
+        if self.segments is not None and not add_special_tokens:
+            return self.segments.encode(text)
         return self.encode_prompt(text, add_special_tokens=add_special_tokens)
 
     # --- asyncio API: long texts are encoded on a worker thread so the event loop keeps serving ---
@@ -194,4 +212,8 @@ class LocalTokenizer:
             tools=tools,
             extra=extra,
         )
+        if self.segments is not None and not add_special_tokens:
+            if len(text) <= self.thread_threshold:
+                return self.segments.encode(text)
+            return await asyncio.to_thread(self.segments.encode, text)
         return await self._encode_async(text, add_special_tokens)

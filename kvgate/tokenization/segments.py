@@ -1,0 +1,109 @@
+"""Message-level reuse for chats: encode the rendered prompt piece by piece between added tokens, with an LRU.
+
+Both engines split a text at added tokens (``<|im_start|>``, ``<|im_end|>``...) before anything else and then
+normalise, pre-tokenise and BPE every piece on its own, so ``encode(text) == concat(encode(piece) or
+[added id])`` exactly when:
+
+- no added token strips whitespace around it (``lstrip``/``rstrip``) or requires word boundaries;
+- no special tokens are added (chat prompts use ``add_special_tokens=False``);
+- with an NFC normaliser, the text is already NFC (then every piece between ASCII added tokens is too; an
+  un-normalised text is encoded whole).
+
+A multi-turn chat then re-encodes only its new messages: the earlier pieces hit the cache.
+``tests/tokenization/test_segments.py`` checks equality against whole-text encoding.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import unicodedata
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+
+Encode = Callable[[str], list[int]]
+
+
+class SegmentEncoder:
+    def __init__(self, added: Mapping[str, int], encode: Encode, *, nfc: bool, max_entries: int = 8192) -> None:
+        self._added = dict(added)
+        ordered = sorted(self._added, key=len, reverse=True)  # longest first: leftmost-longest like both engines
+        self._split = re.compile("|".join(re.escape(t) for t in ordered)) if ordered else None
+        self._encode = encode
+        self._nfc = nfc
+        self._cache: OrderedDict[str, list[int]] = OrderedDict()
+        self._lock = threading.Lock()  # the async API encodes long prompts on worker threads
+        self.max_entries = max_entries
+        self.hits = 0
+        self.misses = 0
+
+    def _piece(self, piece: str) -> list[int]:
+        with self._lock:
+            ids = self._cache.get(piece)
+            if ids is not None:
+                self._cache.move_to_end(piece)
+                self.hits += 1
+                return ids
+            self.misses += 1
+        ids = self._encode(piece)
+        with self._lock:
+            self._cache[piece] = ids
+            if len(self._cache) > self.max_entries:
+                self._cache.popitem(last=False)
+        return ids
+
+    def clear(self) -> None:
+        with self._lock:
+            self._cache.clear()
+
+    def encode(self, text: str) -> list[int]:
+        if self._split is None or (self._nfc and not unicodedata.is_normalized("NFC", text)):
+            return self._encode(text)
+        parts: list[str | int] = []  # text pieces and added-token ids, in order
+        pos = 0
+        for m in self._split.finditer(text):
+            if m.start() > pos:
+                parts.append(text[pos : m.start()])
+            parts.append(self._added[m.group()])
+            pos = m.end()
+        if pos < len(text):
+            parts.append(text[pos:])
+        with self._lock:
+            missing = sum(len(p) for p in parts if isinstance(p, str) and p not in self._cache)
+        if missing * 2 > len(text):
+            return self._encode_whole(text, parts)
+        out: list[int] = []
+        for p in parts:
+            if isinstance(p, int):
+                out.append(p)
+            else:
+                out += self._piece(p)
+        return out
+
+    def _encode_whole(self, text: str, parts: list[str | int]) -> list[int]:
+        """Mostly new text: one encode call (cheaper than many), then cache its pieces by cutting the ids at
+        the added-token ids (a piece cannot yield an added token's id: its text would have been split off)."""
+        ids = self._encode(text)
+        self.misses += 1
+        found: list[tuple[str, list[int]]] = []
+        pos = 0
+        piece: str | None = None
+        for p in parts:
+            if isinstance(p, str):
+                piece = p
+                continue
+            try:
+                j = ids.index(p, pos)
+            except ValueError:
+                return ids  # not the expected layout: keep the ids, cache nothing
+            if piece is not None:
+                found.append((piece, ids[pos:j]))
+            piece, pos = None, j + 1
+        if piece is not None:
+            found.append((piece, ids[pos:]))
+        with self._lock:
+            for key, value in found:
+                self._cache[key] = value
+            while len(self._cache) > self.max_entries:
+                self._cache.popitem(last=False)
+        return ids

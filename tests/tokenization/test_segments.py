@@ -1,0 +1,73 @@
+"""Message-level reuse: piecewise encoding between added tokens equals whole-text encoding."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers
+
+from kvgate.tokenization import LocalTokenizer
+
+ASSET = Path(__file__).resolve().parents[2] / "assets" / "tokenizers" / "sim-qwen2.5"
+PIECES = ["hello", " world", "\n\n", "  ", "e\u0301", "é", "<|im_end|>", "<|im_start|>", "🙂", "x=1;", "\t", "ｶﾀｶﾅ"]
+
+
+def random_chat(rng: random.Random) -> list[dict[str, Any]]:
+    roles = ["system", "user", "assistant", "user"]
+    return [
+        {"role": rng.choice(roles), "content": "".join(rng.choices(PIECES, k=rng.randint(0, 30)))}
+        for _ in range(rng.randint(1, 6))
+    ]
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["tiktoken-engine", "tokenizers-engine"])
+def test_segmented_chat_ids_equal_whole_text_ids(fast: bool) -> None:
+    tok = LocalTokenizer.from_dir(ASSET, fast=fast)
+    assert tok.segments is not None
+    rng = random.Random(3)
+    for _ in range(200):
+        chat = random_chat(rng)
+        # first sight (whole-text encode, cut into cached pieces), then the next turn (pieces reused)
+        turn = [{"role": "user", "content": "".join(rng.choices(PIECES, k=rng.randint(0, 3)))}]
+        for msgs in (chat, [*chat, *turn], [*chat, *random_chat(rng)]):
+            text = tok.render_chat(msgs)
+            assert tok.encode_chat(msgs) == tok.encode_prompt(text, add_special_tokens=False), msgs
+    assert tok.segments.hits > 100
+
+
+def test_next_turn_reuses_earlier_messages() -> None:
+    tok = LocalTokenizer.from_dir(ASSET)
+    assert tok.segments is not None
+    chat = [{"role": "system", "content": "long system prompt " * 200}, {"role": "user", "content": "first"}]
+    tok.encode_chat(chat)
+    misses = tok.segments.misses
+    chat += [{"role": "assistant", "content": "answer"}, {"role": "user", "content": "second"}]
+    ids = tok.encode_chat(chat)
+    assert ids == tok.encode_prompt(tok.render_chat(chat), add_special_tokens=False)
+    # only the two new message bodies (+ the generation prompt's "assistant\n" is already cached) are encoded
+    assert tok.segments.misses - misses == 2
+
+
+def test_stripping_added_tokens_disable_reuse(tmp_path: Path) -> None:
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens([AddedToken("<s>", lstrip=True)])
+    tok.save(str(tmp_path / "tokenizer.json"))
+    assert LocalTokenizer.from_dir(tmp_path).segments is None
+
+
+def test_normalized_added_tokens_with_other_normalizers_disable_reuse(tmp_path: Path) -> None:
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.add_tokens([AddedToken("<x>", normalized=True)])
+    tok.save(str(tmp_path / "tokenizer.json"))
+    assert LocalTokenizer.from_dir(tmp_path).segments is None
+
+
+async def test_async_chat_uses_the_same_segments() -> None:
+    tok = LocalTokenizer.from_dir(ASSET, thread_threshold=50)
+    chat = [{"role": "user", "content": "words " * 100}]
+    assert await tok.aencode_chat(chat) == tok.encode_prompt(tok.render_chat(chat), add_special_tokens=False)
