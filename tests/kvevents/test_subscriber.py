@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import pytest
 import zmq
@@ -32,15 +32,6 @@ def stored(hashes: list[int], tokens: list[int], parent: int | None = None, medi
 
 def batch(*events: BlockStored | BlockRemoved | AllBlocksCleared) -> KVEventBatch:
     return KVEventBatch(ts=1.0, events=list(events))
-
-
-async def until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not cond():
-        if loop.time() > end:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.01)
 
 
 @pytest.fixture
