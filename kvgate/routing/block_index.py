@@ -15,7 +15,12 @@ Media. Every holder records the media it holds a block in ("GPU", "cpu"/"CPU", "
 
 Bounds. ``max_blocks`` caps the number of distinct keys; stores beyond it are refused and counted
 (``stats.refused_blocks``). vLLM reports evictions as ``BlockRemoved``, so a cap above the fleet's total
-capacity is never reached in steady state.
+capacity is never reached in steady state. ``max_block_sizes`` caps the distinct block sizes (``match`` walks
+the prompt once per size): a partial LMCache chunk of an odd length would otherwise open a new size.
+
+LMCache 0.5.6 quirk: its CPU-tier ``BlockStored`` carries ``token_ids[start:end + 1]`` (``lmcache.utils.
+convert_tokens_to_list``), i.e. one extra trailing token, the first of the next chunk, on every chunk but a
+prompt's last. Exactly one surplus trailing token is therefore dropped (``stats.trimmed_events``).
 """
 
 from __future__ import annotations
@@ -37,7 +42,9 @@ class IndexStats:
     removed_blocks: int = 0
     refused_blocks: int = 0  # over max_blocks
     orphan_events: int = 0  # BlockStored whose parent the index does not know: chain unknown
-    token_mismatch_events: int = 0  # len(token_ids) != len(block_hashes) * block_size
+    token_mismatch_events: int = 0  # len(token_ids) != len(block_hashes) * block_size (after the trim below)
+    trimmed_events: int = 0  # one surplus trailing token dropped (LMCache's off-by-one)
+    refused_sizes: int = 0  # events of a new block size beyond max_block_sizes
     unknown_removals: int = 0  # BlockRemoved for a hash the instance never stored (or was refused)
     clears: int = 0
 
@@ -49,10 +56,11 @@ class _Entry:
 
 
 class BlockIndex:
-    def __init__(self, max_blocks: int = 2_000_000) -> None:
-        if max_blocks <= 0:
-            raise ValueError("max_blocks must be positive")
+    def __init__(self, max_blocks: int = 2_000_000, max_block_sizes: int = 4) -> None:
+        if max_blocks <= 0 or max_block_sizes <= 0:
+            raise ValueError("max_blocks and max_block_sizes must be positive")
         self.max_blocks = max_blocks
+        self.max_block_sizes = max_block_sizes
         self.stats = IndexStats()
         self._blocks: dict[int, dict[int, _Entry]] = {}  # block_size -> key -> entry
         self._engine: dict[str, dict[EngineKey, tuple[int, str]]] = {}  # instance -> engine key -> (key, medium)
@@ -94,8 +102,15 @@ class BlockIndex:
         medium: str | None = None,
     ) -> int:
         """Index the blocks of one ``BlockStored``; returns how many were added or refreshed."""
-        if block_size <= 0 or len(token_ids) != len(block_hashes) * block_size:
+        expected = len(block_hashes) * block_size
+        if block_size > 0 and len(token_ids) == expected + 1:
+            token_ids = token_ids[:expected]
+            self.stats.trimmed_events += 1
+        if block_size <= 0 or len(token_ids) != expected:
             self.stats.token_mismatch_events += 1
+            return 0
+        if block_size not in self._blocks and len(self._blocks) >= self.max_block_sizes:
+            self.stats.refused_sizes += 1
             return 0
         med = _medium(medium)
         emap = self._engine.setdefault(instance, {})
@@ -138,6 +153,8 @@ class BlockIndex:
             if not entry.holders:
                 del blocks[key]
                 self._size -= 1
+                if not blocks:
+                    del self._blocks[block_size]
 
     def apply_removed(self, instance: str, block_hashes: Iterable[BlockHash], medium: str | None = None) -> int:
         """Apply one ``BlockRemoved``. vLLM's event carries no block size: every size is tried. The medium

@@ -117,10 +117,32 @@ def test_clear_and_instance_removal() -> None:
 
 def test_token_count_mismatch_is_refused() -> None:
     idx = BlockIndex()
-    # e.g. LMCache's 257 token ids for one 256-token chunk
-    assert idx.apply_stored("a", [1], None, toks(BS + 1), BS, "cpu") == 0
-    assert idx.stats.token_mismatch_events == 1
+    assert idx.apply_stored("a", [1], None, toks(BS + 2), BS, "cpu") == 0
+    assert idx.apply_stored("a", [1, 2], None, toks(BS), BS, "cpu") == 0
+    assert idx.stats.token_mismatch_events == 2
     assert len(idx) == 0
+
+
+def test_lmcache_one_extra_trailing_token_is_trimmed() -> None:
+    # LMCache 0.5.6 sends token_ids[start:end + 1]: each chunk but the last carries the next chunk's first token
+    idx = BlockIndex()
+    prompt = toks(3 * BS)
+    assert idx.apply_stored("a", [1], None, prompt[: BS + 1], BS, "cpu") == 1
+    assert idx.apply_stored("a", [2], 1, prompt[BS : 2 * BS + 1], BS, "cpu") == 1
+    assert idx.apply_stored("a", [3], 2, prompt[2 * BS :], BS, "cpu") == 1
+    assert idx.stats.trimmed_events == 2
+    assert idx.match(prompt) == {"a": 3 * BS}
+
+
+def test_block_sizes_are_bounded() -> None:
+    idx = BlockIndex(max_block_sizes=2)
+    assert idx.apply_stored("a", [1], None, toks(4), 4) == 1
+    assert idx.apply_stored("a", [2], None, toks(8), 8) == 1
+    assert idx.apply_stored("a", [3], None, toks(5), 5) == 0  # e.g. a partial chunk of odd length
+    assert idx.stats.refused_sizes == 1
+    assert idx.block_sizes == [4, 8]
+    idx.clear_instance("a")  # emptied sizes free their slot
+    assert idx.apply_stored("a", [3], None, toks(5), 5) == 1
 
 
 def test_cap_refuses_and_counts() -> None:
