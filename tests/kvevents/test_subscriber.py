@@ -27,7 +27,9 @@ TOKENS = list(range(100, 116))  # 4 blocks
 
 
 def stored(hashes: list[int], tokens: list[int], parent: int | None = None, medium: str = "GPU") -> BlockStored:
-    return BlockStored(block_hashes=hashes, parent_block_hash=parent, token_ids=tokens, block_size=BS, medium=medium)
+    return BlockStored(
+        block_hashes=list[int | bytes](hashes), parent_block_hash=parent, token_ids=tokens, block_size=BS, medium=medium
+    )
 
 
 def batch(*events: BlockStored | BlockRemoved | AllBlocksCleared) -> KVEventBatch:

@@ -19,7 +19,7 @@ from kvgate.kvevents.wire import (
 )
 
 
-def vllm_payload(events: list[dict[str, object]], dp_rank: int | None = None) -> bytes:
+def vllm_payload(events: list[object], dp_rank: int | None = None) -> bytes:
     # what vLLM 0.32's msgspec encoder writes: array batch, tagged maps, defaulted fields omitted
     batch: list[object] = [1796144087.83, events]
     if dp_rank is not None:
