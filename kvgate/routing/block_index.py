@@ -10,12 +10,13 @@ so the key chain is rebuilt from them; a per-instance map ``engine_hash -> (bloc
 lets ``BlockRemoved`` (hashes only) be applied. Keys are kept per block size (GPU 16 or 128 on CPU
 vLLM, LMCache chunks 256), and ``match`` walks the prompt once per block size present.
 
-Media. Every holder records the media it holds a block in ("GPU", "cpu"/"CPU", "STORAGE", None);
-``match(media=...)`` can restrict to some of them. Media names are compared case-insensitively.
+Media. Every holder records the media it holds a block in ("GPU", "cpu"/"CPU", "STORAGE", None = GPU) as a
+bit mask; ``match(media=...)`` can restrict to some of them. Media names are compared case-insensitively.
 
 Bounds. ``max_blocks`` caps the number of distinct keys; stores beyond it are refused and counted
 (``stats.refused_blocks``). vLLM reports evictions as ``BlockRemoved``, so a cap above the fleet's total
-capacity is never reached in steady state. ``max_block_sizes`` caps the distinct block sizes (``match`` walks
+capacity is never reached in steady state. A block costs about 470 bytes (one holder), so the default cap
+bounds the index near 240 MB. ``max_block_sizes`` caps the distinct block sizes (``match`` walks
 the prompt once per size): a partial LMCache chunk of an odd length would otherwise open a new size.
 
 LMCache 0.5.6 quirk: its CPU-tier ``BlockStored`` carries ``token_ids[start:end + 1]`` (``lmcache.utils.
@@ -29,7 +30,8 @@ from collections.abc import Iterable, Sequence, Set
 from dataclasses import dataclass, field
 
 BlockHash = int | bytes
-EngineKey = tuple[int, BlockHash]  # (block_size, engine hash): LMCache and vLLM hashes never mix
+EngineKey = tuple[int, BlockHash]
+_MAX_MEDIA = 8  # (block_size, engine hash): LMCache and vLLM hashes never mix
 
 
 def _medium(medium: str | None) -> str:
@@ -52,18 +54,19 @@ class IndexStats:
 @dataclass(slots=True)
 class _Entry:
     parent: int | None
-    holders: dict[str, set[str]] = field(default_factory=dict)  # instance -> media
+    holders: dict[str, int] = field(default_factory=dict)  # instance -> bit mask of media
 
 
 class BlockIndex:
-    def __init__(self, max_blocks: int = 2_000_000, max_block_sizes: int = 4) -> None:
+    def __init__(self, max_blocks: int = 500_000, max_block_sizes: int = 4) -> None:
         if max_blocks <= 0 or max_block_sizes <= 0:
             raise ValueError("max_blocks and max_block_sizes must be positive")
         self.max_blocks = max_blocks
         self.max_block_sizes = max_block_sizes
         self.stats = IndexStats()
         self._blocks: dict[int, dict[int, _Entry]] = {}  # block_size -> key -> entry
-        self._engine: dict[str, dict[EngineKey, tuple[int, str]]] = {}  # instance -> engine key -> (key, medium)
+        self._engine: dict[str, dict[EngineKey, tuple[int, int]]] = {}  # instance -> engine key -> (key, medium bit)
+        self._media: dict[str, int] = {"GPU": 1, "CPU": 2, "STORAGE": 4}  # medium name -> bit; vLLM's first
         self._size = 0
 
     # --- introspection ---
@@ -112,7 +115,7 @@ class BlockIndex:
         if block_size not in self._blocks and len(self._blocks) >= self.max_block_sizes:
             self.stats.refused_sizes += 1
             return 0
-        med = _medium(medium)
+        med = self._bit(medium)
         emap = self._engine.setdefault(instance, {})
         parent_key: int | None = None
         if parent_block_hash is not None:
@@ -132,14 +135,23 @@ class BlockIndex:
                     return done
                 entry = blocks[key] = _Entry(parent_key)
                 self._size += 1
-            entry.holders.setdefault(instance, set()).add(med)
+            entry.holders[instance] = entry.holders.get(instance, 0) | med
             emap[(block_size, engine_hash)] = (key, med)
             parent_key = key
             done += 1
         self.stats.stored_blocks += done
         return done
 
-    def _drop_holder(self, instance: str, block_size: int, key: int, medium: str) -> None:
+    def _bit(self, medium: str | None) -> int:
+        name = _medium(medium)
+        bit = self._media.get(name)
+        if bit is None:
+            if len(self._media) >= _MAX_MEDIA:  # a publisher inventing media names cannot grow this: one shared bit
+                return 1 << _MAX_MEDIA
+            bit = self._media[name] = 1 << len(self._media)
+        return bit
+
+    def _drop_holder(self, instance: str, block_size: int, key: int, medium: int) -> None:
         blocks = self._blocks.get(block_size)
         entry = blocks.get(key) if blocks is not None else None
         if entry is None or blocks is None:
@@ -147,8 +159,10 @@ class BlockIndex:
         media = entry.holders.get(instance)
         if media is None:
             return
-        media.discard(medium)
-        if not media:
+        media &= ~medium
+        if media:
+            entry.holders[instance] = media
+        else:
             del entry.holders[instance]
             if not entry.holders:
                 del blocks[key]
@@ -197,7 +211,7 @@ class BlockIndex:
         ``media`` restricts to blocks held in those media; ``limit`` caps the tokens considered (e.g. the
         prompt length minus one, as vLLM recomputes the last token).
         """
-        want = {_medium(m) for m in media} if media is not None else None
+        want = None if media is None else sum(self._media.get(_medium(m), 0) for m in set(media))
         n = len(token_ids) if limit is None else min(limit, len(token_ids))
         best: dict[str, int] = {}
         for size, blocks in self._blocks.items():
@@ -214,7 +228,7 @@ class BlockIndex:
                 if want is None:
                     holders: Set[str] = entry.holders.keys()
                 else:
-                    holders = {i for i, m in entry.holders.items() if not want.isdisjoint(m)}
+                    holders = {i for i, m in entry.holders.items() if m & want}
                 if active is None:
                     active = set(holders)
                 elif not holders >= active:  # the common case (same holders as the previous block) costs no set

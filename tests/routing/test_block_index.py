@@ -162,3 +162,14 @@ def test_chain_keys_match_what_match_walks() -> None:
     assert len(keys) == 2
     assert keys != BlockIndex.chain_keys(toks(9, 1), BS)
     assert BlockIndex.chain_keys(toks(8), BS)[:1] == keys[:1]
+
+
+def test_invented_media_names_share_one_bit() -> None:
+    idx = BlockIndex()
+    for i in range(20):
+        store(idx, "a", toks(4, 100 * i), [i], medium=f"tier{i}")
+    store(idx, "b", toks(4), [99], medium="GPU")
+    assert idx.match(toks(4), media=["GPU"]) == {"b": 4}
+    assert idx.match(toks(4)) == {"a": 4, "b": 4}
+    idx.apply_removed("a", [0])
+    assert idx.match(toks(4)) == {"b": 4}
