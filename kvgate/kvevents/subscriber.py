@@ -99,54 +99,81 @@ class KVEventSubscriber:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.index = index
-        self.sources = {s.instance: s for s in sources}
         self.bind = bind
         self.replay_timeout = replay_timeout
         self.stats = SubscriberStats()
-        self._topics = {s.topic.encode(): s.instance for s in self.sources.values() if bind is not None}
-        if bind is not None and len(self._topics) != len(self.sources):
-            raise ValueError("bind mode needs a distinct topic per event source")
+        self.sources: dict[str, EventSource] = {}
+        self._topics: dict[bytes, str] = {}
+        self._set_sources(sources)
         self._ctx = context or zmq.asyncio.Context.instance()
         self._clock = clock
         self._seq: dict[tuple[str, int | None], int] = {}
-        self._sockets: list[zmq.asyncio.Socket] = []
-        self._tasks: list[asyncio.Task[None]] = []
+        self._streams: dict[str | None, tuple[zmq.asyncio.Socket, asyncio.Task[None]]] = {}  # None: bind socket
+        self._started = False
         self._log_once = _LogOnce()
         self.bound_endpoint: str | None = None
 
+    def _set_sources(self, sources: Iterable[EventSource]) -> None:
+        new = {s.instance: s for s in sources}
+        topics = {s.topic.encode(): s.instance for s in new.values()}
+        if self.bind is not None and len(topics) != len(new):
+            raise ValueError("bind mode needs a distinct topic per event source")
+        self.sources = new
+        self._topics = topics if self.bind is not None else {}
+
     # --- lifecycle ---
 
+    def _open(self, key: str | None, sock: zmq.asyncio.Socket) -> None:
+        task = asyncio.create_task(self._recv_loop(sock, key), name=f"kvevents-{key or 'bind'}")
+        self._streams[key] = (sock, task)
+
+    async def _close(self, key: str | None) -> None:
+        sock, task = self._streams.pop(key)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        sock.close(linger=0)
+
+    def _connect(self, src: EventSource) -> None:
+        if src.endpoint is None or self.bind is not None:
+            return
+        sock = self._ctx.socket(zmq.SUB)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SUBSCRIBE, src.topic.encode())
+        sock.connect(src.endpoint)
+        self._open(src.instance, sock)
+
     async def start(self) -> None:
+        self._started = True
         if self.bind is not None:
             sock = self._ctx.socket(zmq.SUB)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.SUBSCRIBE, b"")
             sock.bind(self.bind)
             self.bound_endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-            self._sockets.append(sock)
-            self._tasks.append(asyncio.create_task(self._recv_loop(sock, None), name="kvevents-bind"))
+            self._open(None, sock)
         for src in self.sources.values():
-            if src.endpoint is None or self.bind is not None:
-                continue
-            sock = self._ctx.socket(zmq.SUB)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.SUBSCRIBE, src.topic.encode())
-            sock.connect(src.endpoint)
-            self._sockets.append(sock)
-            self._tasks.append(
-                asyncio.create_task(self._recv_loop(sock, src.instance), name=f"kvevents-{src.instance}")
-            )
+            self._connect(src)
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        for sock in self._sockets:
-            sock.close(linger=0)
-        self._tasks.clear()
-        self._sockets.clear()
+        self._started = False
+        for key in list(self._streams):
+            await self._close(key)
+
+    async def update_sources(self, sources: Iterable[EventSource]) -> None:
+        """The cluster changed: forget instances that left, (re)connect new or moved ones."""
+        old = self.sources
+        self._set_sources(sources)
+        for instance, src in old.items():
+            now = self.sources.get(instance)
+            if now is None or now.endpoint != src.endpoint or now.topic != src.topic:
+                if instance in self._streams:
+                    await self._close(instance)
+                self.forget_instance(instance)
+        if self._started:
+            for instance, src in self.sources.items():
+                if instance not in self._streams:
+                    self._connect(src)
 
     def forget_instance(self, instance: str) -> int:
         """An engine left the cluster or was declared dead: drop its blocks and sequence state."""

@@ -247,3 +247,40 @@ def test_bind_mode_needs_distinct_topics() -> None:
         KVEventSubscriber(
             BlockIndex(), [EventSource("a", topic="kv"), EventSource("b", topic="kv")], bind="tcp://127.0.0.1:0"
         )
+
+
+async def test_update_sources_forgets_leavers_and_connects_newcomers(ctx: zmq.asyncio.Context) -> None:
+    pub_a, pub_b = ctx.socket(zmq.PUB), ctx.socket(zmq.PUB)
+    ep_a = f"tcp://127.0.0.1:{pub_a.bind_to_random_port('tcp://127.0.0.1')}"
+    ep_b = f"tcp://127.0.0.1:{pub_b.bind_to_random_port('tcp://127.0.0.1')}"
+    index = BlockIndex()
+    sub = KVEventSubscriber(index, [EventSource("a", endpoint=ep_a)], context=ctx)
+    await sub.start()
+    try:
+        await publish_until_seen(pub_a, sub, encode_message(b"kv", 0, batch(stored([1], TOKENS[:4]))))
+        await sub.update_sources([EventSource("b", endpoint=ep_b)])  # a left the cluster, b joined
+        assert index.match(TOKENS) == {}
+        await publish_until_seen(pub_b, sub, encode_message(b"kv", 0, batch(stored([2, 3], TOKENS[:8]))))
+        assert index.match(TOKENS) == {"b": 8}
+        before = sub.stats.batches
+        for seq in range(1, 20):  # a's socket is closed: nothing more from it reaches the index
+            await pub_a.send_multipart(encode_message(b"kv", seq, batch(stored([9], TOKENS[:4]))))
+        await asyncio.sleep(0.1)
+        assert sub.stats.batches == before
+        assert index.match(TOKENS) == {"b": 8}
+    finally:
+        await sub.stop()
+        pub_a.close(linger=0)
+        pub_b.close(linger=0)
+
+
+async def test_bind_mode_update_sources_maps_new_topics(ctx: zmq.asyncio.Context) -> None:
+    index = BlockIndex()
+    sub = KVEventSubscriber(index, [EventSource("a", topic="kv.a")], bind="tcp://127.0.0.1:0", context=ctx)
+    await sub.on_message(encode_message(b"kv.a", 0, batch(stored([1], TOKENS[:4]))), None)
+    await sub.on_message(encode_message(b"kv.b", 0, batch(stored([2], TOKENS[:4]))), None)
+    assert (index.match(TOKENS), sub.stats.unknown_source) == ({"a": 4}, 1)
+    await sub.update_sources([EventSource("b", topic="kv.b")])
+    await sub.on_message(encode_message(b"kv.a", 1, batch(stored([3], TOKENS[:4]))), None)
+    await sub.on_message(encode_message(b"kv.b", 1, batch(stored([2], TOKENS[:4]))), None)
+    assert (index.match(TOKENS), sub.stats.unknown_source) == ({"b": 4}, 2)
