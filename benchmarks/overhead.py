@@ -126,7 +126,7 @@ def main() -> int:
     gw.start()
     gw_port = q.get(timeout=30)
     peer = None
-    from kvgate.bench.peers import find_peer, start_peer
+    from kvgate_bench.peers import find_peer, start_peer
 
     if not args.no_peer and find_peer("vllm-router"):
         peer = asyncio.run(start_peer("vllm-router", "round_robin", [f"http://127.0.0.1:{up_port}"]))

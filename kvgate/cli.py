@@ -101,9 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(fn=cmd_check_config)
 
     for name, module, help_ in (
-        ("sim", "kvgate.sim.cli", "SIMULATOR: start a simulated vLLM + LMCache fleet on loopback (test/bench tool)"),
-        ("bench", "kvgate.bench.cli", "benchmark routing modes on realistic workloads"),
-        ("demo", "kvgate.bench.demo", "one-command demo: simulated fleet + gateway, round-robin vs kvcache"),
+        ("sim", "kvgate_sim.cli", "SIMULATOR: start a simulated vLLM + LMCache fleet on loopback (test/bench tool)"),
+        ("bench", "kvgate_bench.cli", "benchmark routing modes on realistic workloads"),
+        ("demo", "kvgate_bench.demo", "one-command demo: simulated fleet + gateway, round-robin vs kvcache"),
     ):
         sp = sub.add_parser(name, help=help_, add_help=False)
         sp.add_argument("rest", nargs=argparse.REMAINDER)
@@ -130,7 +130,7 @@ def _delegate(module: str, name: str):  # type: ignore[no-untyped-def]
     return run
 
 
-DELEGATED = {"sim": "kvgate.sim.cli", "bench": "kvgate.bench.cli", "demo": "kvgate.bench.demo"}
+DELEGATED = {"sim": "kvgate_sim.cli", "bench": "kvgate_bench.cli", "demo": "kvgate_bench.demo"}
 
 
 def main(argv: list[str] | None = None) -> int:

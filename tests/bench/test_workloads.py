@@ -8,9 +8,9 @@ from collections import Counter
 
 import pytest
 
-from kvgate.bench import workloads as wl
-from kvgate.bench.oracle import oracle_bound
-from kvgate.sim.tokenizer import get_tokenizer
+from kvgate_bench import workloads as wl
+from kvgate_bench.oracle import oracle_bound
+from kvgate_sim.tokenizer import get_tokenizer
 
 TRACE = wl.DEFAULT_TRACE_PATH
 needs_trace = pytest.mark.skipif(not os.path.exists(TRACE), reason="Mooncake trace not present")

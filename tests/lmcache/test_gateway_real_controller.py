@@ -10,9 +10,9 @@ import aiohttp
 
 from kvgate.app import start_gateway
 from kvgate.config import parse_config
-from kvgate.sim.fleet import start_fleet
-from kvgate.sim.lmcache_real import RealController
-from kvgate.sim.tokenizer import get_tokenizer
+from kvgate_sim.fleet import start_fleet
+from kvgate_sim.lmcache_real import RealController
+from kvgate_sim.tokenizer import get_tokenizer
 
 MODEL = "qwen2.5-7b-instruct"
 

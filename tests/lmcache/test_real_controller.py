@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 
 from kvgate.serving import serve_in_thread
-from kvgate.sim.controller_server import SimController, create_controller_app
-from kvgate.sim.lmcache_real import RealController, http_json, lmcache_python
-from kvgate.sim.lmcache_worker import LMCacheWorkerBridge
-from kvgate.sim.protocol import lmcache_chunk_hashes
+from kvgate_sim.controller_server import SimController, create_controller_app
+from kvgate_sim.lmcache_real import RealController, http_json, lmcache_python
+from kvgate_sim.lmcache_worker import LMCacheWorkerBridge
+from kvgate_sim.protocol import lmcache_chunk_hashes
 from tests.lmcache.conftest import api, barrier, require_lmcache, wait_deregistered, wait_until
 from tests.lmcache.fake_worker import FakeWorker
 

@@ -1,4 +1,4 @@
-"""Pure helpers of ``kvgate.real.fleet``: no real venv, no engines (runs in the normal suite)."""
+"""Pure helpers of ``kvgate_real.fleet``: no real venv, no engines (runs in the normal suite)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kvgate.real import fleet as real
-from kvgate.real.fleet import ControllerInfo, EngineInfo, RealFleet
+from kvgate_real import fleet as real
+from kvgate_real.fleet import ControllerInfo, EngineInfo, RealFleet
 
 
 def _fake_fleet(run_dir: Path, n: int = 2) -> RealFleet:

@@ -34,8 +34,8 @@ from kvgate.app import RunningGateway, start_gateway
 from kvgate.config import parse_config
 from kvgate.filters.kvcache.extract import extract
 from kvgate.filters.kvcache.filter import KVCacheFilter
-from kvgate.real import fleet as real
-from kvgate.real.fleet import RealFleet
+from kvgate_real import fleet as real
+from kvgate_real.fleet import RealFleet
 
 pytestmark = pytest.mark.real
 

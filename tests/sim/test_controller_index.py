@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import random
 
-from kvgate.sim.controller_index import ControllerIndex
-from kvgate.sim.protocol import KVOp, lmcache_chunk_hashes
+from kvgate_sim.controller_index import ControllerIndex
+from kvgate_sim.protocol import KVOp, lmcache_chunk_hashes
 
 CPU = "LocalCPUBackend"
 DISK = "LocalDiskBackend"

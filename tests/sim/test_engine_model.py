@@ -1,4 +1,4 @@
-"""Tests for the simulated vLLM engine model (kvgate.sim.engine_model, a simulator)."""
+"""Tests for the simulated vLLM engine model (kvgate_sim.engine_model, a simulator)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from kvgate.sim.engine_model import (
+from kvgate_sim.engine_model import (
     PROFILES,
     EngineConfig,
     EngineCore,
@@ -15,7 +15,7 @@ from kvgate.sim.engine_model import (
     Prompt,
     gpu_block_hashes,
 )
-from kvgate.sim.protocol import KVOp, WorkerControl, lmcache_chunk_hashes
+from kvgate_sim.protocol import KVOp, WorkerControl, lmcache_chunk_hashes
 
 MS = 1e-3
 

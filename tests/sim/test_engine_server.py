@@ -1,4 +1,4 @@
-"""Tests for the simulated vLLM HTTP server (kvgate.sim.engine_server, a simulator), over real HTTP."""
+"""Tests for the simulated vLLM HTTP server (kvgate_sim.engine_server, a simulator), over real HTTP."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import aiohttp
 import pytest_asyncio
 
 from kvgate.serving import ServerHandle, start_server
-from kvgate.sim.engine_model import EngineConfig
-from kvgate.sim.engine_server import EngineApp, SimEngine, create_engine_app
-from kvgate.sim.protocol import KVOp, lmcache_chunk_hashes
+from kvgate_sim.engine_model import EngineConfig
+from kvgate_sim.engine_server import EngineApp, SimEngine, create_engine_app
+from kvgate_sim.protocol import KVOp, lmcache_chunk_hashes
 
 MODEL = "qwen2.5-7b-instruct"
 HEADER = "x-kvgate-sim-instance"

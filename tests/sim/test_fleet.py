@@ -14,8 +14,8 @@ import yaml
 
 from kvgate.app import start_gateway
 from kvgate.config import parse_config
-from kvgate.sim.fleet import start_fleet
-from kvgate.sim.tokenizer import get_tokenizer
+from kvgate_sim.fleet import start_fleet
+from kvgate_sim.tokenizer import get_tokenizer
 
 
 async def test_fleet_engines_report_to_controller_and_gateway_config_works() -> None:

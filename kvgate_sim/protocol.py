@@ -2,7 +2,7 @@
 
 Pure: no I/O. The engine model implements :class:`WorkerControl` and reports its LMCache-tier state
 changes as :class:`KVOp` batches to an :data:`OpSink`. The controller (ours, or the real LMCache
-controller through :mod:`kvgate.sim.lmcache_worker`) consumes those ops and calls back into
+controller through :mod:`kvgate_sim.lmcache_worker`) consumes those ops and calls back into
 :class:`WorkerControl` for pin / compress / clear / move / health.
 """
 

@@ -1,9 +1,9 @@
 """Virtual-time benchmark runner: the engine model without HTTP (TEST AND BENCHMARK TOOL).
 
-N :class:`~kvgate.sim.engine_model.EngineCore` instances share one virtual clock; a
-:class:`~kvgate.sim.controller_index.ControllerIndex` is fed directly by their LMCache op sinks; a
+N :class:`~kvgate_sim.engine_model.EngineCore` instances share one virtual clock; a
+:class:`~kvgate_sim.controller_index.ControllerIndex` is fed directly by their LMCache op sinks; a
 discrete-event loop interleaves arrivals (open loop, or the closed-loop rules of
-:class:`~kvgate.bench.workloads.ClosedLoop`), engine steps (driven by ``next_event_time()``) and completions.
+:class:`~kvgate_bench.workloads.ClosedLoop`), engine steps (driven by ``next_event_time()``) and completions.
 Routing uses the SAME code as the gateway: the mode's balancer from :func:`make_balancer` over per-engine
 in-flight counts (the load balancer picks first and its cursor always advances, as in the proxy), and for
 kvcache modes the controller lookup + :func:`choose_prefix_endpoint`, whose choice replaces the pick.
@@ -11,7 +11,7 @@ kvcache modes the controller lookup + :func:`choose_prefix_endpoint`, whose choi
 tokenize is modelled as complete at that earlier submission); ``kvcache`` looks up every prompt.
 
 Chunk and block hashes are computed once per request into a hash-only
-:class:`~kvgate.sim.engine_model.Prompt` (:func:`prepare`), which the engines and the lookup share.
+:class:`~kvgate_sim.engine_model.Prompt` (:func:`prepare`), which the engines and the lookup share.
 Engine ops become visible to the index when the engine computes the step that stores them (the
 real-time simulator does the same). Peer modes (external routers) have no virtual-time equivalent.
 """
@@ -27,15 +27,15 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvgate.bench.modes import FleetSpec, Mode
-from kvgate.bench.realtime import ModeRun
-from kvgate.bench.results import STATUS_OK, RequestResult
-from kvgate.bench.workloads import ClosedLoop, Workload
+from kvgate_bench.modes import FleetSpec, Mode
+from kvgate_bench.realtime import ModeRun
+from kvgate_bench.results import STATUS_OK, RequestResult
+from kvgate_bench.workloads import ClosedLoop, Workload
 from kvgate.routing.balancers import make_balancer
 from kvgate.routing.prefix import ColdPlacement, choose_prefix_endpoint
-from kvgate.sim.controller_index import ControllerIndex
-from kvgate.sim.engine_model import EngineCore, Prompt
-from kvgate.sim.protocol import LMCACHE_CHUNK_SIZE
+from kvgate_sim.controller_index import ControllerIndex
+from kvgate_sim.engine_model import EngineCore, Prompt
+from kvgate_sim.protocol import LMCACHE_CHUNK_SIZE
 
 GPU_BLOCK_SIZE = 16
 
@@ -69,8 +69,8 @@ def prompt_hashes(
 ) -> tuple[list[int], list[int], int]:
     """(GPU block hashes, LMCache chunk hashes, exact-prompt key) of ``tokens``.
 
-    Same values as :func:`kvgate.sim.engine_model.gpu_block_hashes` and
-    :func:`kvgate.sim.protocol.lmcache_chunk_hashes` (for int token ids), computed without per-token
+    Same values as :func:`kvgate_sim.engine_model.gpu_block_hashes` and
+    :func:`kvgate_sim.protocol.lmcache_chunk_hashes` (for int token ids), computed without per-token
     conversion.
     """
     n = len(tokens)
@@ -106,7 +106,7 @@ def prepare(workload: Workload, chunk_size: int = LMCACHE_CHUNK_SIZE) -> list[VR
 
 
 def oracle_from_prepared(vreqs: Iterable[VRequest], block_size: int = GPU_BLOCK_SIZE) -> float:
-    """:func:`kvgate.bench.oracle.oracle_bound` (``cap_last_token``) from precomputed block hashes."""
+    """:func:`kvgate_bench.oracle.oracle_bound` (``cap_last_token``) from precomputed block hashes."""
     seen: set[int] = set()
     total = reusable = 0
     for v in vreqs:
@@ -419,14 +419,14 @@ def mooncake_vrequests(
     max_output_tokens: int | None = 64,
     chunk_size: int = LMCACHE_CHUNK_SIZE,
 ) -> list[VRequest]:
-    """Hash-only Mooncake replay: the shapes of :func:`~kvgate.bench.workloads.mooncake_from_records`.
+    """Hash-only Mooncake replay: the shapes of :func:`~kvgate_bench.workloads.mooncake_from_records`.
 
     Same lengths, arrivals and ``max_tokens`` as the token path, but no token ids: each request's GPU-block
     and LMCache-chunk chains come from :func:`hash_id_prompt` (a unit keys on the hash ids of the segments it
     spans), so equal hash-id prefixes give equal block / chunk prefixes, as equal token blocks do. This is
     what makes 10^5-request replays take seconds instead of minutes.
     """
-    from kvgate.bench.workloads import MOONCAKE_BLOCK_TOKENS, scaled_block_tokens
+    from kvgate_bench.workloads import MOONCAKE_BLOCK_TOKENS, scaled_block_tokens
 
     bt = scaled_block_tokens(block_tokens_scale)
     t0 = float(records[0]["timestamp"]) if records else 0.0

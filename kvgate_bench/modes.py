@@ -2,9 +2,9 @@
 
 Every mode is defined here, once, for both runners:
 
-* the **real-time** runner (:mod:`kvgate.bench.realtime`) turns a gateway mode into a kvgate config with
-  :func:`gateway_config` (or starts the external peer router of a peer mode, :mod:`kvgate.bench.peers`);
-* the **virtual-time** runner (:mod:`kvgate.bench.virtual`) replays the same decision with the same code:
+* the **real-time** runner (:mod:`kvgate_bench.realtime`) turns a gateway mode into a kvgate config with
+  :func:`gateway_config` (or starts the external peer router of a peer mode, :mod:`kvgate_bench.peers`);
+* the **virtual-time** runner (:mod:`kvgate_bench.virtual`) replays the same decision with the same code:
   the balancer of :func:`kvgate.routing.balancers.make_balancer`, and for kvcache modes the controller
   index lookup + :func:`kvgate.routing.prefix.choose_prefix_endpoint`.
 
@@ -36,8 +36,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from kvgate.sim.engine_model import EngineConfig
-from kvgate.sim.fleet import deep_merge
+from kvgate_sim.engine_model import EngineConfig
+from kvgate_sim.fleet import deep_merge
 
 PrefixRouting = Literal["none", "seed", "always"]
 
@@ -172,7 +172,7 @@ def peer_available(mode: Mode) -> tuple[bool, str]:
     """(available, reason) for a peer mode; gateway modes are always available."""
     if mode.kind != "peer":
         return True, ""
-    from kvgate.bench.peers import find_peer
+    from kvgate_bench.peers import find_peer
 
     if find_peer(mode.peer or "") is None:
         return False, (
@@ -185,7 +185,7 @@ def peer_available(mode: Mode) -> tuple[bool, str]:
 def gateway_config(mode: Mode, fleet: Any) -> dict[str, Any]:
     """The kvgate config dict (Pixiu shape) that runs ``mode`` in front of a started simulated ``fleet``.
 
-    ``fleet`` is a :class:`kvgate.sim.fleet.Fleet`. Listener on 127.0.0.1 (the runner binds port 0).
+    ``fleet`` is a :class:`kvgate_sim.fleet.Fleet`. Listener on 127.0.0.1 (the runner binds port 0).
     """
     if mode.kind != "gateway":
         raise ValueError(f"{mode.name} is not a gateway mode")

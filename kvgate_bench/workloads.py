@@ -14,7 +14,7 @@ identical requests, byte for byte):
 
 Every :class:`Request` carries both what is sent over HTTP (``messages`` or ``prompt``) and
 ``prompt_token_ids``, exactly what the simulated engine sees after tokenisation with the real offline
-Qwen2.5 tokenizer (:mod:`kvgate.sim.tokenizer`): ``encode_chat(messages)`` for chat requests,
+Qwen2.5 tokenizer (:mod:`kvgate_sim.tokenizer`): ``encode_chat(messages)`` for chat requests,
 ``encode(prompt)`` for completions. The generators never log prompt text.
 """
 
@@ -37,8 +37,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from kvgate.sim.protocol import LMCACHE_CHUNK_SIZE, lmcache_chunk_hashes
-from kvgate.sim.tokenizer import Tokenizer, get_tokenizer, render_chat
+from kvgate_sim.protocol import LMCACHE_CHUNK_SIZE, lmcache_chunk_hashes
+from kvgate_sim.tokenizer import Tokenizer, get_tokenizer, render_chat
 
 RequestKind = Literal["chat", "completion"]
 

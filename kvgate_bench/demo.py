@@ -19,7 +19,7 @@ from typing import Any
 
 from rich.console import Console
 
-from kvgate.bench.modes import FleetSpec, kvcache_overrides, resolve_modes
+from kvgate_bench.modes import FleetSpec, kvcache_overrides, resolve_modes
 
 DEMO_MODES = ("round_robin", "kvcache")
 DEMO_WORKLOAD: dict[str, Any] = {
@@ -81,11 +81,11 @@ def _explain(console: Console, spec: FleetSpec, wl: Any) -> None:
 
 def main(argv: Sequence[str] | None = None, prog: str = "kvgate demo") -> int:
     """Entry point of ``kvgate demo``; returns the exit code."""
-    from kvgate.bench.oracle import oracle_hit_rate
-    from kvgate.bench.realtime import RealtimeOptions, run_modes_sync
-    from kvgate.bench.report import print_summary, write_report
-    from kvgate.bench.results import summarize
-    from kvgate.bench.workloads import get_workload
+    from kvgate_bench.oracle import oracle_hit_rate
+    from kvgate_bench.realtime import RealtimeOptions, run_modes_sync
+    from kvgate_bench.report import print_summary, write_report
+    from kvgate_bench.results import summarize
+    from kvgate_bench.workloads import get_workload
 
     args = build_parser(prog).parse_args(list(argv) if argv is not None else None)
     c = Console()

@@ -3,7 +3,7 @@
 Test and benchmark tool. Engine instance ids equal the gateway endpoint ids (``sim-0``, ``sim-1``, …),
 which is the contract the kvcache filter relies on. The controller is either ours (in-process,
 commands reach the engines directly) or the REAL LMCache controller, to which each engine registers
-through :class:`kvgate.sim.lmcache_worker.LMCacheWorkerBridge` over the ZMQ worker protocol.
+through :class:`kvgate_sim.lmcache_worker.LMCacheWorkerBridge` over the ZMQ worker protocol.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from kvgate.serving import ServerHandle, start_server
-from kvgate.sim.controller_server import SimController, create_controller_app
-from kvgate.sim.engine_model import EngineConfig
-from kvgate.sim.engine_server import SimEngine, create_engine_app
+from kvgate_sim.controller_server import SimController, create_controller_app
+from kvgate_sim.engine_model import EngineConfig
+from kvgate_sim.engine_server import SimEngine, create_engine_app
 
 
 @dataclass
@@ -175,7 +175,7 @@ async def start_fleet(
                 sinks.append(ctl.op_sink)
             bridge = None
             if lmcache_controller is not None:
-                from kvgate.sim.lmcache_worker import LMCacheWorkerBridge
+                from kvgate_sim.lmcache_worker import LMCacheWorkerBridge
 
                 bridge = _DeferredSink()
                 sinks.append(bridge)

@@ -25,7 +25,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from kvgate.sim.protocol import LMCACHE_CHUNK_SIZE, KVOp, lmcache_chunk_hashes
+from kvgate_sim.protocol import LMCACHE_CHUNK_SIZE, KVOp, lmcache_chunk_hashes
 
 Holder = tuple[str, int, str]  # (instance_id, worker_id, location)
 Rank = tuple[int, int, int]  # (instance rank, worker rank, location rank): smaller = scanned first

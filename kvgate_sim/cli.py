@@ -11,8 +11,8 @@ from pathlib import Path
 
 import yaml
 
-from kvgate.sim.engine_model import PROFILES, EngineConfig
-from kvgate.sim.fleet import start_fleet
+from kvgate_sim.engine_model import PROFILES, EngineConfig
+from kvgate_sim.fleet import start_fleet
 
 
 def build_parser(prog: str = "kvgate sim") -> argparse.ArgumentParser:

@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 from rich.console import Console
 from rich.table import Table
 
-from kvgate.bench.results import ModeSummary, RequestResult, RunResults
+from kvgate_bench.results import ModeSummary, RequestResult, RunResults
 
 _COLUMNS: tuple[str, ...] = (
     "mode",

@@ -6,7 +6,7 @@ the longest run of leading blocks whose chained hash was seen in an earlier requ
 tokens. No routing policy on any finite fleet can beat it at the same block granularity.
 
 Block keys are chained like vLLM / LMCache: ``h_i = hash((h_{i-1}, tuple(block_i), ()))`` with ``h_-1 = 0``,
-so with ``block_size=256`` they equal :func:`kvgate.sim.protocol.lmcache_chunk_hashes`. Python's ``hash``
+so with ``block_size=256`` they equal :func:`kvgate_sim.protocol.lmcache_chunk_hashes`. Python's ``hash``
 of ints and tuples of ints is not randomised, so the result is deterministic across processes.
 """
 
@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from kvgate.sim.protocol import NONE_HASH
+from kvgate_sim.protocol import NONE_HASH
 
 
 class _HasTokens(Protocol):

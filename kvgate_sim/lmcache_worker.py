@@ -1,11 +1,11 @@
 """An LMCache 0.5.6 worker speaking the real ZMQ protocol for any ``WorkerControl`` (SIMULATOR bridge).
 
-Lets a simulated engine register with the REAL LMCache controller (``kvgate.sim.lmcache_real``):
+Lets a simulated engine register with the REAL LMCache controller (``kvgate_sim.lmcache_real``):
 
 - registration: DEALER → controller reply port, ``RegisterMsg`` → ``RegisterRetMsg{extra_config:
   {heartbeat_url}}``;
 - KV state: PUSH → controller pull port, ``BatchedKVOperationMsg`` admit/evict batches. The bridge is
-  an :data:`~kvgate.sim.protocol.OpSink` (:meth:`LMCacheWorkerBridge.op_sink`, or call it);
+  an :data:`~kvgate_sim.protocol.OpSink` (:meth:`LMCacheWorkerBridge.op_sink`, or call it);
 - heartbeat: DEALER → heartbeat port, ``HeartbeatMsg``; a ``FullSyncCommand`` in the reply runs the
   full-sync protocol (``FullSyncStartMsg`` → ``FullSyncBatchMsg``s + ``FullSyncEndMsg`` →
   ``FullSyncStatusMsg`` polls) with the bridge's mirror of the keys it reported for its primary
@@ -36,7 +36,7 @@ from typing import Any
 import msgspec
 import zmq
 
-from kvgate.sim.protocol import DEFAULT_LOCATION, KVOp, WorkerControl
+from kvgate_sim.protocol import DEFAULT_LOCATION, KVOp, WorkerControl
 
 log = logging.getLogger(__name__)
 
@@ -365,7 +365,7 @@ class LMCacheWorkerBridge:
 
     # ------------------------------------------------------------------ op sink
     def op_sink(self, instance_id: str, worker_id: int, location: str, ops: list[KVOp]) -> None:
-        """:data:`~kvgate.sim.protocol.OpSink`: queue ops for the controller (ids are this bridge's)."""
+        """:data:`~kvgate_sim.protocol.OpSink`: queue ops for the controller (ids are this bridge's)."""
         if not ops:
             return
         with self._lock:
@@ -663,7 +663,7 @@ class LMCacheWorkerBridge:
         if isinstance(req, HealthWorkerMsg):
             return HealthWorkerRetMsg(int(w.health()))
         if isinstance(req, MoveWorkerMsg):
-            from kvgate.sim.controller_server import move_tokens  # local: keeps the ASGI layer out of imports
+            from kvgate_sim.controller_server import move_tokens  # local: keeps the ASGI layer out of imports
 
             with _PEERS_LOCK:
                 dst = _PEERS.get(req.new_position[0])

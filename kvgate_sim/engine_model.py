@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from kvgate.sim.protocol import DEFAULT_LOCATION, LMCACHE_CHUNK_SIZE, KVOp, OpSink, lmcache_chunk_hashes
+from kvgate_sim.protocol import DEFAULT_LOCATION, LMCACHE_CHUNK_SIZE, KVOp, OpSink, lmcache_chunk_hashes
 
 DIVERGENCES = (
     "KV blocks for prompt + max_tokens are reserved at admission (vLLM allocates per step and preempts); "

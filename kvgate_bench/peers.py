@@ -26,7 +26,7 @@ from typing import Any
 
 import aiohttp
 
-from kvgate.bench.modes import which
+from kvgate_bench.modes import which
 
 SUPPORTED_PEERS = ("vllm-router",)
 

@@ -1,4 +1,4 @@
-"""SIMULATOR: a vLLM-shaped OpenAI server around :class:`~kvgate.sim.engine_model.EngineCore` (test/bench tool).
+"""SIMULATOR: a vLLM-shaped OpenAI server around :class:`~kvgate_sim.engine_model.EngineCore` (test/bench tool).
 
 Routes (shapes of vLLM 0.32, see shared reference ``vllm-and-workloads.md`` §1): ``POST /v1/completions``,
 ``POST /v1/chat/completions`` (SSE streaming or not), ``POST /tokenize``, ``POST /detokenize``,
@@ -43,9 +43,9 @@ from kvgate.asgi import (
     send_response,
     send_stream,
 )
-from kvgate.sim.engine_model import EngineConfig, EngineCore, RequestRecord
-from kvgate.sim.protocol import OpSink
-from kvgate.sim.tokenizer import ChatTemplateError, Tokenizer, get_tokenizer
+from kvgate_sim.engine_model import EngineConfig, EngineCore, RequestRecord
+from kvgate_sim.protocol import OpSink
+from kvgate_sim.tokenizer import ChatTemplateError, Tokenizer, get_tokenizer
 
 INSTANCE_HEADER = b"x-kvgate-sim-instance"
 SYSTEM_FINGERPRINT = "kvgate-sim"

