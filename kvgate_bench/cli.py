@@ -306,8 +306,8 @@ def run_one(name: str, args: argparse.Namespace, modes: list[Mode], out_dir: Pat
 
         wl = build_workload(name, params, args.requests, args.seed)
         if fleet is not None:
+            from kvgate_bench.aio import run_async
             from kvgate_bench.realfleet import prepare_workload
-            from kvgate.cli import run_async
 
             wl, fleet_meta = run_async(prepare_workload(fleet, wl))
             oracle_block = int(fleet_meta.get("block_size") or 16)

@@ -31,13 +31,13 @@ Modes:
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
+from kvgate_bench.peers import find_peer
 from kvgate_sim.engine_model import EngineConfig
-from kvgate_sim.fleet import deep_merge
+from kvgate_sim.merge import deep_merge
 
 PrefixRouting = Literal["none", "seed", "always"]
 
@@ -172,8 +172,6 @@ def peer_available(mode: Mode) -> tuple[bool, str]:
     """(available, reason) for a peer mode; gateway modes are always available."""
     if mode.kind != "peer":
         return True, ""
-    from kvgate_bench.peers import find_peer
-
     if find_peer(mode.peer or "") is None:
         return False, (
             f"{mode.name}: skipped — the optional peer {mode.peer!r} is not installed "
@@ -264,14 +262,3 @@ class FleetSpec:
             "max_num_seqs": self.max_num_seqs,
             "seed": self.seed,
         }
-
-
-def which(binary: str) -> str | None:
-    """``shutil.which`` that also looks next to the running interpreter (a venv's ``bin``)."""
-    import sys
-    from pathlib import Path
-
-    local = Path(sys.executable).parent / binary
-    if local.is_file():
-        return str(local)
-    return shutil.which(binary)

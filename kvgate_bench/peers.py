@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -26,9 +27,15 @@ from typing import Any
 
 import aiohttp
 
-from kvgate_bench.modes import which
-
 SUPPORTED_PEERS = ("vllm-router",)
+
+
+def which(binary: str) -> str | None:
+    """``shutil.which`` that also looks next to the running interpreter (a venv's ``bin``)."""
+    local = Path(sys.executable).parent / binary
+    if local.is_file():
+        return str(local)
+    return shutil.which(binary)
 
 
 def find_peer(name: str) -> str | None:

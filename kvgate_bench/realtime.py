@@ -35,13 +35,14 @@ import re
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
+from kvgate_bench.aio import run_async
 from kvgate_bench.modes import FleetSpec, Mode, gateway_config, tokenize_on_miss_supported
-from kvgate_bench.results import STATUS_OK, RequestResult
+from kvgate_bench.results import STATUS_OK, ModeRun, RequestResult
 from kvgate_bench.workloads import Request, Workload
 
 if TYPE_CHECKING:
@@ -69,18 +70,6 @@ class RealtimeOptions:
     request_timeout_s: float = 120.0  # per request, whole stream
     peer_ready_timeout_s: float = 60.0
     gateway_process: bool = True  # kvgate in its own process (like the peer); False = in this event loop
-
-
-@dataclass(slots=True)
-class ModeRun:
-    """What one mode produced (shared shape of both runners)."""
-
-    mode: str
-    results: list[RequestResult]
-    hit_rate: float
-    wall_s: float
-    instances: list[str]
-    info: dict[str, Any] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -312,8 +301,8 @@ async def run_mode(
     """Run ``workload`` once through ``mode`` on a fresh simulated fleet, or on the external ``fleet`` after
     resetting its caches; everything started here is stopped on return (an external fleet keeps running)."""
     from kvgate.app import start_gateway
-    from kvgate_bench.peers import start_gateway_process, start_peer
     from kvgate.config import parse_config
+    from kvgate_bench.peers import start_gateway_process, start_peer
     from kvgate_sim.fleet import start_fleet
 
     opts = opts or RealtimeOptions()
@@ -419,9 +408,7 @@ def run_modes_sync(
     modes: Sequence[Mode], workload: Workload, spec: FleetSpec, opts: RealtimeOptions | None = None, **kw: Any
 ) -> list[ModeRun]:
     """Blocking wrapper of :func:`run_modes` (own event loop; uvloop when available)."""
-    from kvgate.cli import run_async
-
-    return run_async(run_modes(modes, workload, spec, opts, **kw))  # type: ignore[no-any-return]
+    return run_async(run_modes(modes, workload, spec, opts, **kw))
 
 
 def now_s() -> float:

@@ -254,3 +254,15 @@ def _json_safe(obj: Any) -> Any:
     if isinstance(obj, list | tuple):
         return [_json_safe(v) for v in obj]
     return obj
+
+
+@dataclass(slots=True)
+class ModeRun:
+    """What one mode produced (shared shape of both runners)."""
+
+    mode: str
+    results: list[RequestResult]
+    hit_rate: float
+    wall_s: float
+    instances: list[str]
+    info: dict[str, Any] = field(default_factory=dict)

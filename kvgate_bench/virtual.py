@@ -27,12 +27,11 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvgate_bench.modes import FleetSpec, Mode
-from kvgate_bench.realtime import ModeRun
-from kvgate_bench.results import STATUS_OK, RequestResult
-from kvgate_bench.workloads import ClosedLoop, Workload
 from kvgate.routing.balancers import make_balancer
 from kvgate.routing.prefix import ColdPlacement, choose_prefix_endpoint
+from kvgate_bench.modes import FleetSpec, Mode
+from kvgate_bench.results import STATUS_OK, ModeRun, RequestResult
+from kvgate_bench.workloads import ClosedLoop, Workload
 from kvgate_sim.controller_index import ControllerIndex
 from kvgate_sim.engine_model import EngineCore, Prompt
 from kvgate_sim.protocol import LMCACHE_CHUNK_SIZE

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import gc
+import gzip
 import inspect
 import json
 import math
@@ -42,14 +43,14 @@ from kvgate_sim.tokenizer import Tokenizer, get_tokenizer, render_chat
 
 RequestKind = Literal["chat", "completion"]
 
+#: The Mooncake trace vendored as package data (gzip; licence note in ``kvgate_bench/data/README.md``).
+BUNDLED_TRACE_PATH = Path(__file__).resolve().parent / "data" / "mooncake_conversation_trace.jsonl.gz"
+
+
 def _default_trace_path() -> Path:
-    """The Mooncake trace: ``$KVGATE_TRACE``, else ``shared/traces/`` beside the project checkout."""
+    """The Mooncake trace: ``$KVGATE_TRACE``, else the copy shipped inside this package."""
     env = os.environ.get("KVGATE_TRACE")
-    if env:
-        return Path(env)
-    name = "mooncake_conversation_trace.jsonl"
-    beside_checkout = Path(__file__).resolve().parents[3] / "shared" / "traces" / name
-    return beside_checkout if beside_checkout.exists() else Path("/work/shared/traces") / name
+    return Path(env) if env else BUNDLED_TRACE_PATH
 
 
 DEFAULT_TRACE_PATH = _default_trace_path()
@@ -608,9 +609,11 @@ def long_doc_qa(
 
 
 def load_mooncake_trace(path: str | Path = DEFAULT_TRACE_PATH, max_requests: int | None = None) -> list[dict[str, Any]]:
-    """Read a Mooncake JSONL trace (``timestamp`` ms, ``input_length``, ``output_length``, ``hash_ids``)."""
+    """Read a Mooncake JSONL trace, plain or ``.gz`` (``timestamp`` ms, ``input_length``, ``output_length``, ``hash_ids``)."""
     records: list[dict[str, Any]] = []
-    with Path(path).open(encoding="utf-8") as fh:
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as fh:
         for line in fh:
             if max_requests is not None and len(records) >= max_requests:
                 break

@@ -26,343 +26,55 @@ with the BOS) found by the controller's ``/lookup`` under that engine.
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import fcntl
 import json
 import os
-import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 import uuid
-from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
-SHIMS_DIR = Path(__file__).resolve().parent / "shims"
-SETUP_SCRIPT = "scripts/real-engines/setup.sh"
-VENV_MARKER = ".kvgate-real-ok"
-MODEL_NAME = "tiny"
-CHUNK_SIZE = 256
-LOCATION = "LocalCPUBackend"
-RUN_TAG = "KVGATE_REAL_RUN_ID"
-STATE_FILE = "state.json"
-KVGATE_CONFIG_FILE = "kvgate.yaml"
-LOOPBACK = "127.0.0.1"
-DEGRADED = "degraded mode"
-ENTER_FREEZE = "Entering freeze mode"
-EXIT_FREEZE = "Exiting freeze mode"
-
-REGISTRY_DIR = Path(os.environ.get("KVGATE_REAL_REGISTRY") or Path(tempfile.gettempdir()) / "kvgate-real-fleets")
-
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never route loopback calls via a proxy
-
-
-# -- locations -----------------------------------------------------------------------------------------------------
-def venv_dir() -> Path:
-    return Path(os.environ.get("KVGATE_REAL_VENV") or ROOT / ".cache" / "real-venv")
-
-
-def real_python() -> Path:
-    return venv_dir() / "bin" / "python"
-
-
-def model_dir() -> Path:
-    return Path(os.environ.get("KVGATE_REAL_MODEL") or ROOT / ".cache" / "real-model" / "tiny")
-
-
-def default_run_dir() -> Path:
-    return Path(os.environ.get("KVGATE_REAL_RUN_DIR") or ROOT / ".cache" / "real-run")
-
-
-def real_env_problem() -> str | None:
-    """``None`` when the real venv and the model are installed, else why not (naming the setup script)."""
-    py, venv, model = real_python(), venv_dir(), model_dir()
-    if not py.exists():
-        return f"real venv missing ({venv}); run {SETUP_SCRIPT}"
-    if not (venv / VENV_MARKER).is_file():
-        return f"real venv incomplete (no {VENV_MARKER} in {venv}); run {SETUP_SCRIPT}"
-    if not (model / "config.json").is_file() or not (model / "tokenizer.json").is_file():
-        return f"tiny model missing ({model}); run {SETUP_SCRIPT}"
-    return None
-
-
-class FleetError(RuntimeError):
-    pass
-
-
-# -- HTTP helpers (stdlib) -----------------------------------------------------------------------------------------
-def http_json(method: str, url: str, body: Any = None, timeout: float = 30.0) -> tuple[int, Any]:
-    """One JSON request; returns (status, parsed body or text).  Connection errors raise ``OSError``."""
-    data = json.dumps(body).encode() if body is not None else None
-    headers = {"Content-Type": "application/json"} if data is not None else {}
-    req = urllib.request.Request(url, data=data, method=method, headers=headers)
-    try:
-        with _OPENER.open(req, timeout=timeout) as resp:
-            status, raw = resp.status, resp.read()
-    except urllib.error.HTTPError as exc:
-        status, raw = exc.code, exc.read()
-    try:
-        return status, json.loads(raw) if raw else None
-    except ValueError:
-        return status, raw.decode(errors="replace")
-
-
-def http_text(url: str, timeout: float = 10.0) -> tuple[int, str]:
-    try:
-        with _OPENER.open(urllib.request.Request(url), timeout=timeout) as resp:
-            return resp.status, resp.read().decode(errors="replace")
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode(errors="replace")
-
-
-def _ok_json(method: str, url: str, body: Any = None, timeout: float = 60.0) -> Any:
-    status, data = http_json(method, url, body, timeout)
-    if status != 200:
-        raise FleetError(f"{method} {url} -> {status}: {str(data)[:500]}")
-    return data
-
-
-def tokenize(engine_url: str, prompt: str | None = None, messages: list[dict[str, str]] | None = None,
-             add_generation_prompt: bool = True) -> list[int]:
-    """The engine's own token ids: a prompt gets the BOS (id 0); chat ``messages`` get none."""
-    body: dict[str, Any] = {"model": MODEL_NAME}
-    if messages is not None:
-        body.update(messages=messages, add_generation_prompt=add_generation_prompt)
-    else:
-        body["prompt"] = prompt
-    return list(_ok_json("POST", f"{engine_url}/tokenize", body)["tokens"])
-
-
-def complete(engine_url: str, prompt: str, max_tokens: int = 4, timeout: float = 120.0) -> dict[str, Any]:
-    body = {"model": MODEL_NAME, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
-    return dict(_ok_json("POST", f"{engine_url}/v1/completions", body, timeout))
-
-
-def chat(engine_url: str, messages: list[dict[str, str]], max_tokens: int = 4, timeout: float = 120.0
-         ) -> dict[str, Any]:
-    body = {"model": MODEL_NAME, "messages": messages, "max_tokens": max_tokens, "temperature": 0}
-    return dict(_ok_json("POST", f"{engine_url}/v1/chat/completions", body, timeout))
-
-
-def lookup(controller_url: str, tokens: list[int], timeout: float = 30.0) -> dict[str, tuple[str, int]]:
-    """Controller ``/lookup``: instance id -> (location, end token of the last chunk credited to it)."""
-    data = _ok_json("POST", f"{controller_url}/lookup", {"tokens": tokens}, timeout)
-    return {k: (str(v[0]), int(v[1])) for k, v in (data.get("layout_info") or {}).items()}
-
-
-def wait_for_lookup(controller_url: str, tokens: list[int], instance_id: str, min_tokens: int = CHUNK_SIZE,
-                    timeout: float = 20.0, interval: float = 0.5) -> dict[str, tuple[str, int]]:
-    """Poll ``/lookup`` until ``instance_id`` is credited with at least ``min_tokens``; returns the last layout."""
-    deadline = time.monotonic() + timeout
-    layout: dict[str, tuple[str, int]] = {}
-    while True:
-        layout = lookup(controller_url, tokens)
-        if instance_id in layout and layout[instance_id][1] >= min_tokens:
-            return layout
-        if time.monotonic() > deadline:
-            raise FleetError(f"/lookup never credited {instance_id} with >= {min_tokens} tokens: {layout}")
-        time.sleep(interval)
-
-
-def workers(controller_url: str) -> list[dict[str, Any]]:
-    return list(_ok_json("GET", f"{controller_url}/controller/workers", timeout=10).get("workers") or [])
-
-
-def metrics(url: str) -> dict[str, float]:
-    """Prometheus text -> metric name (labels dropped) -> sum over its samples."""
-    status, text = http_text(f"{url}/metrics")
-    if status != 200:
-        raise FleetError(f"GET {url}/metrics -> {status}")
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        name = re.split(r"[{\s]", line, maxsplit=1)[0]
-        try:
-            value = float(line.rsplit(" ", 1)[1])
-        except (IndexError, ValueError):
-            continue
-        out[name] = out.get(name, 0.0) + value
-    return out
-
-
-# -- processes -----------------------------------------------------------------------------------------------------
-def _proc_stat(pid: int) -> tuple[str, int] | None:
-    """(state, pgid) of a live process, None if gone."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = raw[raw.rindex(")") + 2 :].split()
-    return fields[0], int(fields[2])
-
-
-def pid_alive(pid: int) -> bool:
-    st = _proc_stat(pid)
-    return st is not None and st[0] not in ("Z", "X")
-
-
-def _all_pids() -> list[int]:
-    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
-
-
-def pids_in_group(pgid: int) -> list[int]:
-    out = []
-    for pid in _all_pids():
-        st = _proc_stat(pid)
-        if st is not None and st[1] == pgid and st[0] not in ("Z", "X"):
-            out.append(pid)
-    return out
-
-
-def pids_with_tag(run_id: str) -> list[int]:
-    """Live processes whose environment carries ``KVGATE_REAL_RUN_ID=<run_id>`` (children inherit it)."""
-    needle = f"{RUN_TAG}={run_id}".encode()
-    out = []
-    for pid in _all_pids():
-        try:
-            env = Path(f"/proc/{pid}/environ").read_bytes()
-        except OSError:
-            continue
-        if needle in env.split(b"\0") and pid_alive(pid):
-            out.append(pid)
-    return out
-
-
-def rss_mb(pids: Iterable[int]) -> float:
-    total_kb = 0
-    for pid in pids:
-        try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total_kb += int(line.split()[1])
-        except OSError:
-            continue
-    return round(total_kb / 1024, 1)
-
-
-def free_ports(n: int, taken: set[int]) -> list[int]:
-    """``n`` distinct free TCP ports on 127.0.0.1 (sockets held open together so they differ)."""
-    socks: list[socket.socket] = []
-    ports: list[int] = []
-    try:
-        while len(ports) < n:
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind((LOOPBACK, 0))
-            socks.append(s)
-            port = s.getsockname()[1]
-            if port not in taken:
-                ports.append(port)
-    finally:
-        for s in socks:
-            s.close()
-    taken.update(ports)
-    return ports
-
-
-def listeners(pids: set[int]) -> list[tuple[str, str, int]] | None:
-    """``ss -ltunp`` rows of the given pids as (netid, local address, pid); None when ``ss`` is unavailable."""
-    if shutil.which("ss") is None:
-        return None
-    proc = subprocess.run(["ss", "-H", "-ltunp"], capture_output=True, text=True, check=False)
-    rows = []
-    for line in proc.stdout.splitlines():
-        parts = line.split()
-        if len(parts) < 5:
-            continue
-        for pid in {int(x) for x in re.findall(r"pid=(\d+)", line)} & pids:
-            rows.append((parts[0], parts[4], pid))
-    return rows
-
-
-def is_loopback_address(local: str) -> bool:
-    host = local.rsplit(":", 1)[0].strip("[]").split("%", 1)[0]
-    return host.startswith("127.") or host == "::1"
-
-
-class _LogWatch:
-    """Incrementally scans a log file for the lines readiness depends on."""
-
-    def __init__(self, path: Path, from_start: bool = True) -> None:
-        self.path = path
-        self.offset = 0 if from_start or not path.exists() else path.stat().st_size
-        self.counts = {DEGRADED: 0, ENTER_FREEZE: 0, EXIT_FREEZE: 0}
-        self._carry = ""
-
-    def poll(self) -> dict[str, int]:
-        try:
-            with self.path.open("rb") as fh:
-                if os.fstat(fh.fileno()).st_size < self.offset:  # truncated: start over
-                    self.offset, self._carry = 0, ""
-                fh.seek(self.offset)
-                chunk = fh.read()
-        except OSError:
-            return self.counts
-        self.offset += len(chunk)
-        text = self._carry + chunk.decode(errors="replace")
-        lines = text.split("\n")
-        self._carry = lines.pop()
-        for line in lines:
-            for key in self.counts:
-                if key in line:
-                    self.counts[key] += 1
-        return self.counts
-
-    def frozen(self) -> bool:
-        self.poll()
-        return self.counts[ENTER_FREEZE] > self.counts[EXIT_FREEZE]
-
-    def tail(self, n_chars: int = 3000) -> str:
-        try:
-            data = self.path.read_bytes()[-n_chars:]
-        except OSError:
-            return ""
-        return data.decode(errors="replace")
-
-
-# -- machine-wide registry: one real fleet at a time (2 cores, ~9 GB per fleet) --------------------------------------
-@contextlib.contextmanager
-def _registry_lock() -> Any:
-    REGISTRY_DIR.mkdir(parents=True, exist_ok=True)
-    with (REGISTRY_DIR / ".lock").open("a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def _entry_live(entry: dict[str, Any]) -> bool:
-    if pid_alive(int(entry.get("owner_pid", 0) or 0)) and entry.get("owner_holds", True):
-        return True
-    return any(pids_in_group(int(p)) for p in entry.get("root_pids", []))
-
-
-def running_fleets() -> list[dict[str, Any]]:
-    """Registered fleets of any checkout on this machine that still have live processes (stale entries removed)."""
-    out = []
-    for path in sorted(REGISTRY_DIR.glob("*.json")) if REGISTRY_DIR.is_dir() else []:
-        try:
-            entry = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        if _entry_live(entry):
-            out.append(entry)
-        else:
-            path.unlink(missing_ok=True)
-    return out
+from kvgate_real.client import chat, complete, http_json, http_text, lookup, metrics, tokenize, wait_for_lookup, workers
+from kvgate_real.locations import (
+    CHUNK_SIZE,
+    DEGRADED,
+    ENTER_FREEZE,
+    EXIT_FREEZE,
+    KVGATE_CONFIG_FILE,
+    LOCATION,
+    LOOPBACK,
+    MODEL_NAME,
+    REGISTRY_DIR,
+    ROOT,
+    RUN_TAG,
+    SETUP_SCRIPT,
+    SHIMS_DIR,
+    STATE_FILE,
+    FleetError,
+    default_run_dir,
+    model_dir,
+    real_env_problem,
+    real_python,
+    venv_dir,
+)
+from kvgate_real.procs import (
+    _LogWatch,
+    free_ports,
+    is_loopback_address,
+    listeners,
+    pid_alive,
+    pids_in_group,
+    pids_with_tag,
+    rss_mb,
+)
+from kvgate_real.registry import _registry_lock, running_fleets
 
 
 # -- the fleet -----------------------------------------------------------------------------------------------------
@@ -373,6 +85,15 @@ class ControllerInfo:
     url: str
     monitor_ports: dict[str, int]
     log: str
+
+
+# The launcher's public surface, re-exported so ``from kvgate_real import fleet as real`` reaches every helper.
+__all__ = [
+    "CHUNK_SIZE", "DEGRADED", "EXIT_FREEZE", "LOCATION", "LOOPBACK", "MODEL_NAME", "ROOT", "SETUP_SCRIPT",
+    "STATE_FILE", "ControllerInfo", "EngineInfo", "FleetError", "RealFleet", "_LogWatch", "chat", "complete",
+    "free_ports", "http_json", "http_text", "is_loopback_address", "lookup", "metrics", "pid_alive", "pids_in_group",
+    "real_env_problem", "real_python", "tokenize", "wait_for_lookup", "workers",
+]  # fmt: skip
 
 
 @dataclass
@@ -1053,38 +774,9 @@ def _sigkill(pid: int) -> None:
         pass
 
 
-# -- CLI -----------------------------------------------------------------------------------------------------------
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m kvgate_real.fleet", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run-dir", type=Path, default=None, help="default .cache/real-run (env KVGATE_REAL_RUN_DIR)")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    up = sub.add_parser("up", help="start controller + engines, wait until ready")
-    up.add_argument("-n", "--engines", type=int, default=2)
-    up.add_argument("--timeout", type=float, default=600.0, help="startup timeout per phase (s)")
-    sub.add_parser("down", help="stop everything recorded in the state file")
-    sub.add_parser("status", help="show processes, RSS, health and listeners")
-    args = ap.parse_args(argv)
-
-    try:
-        if args.cmd == "up":
-            fleet = RealFleet(args.run_dir, startup_timeout=args.timeout)
-            fleet.start(args.engines)
-            fleet.release()
-            print(json.dumps({**fleet.state(), "status": fleet.status()}, indent=2))
-            return 0
-        fleet = RealFleet.from_state(args.run_dir)
-        if args.cmd == "status":
-            st = fleet.status()
-            print(json.dumps(st, indent=2))
-            return 0 if st["all_up"] and not st["non_loopback"] else 1
-        fleet.stop()
-        _say(f"run {fleet.run_id} stopped; no process left")
-        return 0
-    except FleetError as exc:
-        _say(f"ERROR: {exc}")
-        return 1
 
 
 if __name__ == "__main__":
+    from kvgate_real.cli import main
+
     sys.exit(main())

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
-from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -19,6 +17,7 @@ from kvgate.serving import ServerHandle, start_server
 from kvgate_sim.controller_server import SimController, create_controller_app
 from kvgate_sim.engine_model import EngineConfig
 from kvgate_sim.engine_server import SimEngine, create_engine_app
+from kvgate_sim.merge import deep_merge
 
 
 @dataclass
@@ -126,17 +125,6 @@ class Fleet:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
-
-
-def deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    """``base`` updated by ``over``, nested mappings merged key by key; neither input is modified."""
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        if isinstance(v, Mapping) and isinstance(out.get(k), dict):
-            out[k] = deep_merge(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
 
 
 async def start_fleet(
