@@ -67,6 +67,9 @@ _FILLER = (
 
 class SimError(Exception):
     def __init__(self, status: int, message: str, type_: str, param: str | None = None):
+        # Client text quoted in a message may hold lone surrogates (valid JSON, not encodable UTF-8): escape them
+        # so the error body can always be sent.
+        message = message.encode("utf-8", "backslashreplace").decode("utf-8")
         super().__init__(message)
         self.status, self.message, self.type, self.param = status, message, type_, param
 

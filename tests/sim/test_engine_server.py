@@ -247,3 +247,27 @@ async def test_client_disconnect_aborts_request() -> None:
     finally:
         await s.session.close()
         await s.handle.stop()
+
+
+async def test_lone_surrogates_get_a_client_error_not_a_500(sim: Sim) -> None:
+    """A lone surrogate is valid JSON (``"\\ud800"``) but not encodable UTF-8: the engine must still answer 4xx."""
+    raw = b'{"model": "\\ud800", "prompt": "x", "max_tokens": 2}'
+    async with sim.session.post(sim.url("/v1/completions"), data=raw) as r:
+        assert r.status == 404 and r.headers[HEADER] == "simA"
+        err = (await r.json())["error"]
+    assert err["type"] == "NotFoundError" and err["param"] == "model" and err["code"] == 404
+    assert "\\ud800" in err["message"]  # the bad name shown escaped
+    async with sim.session.post(sim.url("/v1/chat/completions"),
+                                data=b'{"model": "\\udfff", "messages": [{"role": "user", "content": "hi"}]}') as r:
+        assert r.status == 404 and (await r.json())["error"]["param"] == "model"
+    for path, body in [  # surrogates elsewhere: never a server error, always a JSON body
+        ("/v1/completions", b'{"prompt": "a \\udc80 b", "max_tokens": 2}'),
+        ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\ud83d"}], "max_tokens": 2}'),
+        ("/tokenize", b'{"prompt": "\\ud800"}'),
+        ("/v1/completions", b'{"prompt": "x", "max_tokens": "\\ud800"}'),
+    ]:
+        async with sim.session.post(sim.url(path), data=body) as r:
+            assert r.status < 500, (path, body, r.status)
+            assert isinstance(await r.json(), dict)
+    status, _, _ = await sim.post("/v1/completions", {"prompt": "still serving", "max_tokens": 2})
+    assert status == 200
