@@ -14,8 +14,8 @@ Lets a simulated engine register with the REAL LMCache controller (``kvgate_sim.
   Decompress/Health/MoveWorkerMsg`` by calling the ``WorkerControl`` (from the bridge thread) and
   replies ``*WorkerRetMsg{num_tokens}``, ``HealthWorkerRetMsg{error_code}`` or ``ErrorMsg{error}``.
 
-Messages are msgspec structs tagged ``"type": "<ClassName>"`` encoded as msgpack; names, fields and
-tags are copied from ``lmcache/v1/cache_controller/message.py`` and ``commands/*.py`` (0.5.6).
+Messages (:mod:`kvgate_sim.lmcache_wire`) are msgspec structs tagged ``"type": "<ClassName>"`` encoded as
+msgpack; names, fields and tags are copied from ``lmcache/v1/cache_controller/message.py`` and ``commands/*.py`` (0.5.6).
 Everything runs in one background thread; :meth:`LMCacheWorkerBridge.close` stops it. The bridge
 advertises ip 127.0.0.1. ``/move`` works between bridges of this process that were given a
 ``peer_init_url`` (the destination is found by that URL, the chunks move in-process).
@@ -36,195 +36,44 @@ from typing import Any
 import msgspec
 import zmq
 
+from kvgate_sim.lmcache_wire import (
+    BatchedKVOperationMsg,
+    ClearWorkerMsg,
+    ClearWorkerRetMsg,
+    CompressWorkerMsg,
+    CompressWorkerRetMsg,
+    DecompressWorkerMsg,
+    DecompressWorkerRetMsg,
+    DeRegisterMsg,
+    ErrorMsg,
+    FullSyncBatchMsg,
+    FullSyncCommand,
+    FullSyncEndMsg,
+    FullSyncStartMsg,
+    FullSyncStartRetMsg,
+    FullSyncStatusMsg,
+    FullSyncStatusRetMsg,
+    HealthWorkerMsg,
+    HealthWorkerRetMsg,
+    HeartbeatMsg,
+    HeartbeatRetMsg,
+    KVOpEvent,
+    MoveWorkerMsg,
+    MoveWorkerRetMsg,
+    Msg,
+    PinWorkerMsg,
+    PinWorkerRetMsg,
+    RegisterMsg,
+    RegisterRetMsg,
+    decode_control,
+    decode_reply,
+    encode,
+)
 from kvgate_sim.protocol import DEFAULT_LOCATION, KVOp, WorkerControl
 
 log = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
-
-
-# --------------------------------------------------------------------------- wire messages (0.5.6)
-class _Msg(msgspec.Struct, tag=True):
-    """Base: ``tag=True`` → ``"type": "<ClassName>"`` like ``MsgBase``."""
-
-
-class RegisterMsg(_Msg):
-    instance_id: str
-    worker_id: int
-    ip: str
-    port: int
-    peer_init_url: str | None
-
-
-class DeRegisterMsg(_Msg):
-    instance_id: str
-    worker_id: int
-    ip: str
-    port: int
-
-
-class KVOpEvent(msgspec.Struct):
-    op_type: str  # "admit" | "evict" (OpType enum values)
-    key: int
-    seq_num: int
-
-
-class BatchedKVOperationMsg(_Msg):
-    instance_id: str
-    worker_id: int
-    location: str
-    operations: list[KVOpEvent]
-
-
-class HeartbeatMsg(_Msg):
-    instance_id: str
-    worker_id: int
-    ip: str
-    port: int
-    peer_init_url: str | None
-
-
-class FullSyncStartMsg(_Msg):
-    instance_id: str
-    worker_id: int
-    location: str
-    sync_id: str
-    total_keys: int
-    batch_count: int
-
-
-class FullSyncBatchMsg(_Msg):
-    instance_id: str
-    worker_id: int
-    location: str
-    sync_id: str
-    batch_id: int
-    keys: list[int]
-
-
-class FullSyncEndMsg(_Msg):
-    instance_id: str
-    worker_id: int
-    location: str
-    sync_id: str
-    actual_total_keys: int
-
-
-class FullSyncStatusMsg(_Msg):
-    instance_id: str
-    worker_id: int
-    sync_id: str
-
-
-class HeartbeatCommand(msgspec.Struct, tag_field="command_type", tag=True):
-    reason: str | None = None
-    args: dict[str, Any] | None = None
-
-
-class FullSyncCommand(HeartbeatCommand, tag="full_sync"):
-    pass
-
-
-class RegisterRetMsg(_Msg):
-    extra_config: dict[str, str] = {}
-
-
-class HeartbeatRetMsg(_Msg):
-    commands: list[FullSyncCommand | HeartbeatCommand] = []
-
-
-class FullSyncStartRetMsg(_Msg):
-    sync_id: str
-    accepted: bool
-    error_msg: str | None = None
-
-
-class FullSyncStatusRetMsg(_Msg):
-    sync_id: str
-    is_complete: bool
-    global_progress: float
-    can_exit_freeze: bool
-    missing_batches: list[int] = []
-
-
-class ErrorMsg(_Msg):
-    error: str
-
-
-class ClearWorkerMsg(_Msg):
-    worker_event_id: str
-    location: str
-
-
-class PinWorkerMsg(_Msg):
-    worker_event_id: str
-    location: str
-    tokens: list[int]
-
-
-class CompressWorkerMsg(_Msg):
-    worker_event_id: str
-    method: str
-    location: str
-    tokens: list[int] | None = None
-
-
-class DecompressWorkerMsg(_Msg):
-    worker_event_id: str
-    method: str
-    location: str
-    tokens: list[int] | None = None
-
-
-class MoveWorkerMsg(_Msg):
-    worker_event_id: str
-    old_position: str
-    new_position: tuple[str, str]
-    tokens: list[int] | None = None
-    copy: bool | None = True
-
-
-class HealthWorkerMsg(_Msg):
-    worker_event_id: str
-
-
-class CheckFinishWorkerMsg(_Msg):
-    worker_event_id: str
-
-
-class ClearWorkerRetMsg(_Msg):
-    num_tokens: int
-
-
-class PinWorkerRetMsg(_Msg):
-    num_tokens: int
-
-
-class CompressWorkerRetMsg(_Msg):
-    num_tokens: int
-
-
-class DecompressWorkerRetMsg(_Msg):
-    num_tokens: int
-
-
-class MoveWorkerRetMsg(_Msg):
-    num_tokens: int
-
-
-class HealthWorkerRetMsg(_Msg):
-    error_code: int
-
-
-ControlRequest = (
-    ClearWorkerMsg | PinWorkerMsg | CompressWorkerMsg | DecompressWorkerMsg | MoveWorkerMsg | HealthWorkerMsg
-    | CheckFinishWorkerMsg
-)
-ControllerReply = RegisterRetMsg | HeartbeatRetMsg | FullSyncStartRetMsg | FullSyncStatusRetMsg | ErrorMsg
-
-_encode = msgspec.msgpack.Encoder().encode
-_decode_control = msgspec.msgpack.Decoder(ControlRequest).decode
-_decode_reply = msgspec.msgpack.Decoder(ControllerReply).decode
 
 # peer_init_url -> bridge, for in-process /move between bridges
 _PEERS: dict[str, LMCacheWorkerBridge] = {}
@@ -454,15 +303,15 @@ class LMCacheWorkerBridge:
             with contextlib.suppress(Exception):
                 self._ctx.term()
 
-    def _request(self, msg: _Msg) -> Any:
+    def _request(self, msg: Msg) -> Any:
         """Synchronous DEALER request to the controller's reply port; recreates the socket on timeout."""
         assert self._dealer is not None
-        self._dealer.send_multipart([b"", _encode(msg)])
+        self._dealer.send_multipart([b"", encode(msg)])
         if not self._dealer.poll(self._timeout_ms, zmq.POLLIN):
             self._dealer.close(linger=0)
             self._dealer = self._new_dealer(self._reply_url)
             raise TimeoutError(f"controller did not answer {type(msg).__name__}")
-        return _decode_reply(self._dealer.recv_multipart()[-1])
+        return decode_reply(self._dealer.recv_multipart()[-1])
 
     def _register_msg(self) -> RegisterMsg:
         return RegisterMsg(self.instance_id, self.worker_id, self.ip, self.port, self.peer_init_url)
@@ -526,10 +375,10 @@ class LMCacheWorkerBridge:
         return max(0, int((min(due) - now) * 1000))
 
     # ------------------------------------------------------------------ push
-    def _send_push(self, msgs: Sequence[_Msg]) -> None:
+    def _send_push(self, msgs: Sequence[Msg]) -> None:
         assert self._push is not None
         if msgs:
-            self._push.send_multipart([_encode(m) for m in msgs])
+            self._push.send_multipart([encode(m) for m in msgs])
 
     def _flush_ops(self) -> None:
         with self._lock:
@@ -537,7 +386,7 @@ class LMCacheWorkerBridge:
             self._queue.clear()
             drained = self._pending
         if batches:
-            msgs: list[_Msg] = []
+            msgs: list[Msg] = []
             for location, ops in batches:
                 events = []
                 for op in ops:
@@ -562,7 +411,7 @@ class LMCacheWorkerBridge:
                 self._hb_outstanding_since = None
             if self._hb_outstanding_since is None:
                 msg = HeartbeatMsg(self.instance_id, self.worker_id, self.ip, self.port, self.peer_init_url)
-                self._hb.send_multipart([b"", _encode(msg)])
+                self._hb.send_multipart([b"", encode(msg)])
                 self._hb_outstanding_since = now
                 self.heartbeats_sent += 1
         if self._sync is not None and now >= self._sync["next_poll"]:
@@ -571,7 +420,7 @@ class LMCacheWorkerBridge:
     def _on_heartbeat_reply(self) -> None:
         assert self._hb is not None
         try:
-            ret = _decode_reply(self._hb.recv_multipart()[-1])
+            ret = decode_reply(self._hb.recv_multipart()[-1])
         except (msgspec.DecodeError, msgspec.ValidationError):
             log.warning("undecodable heartbeat reply")
             return
@@ -605,7 +454,7 @@ class LMCacheWorkerBridge:
     def _send_sync_batches(self, batch_ids: list[int]) -> None:
         assert self._sync is not None
         keys, size, sid = self._sync["keys"], self._sync_batch_size, self._sync["id"]
-        msgs: list[_Msg] = [
+        msgs: list[Msg] = [
             FullSyncBatchMsg(self.instance_id, self.worker_id, self.location, sid, b, keys[b * size:(b + 1) * size])
             for b in batch_ids
         ]
@@ -645,12 +494,12 @@ class LMCacheWorkerBridge:
         assert self._rep is not None
         raw = self._rep.recv()
         try:
-            reply = self._dispatch(_decode_control(raw))
+            reply = self._dispatch(decode_control(raw))
         except Exception as exc:
             reply = ErrorMsg(error=f"Worker error: {exc}")
-        self._rep.send(_encode(reply))
+        self._rep.send(encode(reply))
 
-    def _dispatch(self, req: Any) -> _Msg:
+    def _dispatch(self, req: Any) -> Msg:
         w = self.worker
         if isinstance(req, ClearWorkerMsg):
             return ClearWorkerRetMsg(int(w.clear(req.location)))
