@@ -23,7 +23,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _project_root() -> Path:
+    """The checkout this package runs from (its ``.cache`` holds the controller venv); the working directory when
+    the package is installed from a wheel. ``$KVGATE_LMCACHE_VENV`` overrides the venv location."""
+    here = Path(__file__).resolve().parents[1]
+    return here if (here / "pyproject.toml").is_file() else Path.cwd()
+
+
+PROJECT_ROOT = _project_root()
 VENV_ENV = "KVGATE_LMCACHE_VENV"
 MARKER_NAME = ".kvgate-lmcache-ok"
 SETUP_SCRIPT = "scripts/setup-lmcache.sh"

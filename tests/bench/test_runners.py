@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import aiohttp
 import pytest
 
+from kvgate.config import parse_config
 from kvgate_bench import cli as bench_cli
 from kvgate_bench import peers
 from kvgate_bench.modes import GATEWAY_MODES, MODES, FleetSpec, gateway_config, peer_available, resolve_modes
@@ -22,7 +23,6 @@ from kvgate_bench.realtime import parse_hit_counters, run_mode, run_modes
 from kvgate_bench.results import summarize
 from kvgate_bench.virtual import prepare, run_virtual
 from kvgate_bench.workloads import Request, get_workload
-from kvgate.config import parse_config
 from kvgate_sim.fleet import Fleet, start_fleet
 
 SPEC = FleetSpec(engines=2, time_scale=0.5)

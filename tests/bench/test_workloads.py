@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+import kvgate_bench
 from kvgate_bench import workloads as wl
 from kvgate_bench.oracle import oracle_bound
 from kvgate_sim.tokenizer import get_tokenizer
@@ -333,7 +334,7 @@ def test_request_body_and_chunk_hashes() -> None:
 
 def test_bundled_trace_is_package_data_and_the_default() -> None:
     assert TRACE.is_file() and TRACE.suffix == ".gz"
-    assert Path(wl.__file__).parent in TRACE.parents  # inside the installed package, not beside the checkout
+    assert Path(kvgate_bench.__file__).parent in TRACE.parents  # inside the installed package, not beside the checkout
     if "KVGATE_TRACE" not in os.environ:
         assert wl.DEFAULT_TRACE_PATH == TRACE
     records = wl.load_mooncake_trace(TRACE)
