@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import IO, Any
 
 
-
 def _project_root() -> Path:
     """The checkout this package runs from (its ``.cache`` holds the controller venv); the working directory when
     the package is installed from a wheel. ``$KVGATE_LMCACHE_VENV`` overrides the venv location."""
