@@ -79,23 +79,25 @@ class ExternalFleet:
     @classmethod
     def from_state(cls, state: dict[str, Any] | str | Path, *, label: str = "real") -> ExternalFleet:
         """From a real fleet's ``state.json`` (dict or path): live engines, controller URL, model name."""
-        if not isinstance(state, dict):
+        if isinstance(state, dict):
+            data = state
+        else:
             path = Path(state)
             if path.is_dir():
                 path = path / "state.json"
             try:
-                state = json.loads(path.read_text())
+                data = json.loads(path.read_text())
             except FileNotFoundError:
                 raise ExternalFleetError(
                     f"no fleet state file {path} (start one: python -m kvgate_real.fleet up)"
                 ) from None
-        controller = state.get("controller") or {}
+        controller = data.get("controller") or {}
         engines = [ExternalEngine(str(e["instance_id"]), str(e["url"]).rstrip("/"), int(e["port"]))
-                   for e in state.get("engines") or [] if e.get("alive", True)]  # fmt: skip
+                   for e in data.get("engines") or [] if e.get("alive", True)]  # fmt: skip
         if not engines or not controller.get("url"):
             raise ExternalFleetError("fleet state has no live engine or no controller")
-        fleet = cls(engines, str(controller["url"]).rstrip("/"), str(state.get("model_name") or "tiny"), label=label)
-        fleet.info["run_id"] = state.get("run_id")
+        fleet = cls(engines, str(controller["url"]).rstrip("/"), str(data.get("model_name") or "tiny"), label=label)
+        fleet.info["run_id"] = data.get("run_id")
         return fleet
 
     # -- gateway config --------------------------------------------------------------------------------------------

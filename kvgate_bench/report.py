@@ -182,7 +182,7 @@ def plot_hit_rate(summaries: Sequence[ModeSummary], path: Path) -> Path:
         if s.oracle is not None:
             ax.hlines(
                 s.oracle * 100, x - 0.4, x + 0.4, colors="black", linestyles="dashed",
-                label=None if oracle_drawn else "oracle",
+                label="_nolegend_" if oracle_drawn else "oracle",
             )  # fmt: skip
             oracle_drawn = True
     ax.set_xticks(xs)

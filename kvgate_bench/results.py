@@ -161,9 +161,9 @@ def summarize(
     ttfts = [r.ttft_s for r in ok_rows if r.ttft_s is not None]
     e2es = [r.e2e_s for r in ok_rows if r.e2e_s is not None]
     if wall_s is None:
-        timed = [r for r in rows if r.start_s is not None and r.e2e_s is not None]
+        timed = [(r.start_s, r.e2e_s) for r in rows if r.start_s is not None and r.e2e_s is not None]
         if timed:
-            wall_s = max(r.start_s + r.e2e_s for r in timed) - min(r.start_s for r in timed)  # type: ignore[operator]
+            wall_s = max(s + e for s, e in timed) - min(s for s, _ in timed)
         else:
             wall_s = sum(e2es)
     counts: Counter[str] = Counter()

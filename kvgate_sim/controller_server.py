@@ -469,7 +469,9 @@ class ControllerApp:
                 await send_json(send, 404, {"detail": f"No workers found for instance {instance_id}"})
                 return
             if instance_id is not None:  # the instance's workers in registration order (not sorted)
-                infos = [index.worker_info(i, w) for i, w in index.registered_workers() if i == instance_id]
+                infos: Sequence[WorkerInfo | None] = [
+                    index.worker_info(i, w) for i, w in index.registered_workers() if i == instance_id
+                ]
             else:
                 infos = index.worker_infos("all")
             workers = [

@@ -90,12 +90,12 @@ class EngineCore:
                 location=cfg.lmcache_location, pin_timeout_s=cfg.pin_timeout_s,
                 compression_ratio=cfg.compression_ratio,
             )
-        self._future: list[tuple[float, int]] = []
+        self._future: list[tuple[float, int, _Req]] = []
         self._waiting: deque[_Req] = deque()
         self._prefilling: list[_Req] = []
-        self._decoding: dict[str] = {}
-        self._heap: list[tuple[int, int]] = []
-        self._reqs: dict[str] = {}
+        self._decoding: dict[str, _Req] = {}
+        self._heap: list[tuple[int, int, _Req]] = []
+        self._reqs: dict[str, _Req] = {}
         self._head_blocked = False
         self._g = 0  # number of steps that ran decodes so far
         self._seq = 0
@@ -296,7 +296,7 @@ class EngineCore:
         budget = self.max_num_batched_tokens
         n_dec = len(self._decoding)
         budget -= n_dec
-        chunks: list[tuple[int]] = []
+        chunks: list[tuple[_Req, int]] = []
         for r in self._prefilling:
             if budget <= 0:
                 break

@@ -283,7 +283,7 @@ def _int_param(body: dict[str, Any], name: str, default: int | None) -> int | No
         raise _bad(f"{name} must be an integer", name)
     if v < 1:
         raise _bad(f"{name} must be at least 1, got {v}.", name)
-    return v
+    return int(v)
 
 
 def _stream_options(body: dict[str, Any]) -> tuple[bool, bool]:
@@ -321,7 +321,7 @@ class EngineApp:
         self._max_token_id = self.tokenizer.vocab_size + 1024  # ordinary ranks + Qwen's special-token range
         self._instance = engine.instance_id.encode("latin-1", "replace")
         self.registry = CollectorRegistry()
-        self.registry.register(_EngineCollector(engine, self.model_name))  # type: ignore[arg-type]
+        self.registry.register(_EngineCollector(engine, self.model_name))
         labels = ["model_name", "engine"]
         self.ttft = Histogram("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.",
                               labels, registry=self.registry, buckets=TTFT_BUCKETS).labels(self.model_name, "0")

@@ -15,7 +15,8 @@ Lets a simulated engine register with the REAL LMCache controller (``kvgate_sim.
   replies ``*WorkerRetMsg{num_tokens}``, ``HealthWorkerRetMsg{error_code}`` or ``ErrorMsg{error}``.
 
 Messages (:mod:`kvgate_sim.lmcache_wire`) are msgspec structs tagged ``"type": "<ClassName>"`` encoded as
-msgpack; names, fields and tags are copied from ``lmcache/v1/cache_controller/message.py`` and ``commands/*.py`` (0.5.6).
+msgpack; names, fields and tags are copied from ``lmcache/v1/cache_controller/message.py`` and
+``commands/*.py`` (0.5.6).
 Everything runs in one background thread; :meth:`LMCacheWorkerBridge.close` stops it. The bridge
 advertises ip 127.0.0.1. ``/move`` works between bridges of this process that were given a
 ``peer_init_url`` (the destination is found by that URL, the chunks move in-process).
@@ -289,7 +290,7 @@ class LMCacheWorkerBridge:
 
     def _new_dealer(self, url: str) -> zmq.Socket[Any]:
         assert self._ctx is not None
-        sock = self._ctx.socket(zmq.DEALER)
+        sock: zmq.Socket[Any] = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(url)
         return sock

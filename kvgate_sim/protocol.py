@@ -51,7 +51,7 @@ class KVOp:
 
 
 # sink(instance_id, worker_id, location, ops)
-OpSink = Callable[[str, int, str, list[KVOp]], None]
+OpSink = Callable[[str, int, str, list[KVOp]], object]  # the return value, if any, is ignored
 
 
 class WorkerControl(Protocol):
