@@ -125,7 +125,7 @@ def build_parser(prog: str = "kvgate bench") -> argparse.ArgumentParser:
         default=None,
         metavar="PATH",
         help="use an already running real fleet (its state.json or run dir, e.g. .cache/real-run/state.json, "
-        "written by `python -m kvgate_real.fleet up`) instead of starting one; implies --fleet real; the fleet "
+        "written by `kvgate real up`) instead of starting one; implies --fleet real; the fleet "
         "is left running",
     )
     p.add_argument(

@@ -2,7 +2,7 @@
 
 The simulated runner starts a FRESH fleet per mode. A real fleet takes ~2 minutes to start and only one may run
 per machine, so ``kvgate bench --fleet real`` starts one :class:`kvgate_real.fleet.RealFleet` for the whole run
-(``--fleet-state PATH`` attaches to one started by ``python -m kvgate_real.fleet up``) and, before every mode,
+(``--fleet-state PATH`` attaches to one started by ``kvgate real up``) and, before every mode,
 resets its caches instead (:meth:`ExternalFleet.reset`):
 
 1. vLLM ``POST /reset_prefix_cache`` on each engine (the launcher sets ``VLLM_SERVER_DEV_MODE=1``), retried while
@@ -89,7 +89,7 @@ class ExternalFleet:
                 data = json.loads(path.read_text())
             except FileNotFoundError:
                 raise ExternalFleetError(
-                    f"no fleet state file {path} (start one: python -m kvgate_real.fleet up)"
+                    f"no fleet state file {path} (start one: kvgate real up)"
                 ) from None
         controller = data.get("controller") or {}
         engines = [ExternalEngine(str(e["instance_id"]), str(e["url"]).rstrip("/"), int(e["port"]))

@@ -4,4 +4,4 @@ import sys
 
 from kvgate_real.cli import main
 
-sys.exit(main(prog="python -m kvgate_real"))
+sys.exit(main())

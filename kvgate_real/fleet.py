@@ -2,9 +2,11 @@
 
 CLI (project venv)::
 
-    python -m kvgate_real.fleet up [-n 2]     # start, wait until storage works, write state.json + kvgate.yaml
-    python -m kvgate_real.fleet status        # processes, RSS, health, loopback check
-    python -m kvgate_real.fleet down          # kill every process group, verify nothing is left
+    kvgate real up [-n 2]     # start, wait until storage works, write state.json + kvgate.yaml
+    kvgate real status        # processes, RSS, health, loopback check
+    kvgate real down          # kill every process group, verify nothing is left
+
+(``python -m kvgate_real …`` and ``python -m kvgate_real.fleet …`` are the same command.)
 
 Python API (tests)::
 
@@ -237,7 +239,7 @@ class RealFleet:
                     return
             if time.monotonic() > deadline:
                 raise FleetError(f"another real fleet is running on this machine: {others}; "
-                                 f"stop it (python -m kvgate_real.fleet --run-dir DIR down) or wait")
+                                 f"stop it (kvgate real --run-dir DIR down) or wait")
             if not announced:
                 self._log(f"waiting up to {wait:.0f} s for another real fleet to stop: "
                           f"{[e.get('run_dir') for e in others]}")
@@ -269,7 +271,7 @@ class RealFleet:
                 left += pids_in_group(int(proc["pid"]))
         if left:
             raise FleetError(f"a fleet from {self.state_path} is still running (pids {sorted(set(left))}); "
-                             "run `python -m kvgate_real.fleet down` first")
+                             "run `kvgate real down` first")
 
     def _base_env(self, home: Path, tmp_dir: Path) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONHOME", "PYTHONSTARTUP")}
@@ -776,7 +778,7 @@ def _sigkill(pid: int) -> None:
 
 
 
-if __name__ == "__main__":
-    from kvgate_real.cli import main
+if __name__ == "__main__":  # ``python -m kvgate_real.fleet …``: the same command as ``python -m kvgate_real …``
+    import runpy
 
-    sys.exit(main())
+    runpy.run_module("kvgate_real", run_name="__main__")
