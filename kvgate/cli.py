@@ -18,8 +18,9 @@ from kvgate.errors import ConfigError
 
 
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -34,9 +35,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
 
     async def main() -> None:
-        running = await start_gateway(cfg, host=args.host, port=args.port, admin_host=args.admin_host,
-                                      admin_port=args.admin_port, log_level="warning",
-                                      drain_timeout=args.drain_timeout)
+        running = await start_gateway(
+            cfg,
+            host=args.host,
+            port=args.port,
+            admin_host=args.admin_host,
+            admin_port=args.admin_port,
+            log_level="warning",
+            drain_timeout=args.drain_timeout,
+        )
         for h in running.listeners:
             print(f"kvgate {__version__}: listening on {h.url}", flush=True)
         if running.admin is not None:
@@ -91,16 +98,30 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="run the gateway")
-    s.add_argument("-c", "--config", default=os.environ.get("KVGATE_CONFIG"),
-                   required="KVGATE_CONFIG" not in os.environ, help="YAML config (Pixiu shape); env KVGATE_CONFIG")
-    s.add_argument("--log-level", default=os.environ.get("KVGATE_LOG_LEVEL", "info"),
-                   choices=["debug", "info", "warning", "error"], help="env KVGATE_LOG_LEVEL")
-    s.add_argument("--host", default=os.environ.get("KVGATE_HOST"),
-                   help="override the listener address (env KVGATE_HOST)")
+    s.add_argument(
+        "-c",
+        "--config",
+        default=os.environ.get("KVGATE_CONFIG"),
+        required="KVGATE_CONFIG" not in os.environ,
+        help="YAML config (Pixiu shape); env KVGATE_CONFIG",
+    )
+    s.add_argument(
+        "--log-level",
+        default=os.environ.get("KVGATE_LOG_LEVEL", "info"),
+        choices=["debug", "info", "warning", "error"],
+        help="env KVGATE_LOG_LEVEL",
+    )
+    s.add_argument(
+        "--host", default=os.environ.get("KVGATE_HOST"), help="override the listener address (env KVGATE_HOST)"
+    )
     s.add_argument("--port", type=int, default=_env_int("KVGATE_PORT"), help="override the first listener port")
     s.add_argument("--admin-host", default=os.environ.get("KVGATE_ADMIN_HOST"), help="admin bind address")
-    s.add_argument("--admin-port", type=int, default=_env_int("KVGATE_ADMIN_PORT"),
-                   help="admin port (default from config, 9901; env KVGATE_ADMIN_PORT)")
+    s.add_argument(
+        "--admin-port",
+        type=int,
+        default=_env_int("KVGATE_ADMIN_PORT"),
+        help="admin port (default from config, 9901; env KVGATE_ADMIN_PORT)",
+    )
     s.add_argument("--drain-timeout", type=float, default=10.0, help="seconds to drain in-flight requests on SIGTERM")
     s.set_defaults(fn=cmd_serve)
 

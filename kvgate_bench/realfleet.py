@@ -88,9 +88,7 @@ class ExternalFleet:
             try:
                 data = json.loads(path.read_text())
             except FileNotFoundError:
-                raise ExternalFleetError(
-                    f"no fleet state file {path} (start one: kvgate real up)"
-                ) from None
+                raise ExternalFleetError(f"no fleet state file {path} (start one: kvgate real up)") from None
         controller = data.get("controller") or {}
         engines = [ExternalEngine(str(e["instance_id"]), str(e["url"]).rstrip("/"), int(e["port"]))
                    for e in data.get("engines") or [] if e.get("alive", True)]  # fmt: skip

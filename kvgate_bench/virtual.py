@@ -185,9 +185,13 @@ class VirtualRouter:
             self._count("empty")
             return self._cold(picked)
         choice = choose_prefix_endpoint(
-            {iid: end for iid, (_loc, end) in layout.items()}, self.endpoints, min_match_tokens=self.min_match_tokens,
-            max_imbalance_abs=self.max_imbalance_abs, max_imbalance_rel=self.max_imbalance_rel,
-            min_match_ratio=self.min_match_ratio, num_tokens=v.num_tokens,
+            {iid: end for iid, (_loc, end) in layout.items()},
+            self.endpoints,
+            min_match_tokens=self.min_match_tokens,
+            max_imbalance_abs=self.max_imbalance_abs,
+            max_imbalance_rel=self.max_imbalance_rel,
+            min_match_ratio=self.min_match_ratio,
+            num_tokens=v.num_tokens,
         )
         if choice.endpoint_id is None:
             self._count("no_match")

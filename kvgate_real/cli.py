@@ -13,8 +13,9 @@ from kvgate_real.locations import FleetError
 
 # -- CLI -----------------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None, prog: str = "kvgate real") -> int:
-    ap = argparse.ArgumentParser(prog=prog, description=fleet_module.__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog=prog, description=fleet_module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--run-dir", type=Path, default=None, help="default .cache/real-run (env KVGATE_REAL_RUN_DIR)")
     sub = ap.add_subparsers(dest="cmd", required=True)
     up = sub.add_parser("up", help="start controller + engines, wait until ready")

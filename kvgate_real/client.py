@@ -13,6 +13,7 @@ from kvgate_real.locations import CHUNK_SIZE, MODEL_NAME, FleetError
 
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never route loopback calls via a proxy
 
+
 # -- HTTP helpers (stdlib) -----------------------------------------------------------------------------------------
 def http_json(method: str, url: str, body: Any = None, timeout: float = 30.0) -> tuple[int, Any]:
     """One JSON request; returns (status, parsed body or text).  Connection errors raise ``OSError``."""
@@ -45,8 +46,12 @@ def _ok_json(method: str, url: str, body: Any = None, timeout: float = 60.0) -> 
     return data
 
 
-def tokenize(engine_url: str, prompt: str | None = None, messages: list[dict[str, str]] | None = None,
-             add_generation_prompt: bool = True) -> list[int]:
+def tokenize(
+    engine_url: str,
+    prompt: str | None = None,
+    messages: list[dict[str, str]] | None = None,
+    add_generation_prompt: bool = True,
+) -> list[int]:
     """The engine's own token ids: a prompt gets the BOS (id 0); chat ``messages`` get none."""
     body: dict[str, Any] = {"model": MODEL_NAME}
     if messages is not None:
@@ -61,8 +66,9 @@ def complete(engine_url: str, prompt: str, max_tokens: int = 4, timeout: float =
     return dict(_ok_json("POST", f"{engine_url}/v1/completions", body, timeout))
 
 
-def chat(engine_url: str, messages: list[dict[str, str]], max_tokens: int = 4, timeout: float = 120.0
-         ) -> dict[str, Any]:
+def chat(
+    engine_url: str, messages: list[dict[str, str]], max_tokens: int = 4, timeout: float = 120.0
+) -> dict[str, Any]:
     body = {"model": MODEL_NAME, "messages": messages, "max_tokens": max_tokens, "temperature": 0}
     return dict(_ok_json("POST", f"{engine_url}/v1/chat/completions", body, timeout))
 
@@ -73,8 +79,14 @@ def lookup(controller_url: str, tokens: list[int], timeout: float = 30.0) -> dic
     return {k: (str(v[0]), int(v[1])) for k, v in (data.get("layout_info") or {}).items()}
 
 
-def wait_for_lookup(controller_url: str, tokens: list[int], instance_id: str, min_tokens: int = CHUNK_SIZE,
-                    timeout: float = 20.0, interval: float = 0.5) -> dict[str, tuple[str, int]]:
+def wait_for_lookup(
+    controller_url: str,
+    tokens: list[int],
+    instance_id: str,
+    min_tokens: int = CHUNK_SIZE,
+    timeout: float = 20.0,
+    interval: float = 0.5,
+) -> dict[str, tuple[str, int]]:
     """Poll ``/lookup`` until ``instance_id`` is credited with at least ``min_tokens``; returns the last layout."""
     deadline = time.monotonic() + timeout
     layout: dict[str, tuple[str, int]] = {}

@@ -130,9 +130,15 @@ def _say(msg: str) -> None:
 class RealFleet:
     """Controller + engines for tests; a context manager that always stops what it started."""
 
-    def __init__(self, run_dir: Path | str | None = None, *, startup_timeout: float = 600.0,
-                 ready_timeout: float = 120.0, wait_for_other_fleet: float | None = None,
-                 verbose: bool = True) -> None:
+    def __init__(
+        self,
+        run_dir: Path | str | None = None,
+        *,
+        startup_timeout: float = 600.0,
+        ready_timeout: float = 120.0,
+        wait_for_other_fleet: float | None = None,
+        verbose: bool = True,
+    ) -> None:
         self.run_dir = Path(run_dir) if run_dir is not None else default_run_dir()
         self.startup_timeout = startup_timeout
         self.ready_timeout = ready_timeout
@@ -184,8 +190,10 @@ class RealFleet:
             raise FleetError(problem)
         max_engines = int(os.environ.get("KVGATE_REAL_MAX_ENGINES", "2"))
         if not 1 <= n_engines <= max_engines:
-            raise FleetError(f"n_engines must be 1..{max_engines} (2 shared cores, ~4.2 GB RSS per engine; "
-                             f"KVGATE_REAL_MAX_ENGINES raises the cap), got {n_engines}")
+            raise FleetError(
+                f"n_engines must be 1..{max_engines} (2 shared cores, ~4.2 GB RSS per engine; "
+                f"KVGATE_REAL_MAX_ENGINES raises the cap), got {n_engines}"
+            )
         if self.controller is not None or self.engines:
             raise FleetError("this RealFleet already started")
         self._refuse_if_running()
@@ -238,18 +246,26 @@ class RealFleet:
                     self._update_registry(owner_holds=True)
                     return
             if time.monotonic() > deadline:
-                raise FleetError(f"another real fleet is running on this machine: {others}; "
-                                 f"stop it (kvgate real --run-dir DIR down) or wait")
+                raise FleetError(
+                    f"another real fleet is running on this machine: {others}; "
+                    f"stop it (kvgate real --run-dir DIR down) or wait"
+                )
             if not announced:
-                self._log(f"waiting up to {wait:.0f} s for another real fleet to stop: "
-                          f"{[e.get('run_dir') for e in others]}")
+                self._log(
+                    f"waiting up to {wait:.0f} s for another real fleet to stop: {[e.get('run_dir') for e in others]}"
+                )
                 announced = True
             time.sleep(5.0)
 
     def _update_registry(self, owner_holds: bool = True) -> None:
         REGISTRY_DIR.mkdir(parents=True, exist_ok=True)
-        entry = {"run_id": self.run_id, "run_dir": str(self.run_dir), "owner_pid": os.getpid(),
-                 "owner_holds": owner_holds, "root_pids": self.root_pids()}
+        entry = {
+            "run_id": self.run_id,
+            "run_dir": str(self.run_dir),
+            "owner_pid": os.getpid(),
+            "owner_holds": owner_holds,
+            "root_pids": self.root_pids(),
+        }
         tmp = self._registry_entry.with_suffix(".tmp")
         tmp.write_text(json.dumps(entry))
         tmp.replace(self._registry_entry)
@@ -270,8 +286,10 @@ class RealFleet:
             if proc.get("pid"):
                 left += pids_in_group(int(proc["pid"]))
         if left:
-            raise FleetError(f"a fleet from {self.state_path} is still running (pids {sorted(set(left))}); "
-                             "run `kvgate real down` first")
+            raise FleetError(
+                f"a fleet from {self.state_path} is still running (pids {sorted(set(left))}); "
+                "run `kvgate real down` first"
+            )
 
     def _base_env(self, home: Path, tmp_dir: Path) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONHOME", "PYTHONSTARTUP")}
@@ -321,8 +339,15 @@ class RealFleet:
         with log_path.open("wb" if fresh_log else "ab") as log:
             log.write(f"### {time.strftime('%Y-%m-%d %H:%M:%S')} start {name}: {' '.join(cmd)}\n".encode())
             log.flush()
-            proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    cwd=str(self.run_dir), start_new_session=True)
+            proc = subprocess.Popen(
+                cmd,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=str(self.run_dir),
+                start_new_session=True,
+            )
         self._procs[proc.pid] = proc
         self._watches[proc.pid] = _LogWatch(log_path)
         if self._registry_entry.exists():
@@ -344,8 +369,13 @@ class RealFleet:
         ]  # fmt: skip
         log = self.run_dir / "logs" / "controller.log"
         pid = self._spawn("controller", cmd, env, log, fresh_log)
-        self.controller = ControllerInfo(pid=pid, port=p.controller_http, url=f"http://{LOOPBACK}:{p.controller_http}",
-                                         monitor_ports=monitor, log=str(log))
+        self.controller = ControllerInfo(
+            pid=pid,
+            port=p.controller_http,
+            url=f"http://{LOOPBACK}:{p.controller_http}",
+            monitor_ports=monitor,
+            log=str(log),
+        )
         self._write_state()  # early, so `down` finds a half-started fleet too
 
     def _wait_controller(self, deadline: float) -> None:
@@ -412,9 +442,20 @@ class RealFleet:
         ]  # fmt: skip
         log = self.run_dir / "logs" / f"{instance_id}.log"
         pid = self._spawn(instance_id, cmd, env, log, fresh_log=True)
-        self.engines.append(EngineInfo(index=i, instance_id=instance_id, pid=pid, port=http,
-                                       url=f"http://{LOOPBACK}:{http}", worker_port=worker, log=str(log),
-                                       lmcache_config=str(cfg_path), home=str(home), tmp_dir=str(tmp_dir)))
+        self.engines.append(
+            EngineInfo(
+                index=i,
+                instance_id=instance_id,
+                pid=pid,
+                port=http,
+                url=f"http://{LOOPBACK}:{http}",
+                worker_port=worker,
+                log=str(log),
+                lmcache_config=str(cfg_path),
+                home=str(home),
+                tmp_dir=str(tmp_dir),
+            )
+        )
         self._write_state()
 
     def _check_engine_log(self, eng: EngineInfo) -> None:
@@ -458,8 +499,9 @@ class RealFleet:
             if eng.alive:
                 self._wait_storing(eng, deadline, min_exits=(exits_before or {}).get(eng.pid, 0) + 1)
         self.timings["storage_ready_s"] = round(time.monotonic() - t0, 1)
-        self._log(f"registered after {self.timings['registered_s']} s, storing after "
-                  f"{self.timings['storage_ready_s']} s")
+        self._log(
+            f"registered after {self.timings['registered_s']} s, storing after {self.timings['storage_ready_s']} s"
+        )
 
     def wait_registered(self, deadline: float | None = None) -> None:
         deadline = deadline or time.monotonic() + self.ready_timeout
@@ -765,8 +807,14 @@ class RealFleet:
             http_ok = http_json("GET", health_url, timeout=3)[0] == 200
         except OSError:
             http_ok = False
-        return {"name": name, "pid": pid, "alive": pid_alive(pid), "group_pids": group, "rss_mb": rss_mb(group),
-                "http_ok": http_ok}
+        return {
+            "name": name,
+            "pid": pid,
+            "alive": pid_alive(pid),
+            "group_pids": group,
+            "rss_mb": rss_mb(group),
+            "http_ok": http_ok,
+        }
 
 
 def _sigkill(pid: int) -> None:
@@ -774,8 +822,6 @@ def _sigkill(pid: int) -> None:
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
-
-
 
 
 if __name__ == "__main__":  # ``python -m kvgate_real.fleet …``: the same command as ``python -m kvgate_real …``

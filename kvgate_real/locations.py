@@ -32,7 +32,6 @@ EXIT_FREEZE = "Exiting freeze mode"
 REGISTRY_DIR = Path(os.environ.get("KVGATE_REAL_REGISTRY") or Path(tempfile.gettempdir()) / "kvgate-real-fleets")
 
 
-
 # -- locations -----------------------------------------------------------------------------------------------------
 def venv_dir() -> Path:
     return Path(os.environ.get("KVGATE_REAL_VENV") or ROOT / ".cache" / "real-venv")

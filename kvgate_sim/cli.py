@@ -32,13 +32,23 @@ def build_parser(prog: str = "kvgate sim") -> argparse.ArgumentParser:
     p.add_argument("--gpu-blocks", type=int, default=None, help="GPU KV blocks per engine (default: from profile)")
     p.add_argument("--lmcache-chunks", type=int, default=2048, help="LMCache CPU-tier capacity in 256-token chunks")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--controller", dest="no_controller", action="store_false", default=False,
-                   help="start the simulated LMCache controller (the default)")
-    p.add_argument("--no-controller", dest="no_controller", action="store_true",
-                   help="do not start the simulated controller")
-    p.add_argument("--lmcache-controller", metavar="URL", default=None,
-                   help="HTTP URL of a REAL LMCache controller the engines register with (needs --lmcache-pull and "
-                        "--lmcache-reply); the generated config then points the kvcache filter at it")
+    p.add_argument(
+        "--controller",
+        dest="no_controller",
+        action="store_false",
+        default=False,
+        help="start the simulated LMCache controller (the default)",
+    )
+    p.add_argument(
+        "--no-controller", dest="no_controller", action="store_true", help="do not start the simulated controller"
+    )
+    p.add_argument(
+        "--lmcache-controller",
+        metavar="URL",
+        default=None,
+        help="HTTP URL of a REAL LMCache controller the engines register with (needs --lmcache-pull and "
+        "--lmcache-reply); the generated config then points the kvcache filter at it",
+    )
     p.add_argument("--lmcache-pull", metavar="HOST:PORT", default=None, help="real controller's ZMQ pull address")
     p.add_argument("--lmcache-reply", metavar="HOST:PORT", default=None, help="real controller's ZMQ reply address")
     p.add_argument("--config-out", default="kvgate-sim.yaml", help="where to write the kvgate config")
@@ -56,10 +66,18 @@ async def run(args: argparse.Namespace) -> int:
             print("kvgate sim: --lmcache-controller needs --lmcache-pull and --lmcache-reply")
             return 2
         real = (args.lmcache_pull, args.lmcache_reply)
-    cfg = replace(EngineConfig(profile=args.profile, time_scale=args.time_scale),
-                  num_gpu_blocks=args.gpu_blocks, lmcache_capacity_chunks=args.lmcache_chunks)
-    fleet = await start_fleet(args.engines, engine_config=cfg, controller=not args.no_controller and real is None,
-                              lmcache_controller=real, seed=args.seed)
+    cfg = replace(
+        EngineConfig(profile=args.profile, time_scale=args.time_scale),
+        num_gpu_blocks=args.gpu_blocks,
+        lmcache_capacity_chunks=args.lmcache_chunks,
+    )
+    fleet = await start_fleet(
+        args.engines,
+        engine_config=cfg,
+        controller=not args.no_controller and real is None,
+        lmcache_controller=real,
+        seed=args.seed,
+    )
     try:
         if real is not None:
             fleet.controller_url = args.lmcache_controller.rstrip("/")

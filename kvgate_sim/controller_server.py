@@ -277,17 +277,22 @@ def _fastapi_errors(exc: ValidationError) -> list[dict[str, Any]]:
     for err in exc.errors(include_url=False):
         item = {"type": err["type"], "loc": ["body", *err["loc"]], "msg": err["msg"], "input": err["input"]}
         if "ctx" in err:
-            item["ctx"] = {k: (v if isinstance(v, str | int | float | bool | None) else str(v))
-                           for k, v in err["ctx"].items()}
+            item["ctx"] = {
+                k: (v if isinstance(v, str | int | float | bool | None) else str(v)) for k, v in err["ctx"].items()
+            }
         out.append(item)
     return out
 
 
 def _not_a_dict(value: Any) -> list[dict[str, Any]]:
-    return [{
-        "type": "model_attributes_type", "loc": ["body"],
-        "msg": "Input should be a valid dictionary or object to extract fields from", "input": value,
-    }]
+    return [
+        {
+            "type": "model_attributes_type",
+            "loc": ["body"],
+            "msg": "Input should be a valid dictionary or object to extract fields from",
+            "input": value,
+        }
+    ]
 
 
 class _BadBody(Exception):
@@ -311,10 +316,17 @@ async def _read_model(request: Request, model: type[M]) -> M:
     except ValueError as exc:
         pos = getattr(exc, "pos", 0)
         msg = getattr(exc, "msg", "Expecting value")
-        raise _BadBody([{
-            "type": "json_invalid", "loc": ["body", pos], "msg": "JSON decode error", "input": {},
-            "ctx": {"error": msg},
-        }]) from None
+        raise _BadBody(
+            [
+                {
+                    "type": "json_invalid",
+                    "loc": ["body", pos],
+                    "msg": "JSON decode error",
+                    "input": {},
+                    "ctx": {"error": msg},
+                }
+            ]
+        ) from None
     if not isinstance(data, dict):
         raise _BadBody(_not_a_dict(data))
     try:
@@ -348,10 +360,17 @@ class ControllerApp:
         self.router = Router()
         self._methods: dict[str, list[str]] = {}
         post = {
-            "/lookup": self._lookup, "/query_instance": self._query_instance,
-            "/query_worker_info": self._query_worker_info, "/health": self._health, "/clear": self._clear,
-            "/pin": self._pin, "/compress": self._compress, "/decompress": self._decompress,
-            "/move": self._move, "/check_finish": self._check_finish, "/evict": self._evict,
+            "/lookup": self._lookup,
+            "/query_instance": self._query_instance,
+            "/query_worker_info": self._query_worker_info,
+            "/health": self._health,
+            "/clear": self._clear,
+            "/pin": self._pin,
+            "/compress": self._compress,
+            "/decompress": self._decompress,
+            "/move": self._move,
+            "/check_finish": self._check_finish,
+            "/evict": self._evict,
         }
         for path, handler in post.items():
             self._add("POST", path, handler)
@@ -398,9 +417,14 @@ class ControllerApp:
     async def _query_worker_info(self, request: Request, send: Send) -> None:
         req = await _read_model(request, QueryWorkerInfoRequest)
         infos = self.controller.worker_infos(req.instance_id, req.worker_ids)
-        await send_json(send, 200, {
-            "event_id": _event_id("QueryWorkerInfo"), "worker_infos": [i.as_dict() for i in infos],
-        })
+        await send_json(
+            send,
+            200,
+            {
+                "event_id": _event_id("QueryWorkerInfo"),
+                "worker_infos": [i.as_dict() for i in infos],
+            },
+        )
 
     async def _health(self, request: Request, send: Send) -> None:
         req = await _read_model(request, HealthRequest)
@@ -450,11 +474,20 @@ class ControllerApp:
             try:
                 worker_id = int(params["worker_id"].strip())
             except ValueError:
-                await send_json(send, 422, {"detail": [{
-                    "type": "int_parsing", "loc": ["query", "worker_id"],
-                    "msg": "Input should be a valid integer, unable to parse string as an integer",
-                    "input": params["worker_id"],
-                }]})
+                await send_json(
+                    send,
+                    422,
+                    {
+                        "detail": [
+                            {
+                                "type": "int_parsing",
+                                "loc": ["query", "worker_id"],
+                                "msg": "Input should be a valid integer, unable to parse string as an integer",
+                                "input": params["worker_id"],
+                            }
+                        ]
+                    },
+                )
                 return
         index = self.controller.index
         with self.controller._lock:

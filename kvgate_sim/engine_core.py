@@ -56,8 +56,13 @@ class EngineCore:
     ``step()`` repeatedly; each step starts at ``max(now, clock())``. Also a :class:`WorkerControl`.
     """
 
-    def __init__(self, config: EngineConfig | None = None, *, sink: OpSink | None = None,
-                 clock: Callable[[], float] | None = None):
+    def __init__(
+        self,
+        config: EngineConfig | None = None,
+        *,
+        sink: OpSink | None = None,
+        clock: Callable[[], float] | None = None,
+    ):
         cfg = config or EngineConfig()
         self.config = cfg
         self.profile = prof = cfg.resolved_profile()
@@ -85,9 +90,14 @@ class EngineCore:
         self.tier: LMCacheTier | None = None
         if cfg.lmcache_enabled:
             self.tier = LMCacheTier(
-                cfg.instance_id, cfg.lmcache_capacity_chunks, clock=clock or self._virtual_now, sink=sink,
-                chunk_size=cfg.lmcache_chunk_size, kv_bytes_per_token=prof.kv_bytes_per_token,
-                location=cfg.lmcache_location, pin_timeout_s=cfg.pin_timeout_s,
+                cfg.instance_id,
+                cfg.lmcache_capacity_chunks,
+                clock=clock or self._virtual_now,
+                sink=sink,
+                chunk_size=cfg.lmcache_chunk_size,
+                kv_bytes_per_token=prof.kv_bytes_per_token,
+                location=cfg.lmcache_location,
+                pin_timeout_s=cfg.pin_timeout_s,
                 compression_ratio=cfg.compression_ratio,
             )
         self._future: list[tuple[float, int, _Req]] = []
@@ -127,14 +137,24 @@ class EngineCore:
     def stats(self) -> EngineStats:
         c, tier = self._c, self.tier
         return EngineStats(
-            prefix_cache_queries=c.queries, prefix_cache_hits=c.hits,
-            external_prefix_cache_queries=c.ext_queries, external_prefix_cache_hits=c.ext_hits,
-            prompt_tokens=c.prompt_tokens, prompt_tokens_cached=c.prompt_cached, generation_tokens=c.gen_tokens,
-            num_preemptions=0, num_requests_finished=c.finished, num_requests_aborted=c.aborted,
-            num_steps=c.steps, num_running=self.num_running, num_waiting=self.num_waiting,
-            kv_cache_usage_perc=self.gpu.usage(), gpu_cached_blocks=self.gpu.num_cached,
+            prefix_cache_queries=c.queries,
+            prefix_cache_hits=c.hits,
+            external_prefix_cache_queries=c.ext_queries,
+            external_prefix_cache_hits=c.ext_hits,
+            prompt_tokens=c.prompt_tokens,
+            prompt_tokens_cached=c.prompt_cached,
+            generation_tokens=c.gen_tokens,
+            num_preemptions=0,
+            num_requests_finished=c.finished,
+            num_requests_aborted=c.aborted,
+            num_steps=c.steps,
+            num_running=self.num_running,
+            num_waiting=self.num_waiting,
+            kv_cache_usage_perc=self.gpu.usage(),
+            gpu_cached_blocks=self.gpu.num_cached,
             gpu_evictions=self.gpu.evictions,
-            lmcache_chunks=len(tier) if tier else 0, lmcache_used_bytes=tier.used_bytes if tier else 0,
+            lmcache_chunks=len(tier) if tier else 0,
+            lmcache_used_bytes=tier.used_bytes if tier else 0,
             lmcache_capacity_bytes=tier.capacity_bytes if tier else 0,
             lmcache_evictions=tier.evictions if tier else 0,
         )
@@ -146,8 +166,7 @@ class EngineCore:
     # -- durations
     def step_duration(self, num_seqs: int, prefill_tokens: int, loaded_tokens: int) -> float:
         """Un-jittered modelled duration (seconds, time_scale applied) of one step."""
-        return (self._base + self._per_seq * (num_seqs - 1) + self._prefill * prefill_tokens
-                + self._load * loaded_tokens)
+        return self._base + self._per_seq * (num_seqs - 1) + self._prefill * prefill_tokens + self._load * loaded_tokens
 
     def _jittered(self, d: float) -> float:
         if self._jitter:
@@ -155,8 +174,9 @@ class EngineCore:
         return d
 
     # -- submission
-    def submit(self, req_id: str, prompt: Prompt | Sequence[int], max_tokens: int, *,
-               arrival_time: float | None = None) -> RequestRecord:
+    def submit(
+        self, req_id: str, prompt: Prompt | Sequence[int], max_tokens: int, *, arrival_time: float | None = None
+    ) -> RequestRecord:
         """Queue a request. ``arrival_time`` in the future (virtual time) defers it until then."""
         if req_id in self._reqs:
             raise ValueError(f"duplicate request id {req_id!r}")
@@ -167,8 +187,9 @@ class EngineCore:
         if max_tokens < 1:
             raise ValueError("max_tokens must be >= 1")
         if n + max_tokens > self.config.max_model_len:
-            raise ValueError(f"prompt ({n}) + max_tokens ({max_tokens}) exceeds max_model_len "
-                             f"{self.config.max_model_len}")
+            raise ValueError(
+                f"prompt ({n}) + max_tokens ({max_tokens}) exceeds max_model_len {self.config.max_model_len}"
+            )
         if -(-(n + max_tokens) // self.block_size) > self.gpu.num_blocks - 1:
             raise ValueError("request does not fit in the simulated GPU KV cache")
         p.block_hashes(self.block_size)  # hash now (once), so admission never fails half-way

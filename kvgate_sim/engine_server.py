@@ -50,10 +50,53 @@ from kvgate_sim.tokenizer import ChatTemplateError, Tokenizer, get_tokenizer
 INSTANCE_HEADER = b"x-kvgate-sim-instance"
 SYSTEM_FINGERPRINT = "kvgate-sim"
 MAX_BODY = 64 * 1024 * 1024
-TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
-                20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
-E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
-               480.0, 960.0, 1920.0, 7680.0)
+TTFT_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+    640.0,
+    2560.0,
+)
+E2E_BUCKETS = (
+    0.3,
+    0.5,
+    0.8,
+    1.0,
+    1.5,
+    2.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    40.0,
+    50.0,
+    60.0,
+    120.0,
+    240.0,
+    480.0,
+    960.0,
+    1920.0,
+    7680.0,
+)
 
 _FILLER = (
     "The quiet harbor town woke slowly as fishing boats drifted back with the morning tide. Children ran along "
@@ -150,8 +193,9 @@ class SimEngine:
     def clock(self) -> float:
         return time.monotonic() - self._t0
 
-    def submit(self, req_id: str, prompt_ids: Sequence[int], max_tokens: int
-               ) -> tuple[RequestRecord, asyncio.Queue[tuple[str, RequestRecord | None]]]:
+    def submit(
+        self, req_id: str, prompt_ids: Sequence[int], max_tokens: int
+    ) -> tuple[RequestRecord, asyncio.Queue[tuple[str, RequestRecord | None]]]:
         """Queue a request; raises ValueError when it cannot fit. Items: ("token"|"finished"|"aborted", rec)."""
         if self._closed:
             raise RuntimeError("engine is shut down")
@@ -242,28 +286,52 @@ class _EngineCollector:
             g("vllm:num_requests_running", "Number of requests in model execution batches.", st.num_running),
             g("vllm:num_requests_waiting", "Number of requests waiting to be processed.", st.num_waiting),
             g("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", st.kv_cache_usage_perc),
-            c("vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens.",
-              st.prefix_cache_queries),
-            c("vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.",
-              st.prefix_cache_hits),
-            c("vllm:external_prefix_cache_queries",
-              "External prefix cache queries from KV connector cross-instance cache sharing, in terms of "
-              "number of queried tokens.", st.external_prefix_cache_queries),
-            c("vllm:external_prefix_cache_hits",
-              "External prefix cache hits from KV connector cross-instance cache sharing, in terms of "
-              "number of cached tokens.", st.external_prefix_cache_hits),
+            c(
+                "vllm:prefix_cache_queries",
+                "Prefix cache queries, in terms of number of queried tokens.",
+                st.prefix_cache_queries,
+            ),
+            c(
+                "vllm:prefix_cache_hits",
+                "Prefix cache hits, in terms of number of cached tokens.",
+                st.prefix_cache_hits,
+            ),
+            c(
+                "vllm:external_prefix_cache_queries",
+                "External prefix cache queries from KV connector cross-instance cache sharing, in terms of "
+                "number of queried tokens.",
+                st.external_prefix_cache_queries,
+            ),
+            c(
+                "vllm:external_prefix_cache_hits",
+                "External prefix cache hits from KV connector cross-instance cache sharing, in terms of "
+                "number of cached tokens.",
+                st.external_prefix_cache_hits,
+            ),
             c("vllm:prompt_tokens", "Number of prefill tokens processed.", st.prompt_tokens),
-            c("vllm:prompt_tokens_cached", "Number of cached prompt tokens (local + external).",
-              st.prompt_tokens_cached),
+            c(
+                "vllm:prompt_tokens_cached",
+                "Number of cached prompt tokens (local + external).",
+                st.prompt_tokens_cached,
+            ),
             c("vllm:generation_tokens", "Number of generation tokens processed.", st.generation_tokens),
             c("vllm:num_preemptions", "Cumulative number of preemption from the engine.", st.num_preemptions),
             # deprecated names (vLLM < 0.10), still scraped by production-stack's router
-            g("vllm:gpu_cache_usage_perc", "GPU KV-cache usage. 1 means 100 percent usage (deprecated name).",
-              st.kv_cache_usage_perc),
-            c("vllm:gpu_prefix_cache_queries", "GPU prefix cache queries, in terms of number of queried tokens "
-              "(deprecated name).", st.prefix_cache_queries),
-            c("vllm:gpu_prefix_cache_hits", "GPU prefix cache hits, in terms of number of cached tokens "
-              "(deprecated name).", st.prefix_cache_hits),
+            g(
+                "vllm:gpu_cache_usage_perc",
+                "GPU KV-cache usage. 1 means 100 percent usage (deprecated name).",
+                st.kv_cache_usage_perc,
+            ),
+            c(
+                "vllm:gpu_prefix_cache_queries",
+                "GPU prefix cache queries, in terms of number of queried tokens (deprecated name).",
+                st.prefix_cache_queries,
+            ),
+            c(
+                "vllm:gpu_prefix_cache_hits",
+                "GPU prefix cache hits, in terms of number of cached tokens (deprecated name).",
+                st.prefix_cache_hits,
+            ),
             g("vllm:gpu_prefix_cache_hit_rate", "GPU prefix cache block hit rate (V0 name).", rate),
         ]
 
@@ -323,10 +391,20 @@ class EngineApp:
         self.registry = CollectorRegistry()
         self.registry.register(_EngineCollector(engine, self.model_name))
         labels = ["model_name", "engine"]
-        self.ttft = Histogram("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.",
-                              labels, registry=self.registry, buckets=TTFT_BUCKETS).labels(self.model_name, "0")
-        self.e2e = Histogram("vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.",
-                             labels, registry=self.registry, buckets=E2E_BUCKETS).labels(self.model_name, "0")
+        self.ttft = Histogram(
+            "vllm:time_to_first_token_seconds",
+            "Histogram of time to first token in seconds.",
+            labels,
+            registry=self.registry,
+            buckets=TTFT_BUCKETS,
+        ).labels(self.model_name, "0")
+        self.e2e = Histogram(
+            "vllm:e2e_request_latency_seconds",
+            "Histogram of e2e request latency in seconds.",
+            labels,
+            registry=self.registry,
+            buckets=E2E_BUCKETS,
+        ).labels(self.model_name, "0")
         r = self.router = Router()
         r.add("POST", "/v1/completions", self.completions)
         r.add("POST", "/v1/chat/completions", self.chat_completions)
@@ -391,8 +469,9 @@ class EngineApp:
     def _check_model(self, body: dict[str, Any]) -> None:
         model = body.get("model")
         if model is not None and model != self.model_name:
-            raise SimError(404, f"The model `{model}` does not exist. Valid aliases: {self.model_name}.",
-                           "NotFoundError", "model")
+            raise SimError(
+                404, f"The model `{model}` does not exist. Valid aliases: {self.model_name}.", "NotFoundError", "model"
+            )
 
     def _token_ids(self, v: Any, param: str) -> list[int]:
         if not isinstance(v, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in v):
@@ -409,31 +488,38 @@ class EngineApp:
         elif isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
             ids = self._token_ids(prompt, "prompt")
         else:
-            raise _bad("prompt must be a string or a list of token ids (batches are not supported by the "
-                       "simulator)", "prompt")
+            raise _bad(
+                "prompt must be a string or a list of token ids (batches are not supported by the simulator)", "prompt"
+            )
         if not ids:
             raise _bad("The prompt cannot be empty.", "prompt")
         return ids
 
     def _check_len(self, n_prompt: int, max_tokens: int) -> None:
         if n_prompt >= self.max_model_len:
-            raise _bad(f"This model's maximum context length is {self.max_model_len} tokens. However, your "
-                       f"request has {n_prompt} input tokens. Please reduce the length of the input messages.",
-                       "messages")
+            raise _bad(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, your "
+                f"request has {n_prompt} input tokens. Please reduce the length of the input messages.",
+                "messages",
+            )
         if n_prompt + max_tokens > self.max_model_len:
-            raise _bad(f"'max_tokens' or 'max_completion_tokens' is too large: {max_tokens}. This model's maximum "
-                       f"context length is {self.max_model_len} tokens and your request has {n_prompt} input "
-                       f"tokens ({max_tokens} > {self.max_model_len} - {n_prompt}).", "max_tokens")
+            raise _bad(
+                f"'max_tokens' or 'max_completion_tokens' is too large: {max_tokens}. This model's maximum "
+                f"context length is {self.max_model_len} tokens and your request has {n_prompt} input "
+                f"tokens ({max_tokens} > {self.max_model_len} - {n_prompt}).",
+                "max_tokens",
+            )
 
     # -- generation
-    async def _generate(self, request: Request, send: Send, body: dict[str, Any], prompt_ids: list[int],
-                        max_tokens: int, chat: bool) -> None:
+    async def _generate(
+        self, request: Request, send: Send, body: dict[str, Any], prompt_ids: list[int], max_tokens: int, chat: bool
+    ) -> None:
         if body.get("n") not in (None, 1):
             raise _bad("n > 1 is not supported by the simulator", "n")
         stream = bool(body.get("stream", False))
         include_usage, continuous = _stream_options(body)
         self._check_len(len(prompt_ids), max_tokens)
-        req_id = (("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(8))
+        req_id = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(8)
         out_ids = self.textgen.generate(prompt_ids, max_tokens)
         pieces = [self.textgen.text[t] for t in out_ids]
         created = int(time.time())
@@ -444,16 +530,19 @@ class EngineApp:
             raise _bad(str(e)) from None
         except RuntimeError as e:
             raise SimError(503, str(e), "ServiceUnavailableError") from None
-        watcher = asyncio.get_running_loop().create_task(
-            _watch_disconnect(request, lambda: self.engine.abort(req_id)))
+        watcher = asyncio.get_running_loop().create_task(_watch_disconnect(request, lambda: self.engine.abort(req_id)))
 
         def usage(n_out: int) -> dict[str, Any]:
             details: dict[str, Any] = {"cached_tokens": rec.cached_tokens}
             if chat:
                 details["created_cache_tokens"] = 0
             n_p = len(prompt_ids)
-            return {"prompt_tokens": n_p, "total_tokens": n_p + n_out, "completion_tokens": n_out,
-                    "prompt_tokens_details": details}
+            return {
+                "prompt_tokens": n_p,
+                "total_tokens": n_p + n_out,
+                "completion_tokens": n_out,
+                "prompt_tokens_details": details,
+            }
 
         async def tokens() -> AsyncIterator[int]:
             """Yields the number of tokens produced so far; ends on finish; raises on abort."""
@@ -481,22 +570,57 @@ class EngineApp:
             text = "".join(pieces[:n_out])
             if chat:
                 resp: dict[str, Any] = {
-                    "id": req_id, "object": "chat.completion", "created": created, "model": self.model_name,
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None,
-                                                         "annotations": None, "audio": None, "function_call": None,
-                                                         "tool_calls": [], "reasoning": None},
-                                 "logprobs": None, "finish_reason": "length", "stop_reason": None,
-                                 "token_ids": None}],
-                    "service_tier": None, "system_fingerprint": None, "usage": usage(n_out),
-                    "prompt_logprobs": None, "prompt_token_ids": None, "kv_transfer_params": None,
+                    "id": req_id,
+                    "object": "chat.completion",
+                    "created": created,
+                    "model": self.model_name,
+                    "choices": [
+                        {
+                            "index": 0,
+                            "message": {
+                                "role": "assistant",
+                                "content": text,
+                                "refusal": None,
+                                "annotations": None,
+                                "audio": None,
+                                "function_call": None,
+                                "tool_calls": [],
+                                "reasoning": None,
+                            },
+                            "logprobs": None,
+                            "finish_reason": "length",
+                            "stop_reason": None,
+                            "token_ids": None,
+                        }
+                    ],
+                    "service_tier": None,
+                    "system_fingerprint": None,
+                    "usage": usage(n_out),
+                    "prompt_logprobs": None,
+                    "prompt_token_ids": None,
+                    "kv_transfer_params": None,
                 }
             else:
                 resp = {
-                    "id": req_id, "object": "text_completion", "created": created, "model": self.model_name,
-                    "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": "length",
-                                 "stop_reason": None, "prompt_logprobs": None, "prompt_token_ids": None,
-                                 "token_ids": None}],
-                    "service_tier": None, "system_fingerprint": None, "usage": usage(n_out),
+                    "id": req_id,
+                    "object": "text_completion",
+                    "created": created,
+                    "model": self.model_name,
+                    "choices": [
+                        {
+                            "index": 0,
+                            "text": text,
+                            "logprobs": None,
+                            "finish_reason": "length",
+                            "stop_reason": None,
+                            "prompt_logprobs": None,
+                            "prompt_token_ids": None,
+                            "token_ids": None,
+                        }
+                    ],
+                    "service_tier": None,
+                    "system_fingerprint": None,
+                    "usage": usage(n_out),
                     "kv_transfer_params": None,
                 }
             await send_json(send, 200, resp)
@@ -505,8 +629,14 @@ class EngineApp:
         obj = "chat.completion.chunk" if chat else "text_completion"
 
         def chunk(choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
-            return {"id": req_id, "object": obj, "created": created, "model": self.model_name,
-                    "choices": choices, **extra}
+            return {
+                "id": req_id,
+                "object": obj,
+                "created": created,
+                "model": self.model_name,
+                "choices": choices,
+                **extra,
+            }
 
         async def events() -> AsyncIterator[bytes]:
             n_out = 0
@@ -516,15 +646,37 @@ class EngineApp:
                     extra: dict[str, Any] = {"usage": usage(n_out)} if continuous else {}
                     if chat:
                         if n_out == 1:
-                            yield _sse(chunk([{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                               "logprobs": None, "finish_reason": None}],
-                                             prompt_token_ids=None, prompt_text=None))
-                        choice: dict[str, Any] = {"index": 0, "delta": {"content": pieces[n_out - 1]},
-                                                  "logprobs": None, "finish_reason": finish, "token_ids": None}
+                            yield _sse(
+                                chunk(
+                                    [
+                                        {
+                                            "index": 0,
+                                            "delta": {"role": "assistant", "content": ""},
+                                            "logprobs": None,
+                                            "finish_reason": None,
+                                        }
+                                    ],
+                                    prompt_token_ids=None,
+                                    prompt_text=None,
+                                )
+                            )
+                        choice: dict[str, Any] = {
+                            "index": 0,
+                            "delta": {"content": pieces[n_out - 1]},
+                            "logprobs": None,
+                            "finish_reason": finish,
+                            "token_ids": None,
+                        }
                     else:
-                        choice = {"index": 0, "text": pieces[n_out - 1], "logprobs": None,
-                                  "finish_reason": finish, "stop_reason": None, "prompt_token_ids": None,
-                                  "token_ids": None}
+                        choice = {
+                            "index": 0,
+                            "text": pieces[n_out - 1],
+                            "logprobs": None,
+                            "finish_reason": finish,
+                            "stop_reason": None,
+                            "prompt_token_ids": None,
+                            "token_ids": None,
+                        }
                     if finish is not None:
                         choice["stop_reason"] = None
                     yield _sse(chunk([choice], **extra))
@@ -586,8 +738,9 @@ class EngineApp:
         else:
             raise _bad("either prompt (string) or messages (list) is required", "prompt")
         strs = token_strs(self.tokenizer, ids) if body.get("return_token_strs") else None
-        await send_json(send, 200, {"count": len(ids), "max_model_len": self.max_model_len, "tokens": ids,
-                                    "token_strs": strs})
+        await send_json(
+            send, 200, {"count": len(ids), "max_model_len": self.max_model_len, "tokens": ids, "token_strs": strs}
+        )
 
     async def detokenize(self, request: Request, send: Send) -> None:
         body = await self._body(request)
@@ -600,9 +753,25 @@ class EngineApp:
         await send_json(send, 200, {"prompt": text})
 
     async def models(self, request: Request, send: Send) -> None:
-        await send_json(send, 200, {"object": "list", "data": [{
-            "id": self.model_name, "object": "model", "created": int(time.time()), "owned_by": "vllm",
-            "root": self.model_name, "parent": None, "max_model_len": self.max_model_len, "permission": []}]})
+        await send_json(
+            send,
+            200,
+            {
+                "object": "list",
+                "data": [
+                    {
+                        "id": self.model_name,
+                        "object": "model",
+                        "created": int(time.time()),
+                        "owned_by": "vllm",
+                        "root": self.model_name,
+                        "parent": None,
+                        "max_model_len": self.max_model_len,
+                        "permission": [],
+                    }
+                ],
+            },
+        )
 
     async def health(self, request: Request, send: Send) -> None:
         await send_response(send, 200, b"", b"application/json")
@@ -614,10 +783,16 @@ class EngineApp:
         core = self.engine.core
         st = core.stats()
         state = {
-            "simulator": True, "instance_id": self.engine.instance_id, "model": self.model_name,
-            "profile": core.profile.name, "time_scale": core.config.time_scale, "now": core.now,
-            "num_gpu_blocks": core.gpu.num_blocks, "block_size": core.block_size,
-            "max_num_seqs": core.max_num_seqs, "max_num_batched_tokens": core.max_num_batched_tokens,
+            "simulator": True,
+            "instance_id": self.engine.instance_id,
+            "model": self.model_name,
+            "profile": core.profile.name,
+            "time_scale": core.config.time_scale,
+            "now": core.now,
+            "num_gpu_blocks": core.gpu.num_blocks,
+            "block_size": core.block_size,
+            "max_num_seqs": core.max_num_seqs,
+            "max_num_batched_tokens": core.max_num_batched_tokens,
             "stats": dataclasses.asdict(st),
         }
         await send_response(send, 200, json.dumps(state).encode(), b"application/json")
@@ -628,8 +803,9 @@ class EngineApp:
         await send_response(send, 200, b"", b"application/json")
 
 
-def create_engine_app(config: EngineConfig | None = None, *, sink: OpSink | None = None,
-                      default_chat_max_tokens: int = 256) -> tuple[EngineApp, SimEngine]:
+def create_engine_app(
+    config: EngineConfig | None = None, *, sink: OpSink | None = None, default_chat_max_tokens: int = 256
+) -> tuple[EngineApp, SimEngine]:
     """Build one simulated engine and its vLLM-shaped ASGI app (serve it with ``kvgate.serving.start_server``)."""
     engine = SimEngine(config or EngineConfig(), sink=sink)
     return EngineApp(engine, default_chat_max_tokens=default_chat_max_tokens), engine

@@ -81,28 +81,42 @@ class Fleet:
             filters.append({"name": "dgp.filter.ai.kvcache", "config": kv})
         filters.append({"name": "dgp.filter.llm.proxy", "config": proxy or {}})
         return {
-            "listeners": [{
-                "name": "net/http",
-                "protocol_type": "HTTP",
-                "address": {"socket_address": {"address": "127.0.0.1", "port": listener_port}},
-                "filter_chains": {"filters": [{
-                    "name": "dgp.filter.httpconnectionmanager",
-                    "config": {
-                        "route_config": {"routes": [{"match": {"prefix": route_prefix},
-                                                     "route": {"cluster": "sim_fleet"}}]},
-                        "http_filters": filters,
+            "listeners": [
+                {
+                    "name": "net/http",
+                    "protocol_type": "HTTP",
+                    "address": {"socket_address": {"address": "127.0.0.1", "port": listener_port}},
+                    "filter_chains": {
+                        "filters": [
+                            {
+                                "name": "dgp.filter.httpconnectionmanager",
+                                "config": {
+                                    "route_config": {
+                                        "routes": [
+                                            {"match": {"prefix": route_prefix}, "route": {"cluster": "sim_fleet"}}
+                                        ]
+                                    },
+                                    "http_filters": filters,
+                                },
+                            }
+                        ]
                     },
-                }]},
-            }],
-            "clusters": [{
-                "name": "sim_fleet",
-                "lb_policy": lb_policy,
-                "endpoints": [
-                    {"id": e.instance_id, "socket_address": {"address": "127.0.0.1", "port": e.port},
-                     "llm_meta": {"fallback": fallback, "health_check_interval": 2000}}
-                    for e in self.engines
-                ],
-            }],
+                }
+            ],
+            "clusters": [
+                {
+                    "name": "sim_fleet",
+                    "lb_policy": lb_policy,
+                    "endpoints": [
+                        {
+                            "id": e.instance_id,
+                            "socket_address": {"address": "127.0.0.1", "port": e.port},
+                            "llm_meta": {"fallback": fallback, "health_check_interval": 2000},
+                        }
+                        for e in self.engines
+                    ],
+                }
+            ],
         }
 
     async def stop(self) -> None:

@@ -163,14 +163,26 @@ def _spawn(venv: Path, ports: list[int], log_path: Path) -> RealController:
     env.update({"LMCACHE_TRACK_USAGE": "false", "DO_NOT_TRACK": "1", "PYTHONHASHSEED": "0", "PYTHONUNBUFFERED": "1"})
     monitor = json.dumps({"pull": pull, "reply": reply, "heartbeat": hb})
     cmd = [
-        str(lmcache_python(venv)), "-m", "lmcache.v1.api_server",
-        "--host", HOST, "--port", str(http_port), "--monitor-ports", monitor,
+        str(lmcache_python(venv)),
+        "-m",
+        "lmcache.v1.api_server",
+        "--host",
+        HOST,
+        "--port",
+        str(http_port),
+        "--monitor-ports",
+        monitor,
     ]
     log = open(log_path, "wb")  # closed by RealController.stop
     try:
         proc = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
-            start_new_session=True, cwd=str(venv),
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+            cwd=str(venv),
         )
     except BaseException:
         log.close()

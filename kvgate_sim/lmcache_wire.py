@@ -183,7 +183,12 @@ class HealthWorkerRetMsg(Msg):
 
 
 ControlRequest = (
-    ClearWorkerMsg | PinWorkerMsg | CompressWorkerMsg | DecompressWorkerMsg | MoveWorkerMsg | HealthWorkerMsg
+    ClearWorkerMsg
+    | PinWorkerMsg
+    | CompressWorkerMsg
+    | DecompressWorkerMsg
+    | MoveWorkerMsg
+    | HealthWorkerMsg
     | CheckFinishWorkerMsg
 )
 ControllerReply = RegisterRetMsg | HeartbeatRetMsg | FullSyncStartRetMsg | FullSyncStatusRetMsg | ErrorMsg

@@ -439,24 +439,29 @@ class LMCacheWorkerBridge:
         batch_count = max(1, (len(keys) + size - 1) // size)
         sync_id = f"{self.instance_id}_{self.worker_id}_{uuid.uuid4().hex[:8]}"
         try:
-            ret = self._request(FullSyncStartMsg(
-                self.instance_id, self.worker_id, self.location, sync_id, len(keys), batch_count
-            ))
+            ret = self._request(
+                FullSyncStartMsg(self.instance_id, self.worker_id, self.location, sync_id, len(keys), batch_count)
+            )
         except Exception as exc:
             log.warning("full sync start failed: %s", exc)
             return
         if not isinstance(ret, FullSyncStartRetMsg) or not ret.accepted:
             log.warning("full sync not accepted")
             return
-        self._sync = {"id": sync_id, "keys": keys, "batches": batch_count, "polls": 0,
-                      "next_poll": time.monotonic() + self._sync_poll_interval}
+        self._sync = {
+            "id": sync_id,
+            "keys": keys,
+            "batches": batch_count,
+            "polls": 0,
+            "next_poll": time.monotonic() + self._sync_poll_interval,
+        }
         self._send_sync_batches(list(range(batch_count)))
 
     def _send_sync_batches(self, batch_ids: list[int]) -> None:
         assert self._sync is not None
         keys, size, sid = self._sync["keys"], self._sync_batch_size, self._sync["id"]
         msgs: list[Msg] = [
-            FullSyncBatchMsg(self.instance_id, self.worker_id, self.location, sid, b, keys[b * size:(b + 1) * size])
+            FullSyncBatchMsg(self.instance_id, self.worker_id, self.location, sid, b, keys[b * size : (b + 1) * size])
             for b in batch_ids
         ]
         msgs.append(FullSyncEndMsg(self.instance_id, self.worker_id, self.location, sid, len(keys)))

@@ -8,6 +8,7 @@ from kvgate_sim.protocol import DEFAULT_LOCATION, LMCACHE_CHUNK_SIZE
 
 KV_BYTES_PER_TOKEN_LLAMA3_8B = 2 * 32 * 8 * 128 * 2  # K+V × layers × KV heads × head dim × bf16 = 128 KiB
 
+
 @dataclass(frozen=True, slots=True)
 class EngineProfile:
     """Timing and capacity constants in ms/token units (reference: vllm-and-workloads.md §3, Llama-3-8B bf16).

@@ -8,6 +8,7 @@ from kvgate_sim.protocol import LMCACHE_CHUNK_SIZE, lmcache_chunk_hashes
 
 GPU_NONE_HASH = 0
 
+
 def gpu_block_hashes(tokens: Sequence[int], block_size: int = 16, parent: int = GPU_NONE_HASH) -> list[int]:
     """Chained GPU block hashes over full blocks: ``h_i = hash((h_{i-1}, tuple(block_i)))``."""
     out: list[int] = []

@@ -12,6 +12,7 @@ from kvgate_sim.tokenizer import Tokenizer, get_tokenizer, render_chat
 
 RequestKind = Literal["chat", "completion"]
 
+
 @dataclass(slots=True)
 class Request:
     """One benchmark request.
@@ -140,6 +141,7 @@ class Workload:
             "duration_s": self.duration_s,
             "closed_loop": self.closed_loop.kind if self.closed_loop else None,
         }
+
 
 def iter_token_ids(requests: Iterable[Request]) -> Iterable[list[int]]:
     """The ``prompt_token_ids`` of each request, in order."""

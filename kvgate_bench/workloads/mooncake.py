@@ -29,6 +29,7 @@ def _default_trace_path() -> Path:
 DEFAULT_TRACE_PATH = _default_trace_path()
 MOONCAKE_BLOCK_TOKENS = 512
 
+
 def load_mooncake_trace(path: str | Path = DEFAULT_TRACE_PATH, max_requests: int | None = None) -> list[dict[str, Any]]:
     """Read a Mooncake JSONL trace, plain or ``.gz``.
 

@@ -104,8 +104,9 @@ class VLLMCPUConnector(GPUConnectorInterface):
         for memory_obj, start, end in zip(memory_objs, starts, ends, strict=True):
             self.from_gpu(memory_obj, start, end, **kwargs)
 
-    def batched_to_gpu(self, memory_objs: Any = None, starts: list[int] | None = None, ends: list[int] | None = None,
-                       **kwargs: Any) -> None:
+    def batched_to_gpu(
+        self, memory_objs: Any = None, starts: list[int] | None = None, ends: list[int] | None = None, **kwargs: Any
+    ) -> None:
         if memory_objs is None or starts is None or ends is None:
             raise ValueError("VLLMCPUConnector does not support the layerwise (generator) protocol")
         for memory_obj, start, end in zip(memory_objs, starts, ends, strict=True):

@@ -63,8 +63,9 @@ def patch_rpc_utils(mod: types.ModuleType) -> None:
         return
 
     @functools.wraps(original)
-    def get_zmq_socket(context: Any, socket_path: str, protocol: str, role: Any, bind_or_connect: str, *args: Any,
-                       **kwargs: Any) -> Any:
+    def get_zmq_socket(
+        context: Any, socket_path: str, protocol: str, role: Any, bind_or_connect: str, *args: Any, **kwargs: Any
+    ) -> Any:
         if bind_or_connect == "bind" and protocol == "tcp" and isinstance(socket_path, str):
             new_path = loopback_bind_path(socket_path)
             if new_path != socket_path:
@@ -125,8 +126,9 @@ class _PatchingLoader(importlib.abc.Loader):
 
 
 class _PatchFinder(importlib.abc.MetaPathFinder):
-    def find_spec(self, fullname: str, path: Sequence[str] | None, target: types.ModuleType | None = None
-                  ) -> importlib.machinery.ModuleSpec | None:
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None, target: types.ModuleType | None = None
+    ) -> importlib.machinery.ModuleSpec | None:
         patcher = PATCHERS.get(fullname)
         if patcher is None:
             return None

@@ -82,8 +82,9 @@ def check_connector() -> None:
 
     # Bad layout is rejected loudly.
     try:
-        conn.from_gpu(mem, 0, TOKENS, kvcaches=[torch.zeros(NUM_BLOCKS, BS, HEADS, HEAD)] * NUM_LAYERS,
-                      slot_mapping=slots)
+        conn.from_gpu(
+            mem, 0, TOKENS, kvcaches=[torch.zeros(NUM_BLOCKS, BS, HEADS, HEAD)] * NUM_LAYERS, slot_mapping=slots
+        )
     except ValueError:
         pass
     else:

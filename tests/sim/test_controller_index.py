@@ -207,7 +207,9 @@ def test_stats_and_infos() -> None:
     admit(idx, "A", h[:3])
     admit(idx, "A", h[:1], DISK, wid=1)
     assert idx.key_stats() == {
-        "total_key_count": 4, "total_instance_count": 2, "total_worker_count": 3,
+        "total_key_count": 4,
+        "total_instance_count": 2,
+        "total_worker_count": 3,
         "instances": [
             {"instance_id": "A", "key_count": 4, "worker_count": 2},
             {"instance_id": "B", "key_count": 0, "worker_count": 1},

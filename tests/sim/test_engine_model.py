@@ -322,8 +322,17 @@ def scenario(core: EngineCore, *, upfront: bool, fast_forward: bool) -> list[tup
 @pytest.mark.parametrize("jitter", [0.0, 0.2])
 def test_fast_forward_equals_step_by_step(jitter: float) -> None:
     def mk() -> EngineCore:
-        return EngineCore(EngineConfig(profile="a100", num_gpu_blocks=600, lmcache_capacity_chunks=4,
-                                       max_num_seqs=8, max_num_batched_tokens=512, jitter=jitter, seed=3))
+        return EngineCore(
+            EngineConfig(
+                profile="a100",
+                num_gpu_blocks=600,
+                lmcache_capacity_chunks=4,
+                max_num_seqs=8,
+                max_num_batched_tokens=512,
+                jitter=jitter,
+                seed=3,
+            )
+        )
 
     slow_core, fast_core, upfront_core = mk(), mk(), mk()
     slow = scenario(slow_core, upfront=False, fast_forward=False)
