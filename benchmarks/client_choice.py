@@ -78,8 +78,10 @@ def main() -> int:
         up.join(5)
     base = statistics.median(res["aiohttp"][1])
     for name, (lat, rps) in res.items():
-        print(f"{name:>8}: p50 {pct(lat, 50) * 1e3:.3f} ms  p99 {pct(lat, 99) * 1e3:.3f} ms  "
-              f"{statistics.median(rps):.0f} req/s  (x{statistics.median(rps) / base:.2f} of aiohttp)")
+        print(
+            f"{name:>8}: p50 {pct(lat, 50) * 1e3:.3f} ms  p99 {pct(lat, 99) * 1e3:.3f} ms  "
+            f"{statistics.median(rps):.0f} req/s  (x{statistics.median(rps) / base:.2f} of aiohttp)"
+        )
     return 0
 
 

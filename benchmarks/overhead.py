@@ -112,12 +112,30 @@ def main() -> int:
     up.start()
     up_port = q.get(timeout=30)
     cfg = {
-        "listeners": [{"name": "bench", "address": {"socket_address": {"address": "127.0.0.1", "port": 1}},
-                       "filter_chains": {"filters": [{"name": "dgp.filter.httpconnectionmanager", "config": {
-                           "route_config": {"routes": [{"match": {"prefix": "/"}, "route": {"cluster": "c"}}]},
-                           "http_filters": [{"name": "dgp.filter.llm.proxy", "config": {}}]}}]}}],
-        "clusters": [{"name": "c", "lb_policy": "RoundRobin", "endpoints": [
-            {"id": "up", "socket_address": {"address": "127.0.0.1", "port": up_port}}]}],
+        "listeners": [
+            {
+                "name": "bench",
+                "address": {"socket_address": {"address": "127.0.0.1", "port": 1}},
+                "filter_chains": {
+                    "filters": [
+                        {
+                            "name": "dgp.filter.httpconnectionmanager",
+                            "config": {
+                                "route_config": {"routes": [{"match": {"prefix": "/"}, "route": {"cluster": "c"}}]},
+                                "http_filters": [{"name": "dgp.filter.llm.proxy", "config": {}}],
+                            },
+                        }
+                    ]
+                },
+            }
+        ],
+        "clusters": [
+            {
+                "name": "c",
+                "lb_policy": "RoundRobin",
+                "endpoints": [{"id": "up", "socket_address": {"address": "127.0.0.1", "port": up_port}}],
+            }
+        ],
     }
     fd, cfg_path = tempfile.mkstemp(suffix=".yaml")
     with os.fdopen(fd, "w") as f:
@@ -126,7 +144,7 @@ def main() -> int:
     gw.start()
     gw_port = q.get(timeout=30)
     peer = None
-    from kvgate.bench.peers import find_peer, start_peer
+    from kvgate_bench.peers import find_peer, start_peer
 
     if not args.no_peer and find_peer("vllm-router"):
         peer = asyncio.run(start_peer("vllm-router", "round_robin", [f"http://127.0.0.1:{up_port}"]))
@@ -160,10 +178,14 @@ def main() -> int:
         up.join(5)
         os.unlink(cfg_path)
     res = {
-        "concurrency": args.concurrency, "requests_per_side": len(direct),
-        "direct_p50_ms": pct(direct, 50) * 1e3, "direct_p99_ms": pct(direct, 99) * 1e3,
-        "gateway_p50_ms": pct(via, 50) * 1e3, "gateway_p99_ms": pct(via, 99) * 1e3,
-        "direct_rps": statistics.median(d_rps), "gateway_rps": statistics.median(g_rps),
+        "concurrency": args.concurrency,
+        "requests_per_side": len(direct),
+        "direct_p50_ms": pct(direct, 50) * 1e3,
+        "direct_p99_ms": pct(direct, 99) * 1e3,
+        "gateway_p50_ms": pct(via, 50) * 1e3,
+        "gateway_p99_ms": pct(via, 99) * 1e3,
+        "direct_rps": statistics.median(d_rps),
+        "gateway_rps": statistics.median(g_rps),
     }
     res["added_p50_ms"] = res["gateway_p50_ms"] - res["direct_p50_ms"]
     res["added_p99_ms"] = res["gateway_p99_ms"] - res["direct_p99_ms"]

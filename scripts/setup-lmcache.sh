@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install the REAL LMCache 0.5.6 cache controller (controller-only, CPU torch) into a separate venv.
 #
-# Used by the `lmcache` test tier (tests/lmcache) and kvgate.sim.lmcache_real. Idempotent: when the
+# Used by the `lmcache` test tier (tests/lmcache) and kvgate_sim.lmcache_real. Idempotent: when the
 # venv already holds everything (marker + package versions), it exits within a few seconds.
 #
 #   venv:   $KVGATE_LMCACHE_VENV, default <project>/.cache/lmcache-venv
@@ -72,7 +72,7 @@ fi
 log "verifying versions (CPU torch, no nvidia-* wheels)"
 check_versions || die "version check failed"
 
-log "verifying the controller imports and its chunk hash equals kvgate.sim.protocol.lmcache_chunk_hashes"
+log "verifying the controller imports and its chunk hash equals kvgate_sim.protocol.lmcache_chunk_hashes"
 KVGATE_ROOT="$ROOT" "$VENV/bin/python" - <<'EOF' || die "controller import / chunk-hash parity check failed"
 import importlib.util
 import os
@@ -82,7 +82,7 @@ import sys
 import lmcache.v1.api_server.__main__  # noqa: F401  (the controller entry point must import)
 from lmcache.v1.token_database import ChunkedTokenDatabase
 
-spec = importlib.util.spec_from_file_location("kvgate_protocol", os.path.join(os.environ["KVGATE_ROOT"], "kvgate/sim/protocol.py"))
+spec = importlib.util.spec_from_file_location("kvgate_protocol", os.path.join(os.environ["KVGATE_ROOT"], "kvgate_sim/protocol.py"))
 proto = importlib.util.module_from_spec(spec)
 sys.modules["kvgate_protocol"] = proto
 spec.loader.exec_module(proto)

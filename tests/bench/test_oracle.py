@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from kvgate.bench.oracle import (
+from kvgate_bench.oracle import (
     chained_block_hashes,
     oracle_bound,
     oracle_hit_rate,
     oracle_table,
     trace_block_reuse,
 )
-from kvgate.bench.workloads import Request
-from kvgate.sim.protocol import lmcache_chunk_hashes
+from kvgate_bench.workloads import Request
+from kvgate_sim.protocol import lmcache_chunk_hashes
 
 
 def test_hand_built_block_reuse() -> None:

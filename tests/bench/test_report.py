@@ -6,8 +6,8 @@ import json
 
 from rich.console import Console
 
-from kvgate.bench.report import markdown_table, print_summary, write_report
-from kvgate.bench.results import RequestResult, RunResults, summarize
+from kvgate_bench.report import markdown_table, print_summary, write_report
+from kvgate_bench.results import RequestResult, RunResults, summarize
 
 
 def _data() -> tuple[list, list[RequestResult]]:

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from kvgate.bench.results import ModeSummary, RequestResult, RunResults, hotspot_factor, percentile, summarize
+from kvgate_bench.results import ModeSummary, RequestResult, RunResults, hotspot_factor, percentile, summarize
 
 
 def _results() -> list[RequestResult]:

@@ -13,17 +13,17 @@ from types import SimpleNamespace
 import aiohttp
 import pytest
 
-from kvgate.bench import cli as bench_cli
-from kvgate.bench import peers
-from kvgate.bench.modes import GATEWAY_MODES, MODES, FleetSpec, gateway_config, peer_available, resolve_modes
-from kvgate.bench.oracle import oracle_hit_rate
-from kvgate.bench.realfleet import ExternalFleet, prepare_workload, probe_ids
-from kvgate.bench.realtime import parse_hit_counters, run_mode, run_modes
-from kvgate.bench.results import summarize
-from kvgate.bench.virtual import prepare, run_virtual
-from kvgate.bench.workloads import Request, get_workload
 from kvgate.config import parse_config
-from kvgate.sim.fleet import Fleet, start_fleet
+from kvgate_bench import cli as bench_cli
+from kvgate_bench import peers
+from kvgate_bench.modes import GATEWAY_MODES, MODES, FleetSpec, gateway_config, peer_available, resolve_modes
+from kvgate_bench.oracle import oracle_hit_rate
+from kvgate_bench.realfleet import ExternalFleet, prepare_workload, probe_ids
+from kvgate_bench.realtime import parse_hit_counters, run_mode, run_modes
+from kvgate_bench.results import summarize
+from kvgate_bench.virtual import prepare, run_virtual
+from kvgate_bench.workloads import Request, get_workload
+from kvgate_sim.fleet import Fleet, start_fleet
 
 SPEC = FleetSpec(engines=2, time_scale=0.5)
 HIT_TOLERANCE = 0.08  # absolute hit-rate difference allowed between the virtual and real-time runners

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import itertools
 
-from kvgate.bench.modes import MODES, FleetSpec, resolve_modes
-from kvgate.bench.oracle import oracle_hit_rate
-from kvgate.bench.virtual import (
+from kvgate_bench.modes import MODES, FleetSpec, resolve_modes
+from kvgate_bench.oracle import oracle_hit_rate
+from kvgate_bench.virtual import (
     mooncake_vrequests,
     oracle_from_prepared,
     prepare,
@@ -14,9 +14,9 @@ from kvgate.bench.virtual import (
     run_virtual,
     tiled_mooncake_records,
 )
-from kvgate.bench.workloads import get_workload, mooncake_from_records
-from kvgate.sim.engine_model import gpu_block_hashes
-from kvgate.sim.protocol import lmcache_chunk_hashes
+from kvgate_bench.workloads import get_workload, mooncake_from_records
+from kvgate_sim.engine_model import gpu_block_hashes
+from kvgate_sim.protocol import lmcache_chunk_hashes
 
 
 def _records() -> list[dict]:

@@ -5,15 +5,16 @@ from __future__ import annotations
 import itertools
 import os
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
-from kvgate.bench import workloads as wl
-from kvgate.bench.oracle import oracle_bound
-from kvgate.sim.tokenizer import get_tokenizer
+import kvgate_bench
+from kvgate_bench import workloads as wl
+from kvgate_bench.oracle import oracle_bound
+from kvgate_sim.tokenizer import get_tokenizer
 
-TRACE = wl.DEFAULT_TRACE_PATH
-needs_trace = pytest.mark.skipif(not os.path.exists(TRACE), reason="Mooncake trace not present")
+TRACE = wl.BUNDLED_TRACE_PATH  # vendored package data: always present, never read from outside the checkout
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -263,7 +264,6 @@ def test_word_pool_round_trips() -> None:
     assert tok.encode_chat([{"role": "user", "content": tok.decode(ids)}])[-2000 - 5 : -5] == ids
 
 
-@needs_trace
 def test_mooncake_trace_replay_matches_hash_reuse() -> None:
     """Token-level oracle at the replay block size equals the reuse computed from the hash ids."""
     n = 1500
@@ -306,8 +306,6 @@ def test_registry_defaults_and_overrides() -> None:
         "mooncake": {"max_requests": 5},
     }
     for name in wl.WORKLOADS:
-        if name == "mooncake" and not os.path.exists(TRACE):
-            continue
         w = wl.get_workload(name, **small[name])
         assert w.name == name and len(w) > 0
         assert w.stats()["requests"] == len(w)
@@ -332,3 +330,19 @@ def test_request_body_and_chunk_hashes() -> None:
     assert len(r.chunk_hashes(256)) == r.num_prompt_tokens // 256
     c = wl.long_doc_qa(document_length=3, num_documents=1, repeat_count=1, pre_warmup_count=0, completions=True)
     assert c.requests[0].body("m", stream=False)["prompt"] == "0 hi hi hi" and c.requests[0].path() == "/v1/completions"
+
+
+def test_bundled_trace_is_package_data_and_the_default() -> None:
+    assert TRACE.is_file() and TRACE.suffix == ".gz"
+    assert Path(kvgate_bench.__file__).parent in TRACE.parents  # inside the installed package, not beside the checkout
+    if "KVGATE_TRACE" not in os.environ:
+        assert wl.DEFAULT_TRACE_PATH == TRACE
+    records = wl.load_mooncake_trace(TRACE)
+    assert len(records) == 12031  # the whole FAST'25 conversation trace
+    assert all(len(r["hash_ids"]) == -(-r["input_length"] // 512) for r in records[:200])
+
+
+def test_load_plain_jsonl_trace(tmp_path: Path) -> None:
+    plain = tmp_path / "t.jsonl"
+    plain.write_text('{"timestamp": 0, "input_length": 10, "output_length": 2, "hash_ids": [7]}\n\n', encoding="utf-8")
+    assert wl.load_mooncake_trace(plain) == [{"timestamp": 0, "input_length": 10, "output_length": 2, "hash_ids": [7]}]

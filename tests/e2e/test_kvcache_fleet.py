@@ -14,7 +14,7 @@ from kvgate.app import RunningGateway, start_gateway
 from kvgate.asgi import Request, Router, Send
 from kvgate.config import parse_config
 from kvgate.serving import start_server
-from kvgate.sim.fleet import Fleet, start_fleet
+from kvgate_sim.fleet import Fleet, start_fleet
 
 MODEL = "qwen2.5-7b-instruct"
 LONG = " ".join(f"word{i}" for i in range(900))  # ~1,800 tokens: several 256-token chunks

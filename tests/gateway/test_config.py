@@ -16,7 +16,7 @@ from kvgate.durations import parse_duration
 from kvgate.errors import ConfigError
 from kvgate.server import Gateway, redact
 
-SEED = Path(__file__).resolve().parents[2].parent / "shared" / "reference" / "seed-config.yaml"
+SEED = Path(__file__).resolve().parents[2] / "examples" / "pixiu-seed-config.yaml"
 CLUSTERS = [{"name": "vllm_cluster", "lb_policy": "RoundRobin", "endpoints": [
     {"id": "vllm-instance-1", "socket_address": {"address": "127.0.0.1", "port": 8000},
      "llm_meta": {"api_key": "sk-live", "retry_policy": {"name": "ExponentialBackoff"}, "fallback": True}},

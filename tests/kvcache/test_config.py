@@ -9,7 +9,7 @@ from kvgate.durations import parse_duration
 from kvgate.errors import ConfigError
 from kvgate.filters.kvcache.config import KVCacheConfig
 
-SEED = Path(__file__).resolve().parents[2].parent / "shared" / "reference" / "seed-config.yaml"
+SEED = Path(__file__).resolve().parents[2] / "examples" / "pixiu-seed-config.yaml"
 BASE = {"enabled": True, "vllm_endpoint": "http://127.0.0.1:8000", "lmcache_endpoint": "http://127.0.0.1:9000"}
 
 

@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from kvgate.sim.lmcache_real import RealController, http_json, lmcache_available, lmcache_venv, start_real_controller
-from kvgate.sim.lmcache_worker import LMCacheWorkerBridge
-from kvgate.sim.protocol import DEFAULT_LOCATION, KVOp, lmcache_chunk_hashes
+from kvgate_sim.lmcache_real import RealController, http_json, lmcache_available, lmcache_venv, start_real_controller
+from kvgate_sim.lmcache_worker import LMCacheWorkerBridge
+from kvgate_sim.protocol import DEFAULT_LOCATION, KVOp, lmcache_chunk_hashes
 
 SETUP_HINT = "scripts/setup-lmcache.sh"
 

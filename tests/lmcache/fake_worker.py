@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from kvgate.sim.protocol import DEFAULT_LOCATION, LMCACHE_CHUNK_SIZE, KVOp, OpSink, lmcache_chunk_hashes
+from kvgate_sim.protocol import DEFAULT_LOCATION, LMCACHE_CHUNK_SIZE, KVOp, OpSink, lmcache_chunk_hashes
 
 
 class FakeWorker:

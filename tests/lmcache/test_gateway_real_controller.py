@@ -10,26 +10,36 @@ import aiohttp
 
 from kvgate.app import start_gateway
 from kvgate.config import parse_config
-from kvgate.sim.fleet import start_fleet
-from kvgate.sim.lmcache_real import RealController
-from kvgate.sim.tokenizer import get_tokenizer
+from kvgate_sim.fleet import start_fleet
+from kvgate_sim.lmcache_real import RealController
+from kvgate_sim.tokenizer import get_tokenizer
 
 MODEL = "qwen2.5-7b-instruct"
 
 
 async def test_filter_routes_with_real_controller_answers(real_ctl: RealController) -> None:
-    fleet = await start_fleet(2, time_scale=0.02, controller=False, id_prefix="gw-real-",
-                              lmcache_controller=(real_ctl.pull_url, real_ctl.reply_url))
+    fleet = await start_fleet(
+        2,
+        time_scale=0.02,
+        controller=False,
+        id_prefix="gw-real-",
+        lmcache_controller=(real_ctl.pull_url, real_ctl.reply_url),
+    )
     fleet.controller_url = real_ctl.url
     prompt = " ".join(f"real{i}" for i in range(700))
     tokens = get_tokenizer().encode(prompt)
-    gw = await start_gateway(parse_config(fleet.gateway_config(
-        kvcache={"tokenize_on_miss": True, "lookup_routing_timeout": "500ms"})), port=0, admin_port=0)
+    gw = await start_gateway(
+        parse_config(fleet.gateway_config(kvcache={"tokenize_on_miss": True, "lookup_routing_timeout": "500ms"})),
+        port=0,
+        admin_port=0,
+    )
     try:
         async with aiohttp.ClientSession() as s:
+
             async def send() -> str:
-                async with s.post(f"{gw.url}/v1/completions",
-                                  json={"model": MODEL, "prompt": prompt, "max_tokens": 2}) as r:
+                async with s.post(
+                    f"{gw.url}/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 2}
+                ) as r:
                     assert r.status == 200
                     return r.headers["x-kvgate-sim-instance"]
 

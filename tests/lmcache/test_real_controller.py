@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 
 from kvgate.serving import serve_in_thread
-from kvgate.sim.controller_server import SimController, create_controller_app
-from kvgate.sim.lmcache_real import RealController, http_json, lmcache_python
-from kvgate.sim.lmcache_worker import LMCacheWorkerBridge
-from kvgate.sim.protocol import lmcache_chunk_hashes
+from kvgate_sim.controller_server import SimController, create_controller_app
+from kvgate_sim.lmcache_real import RealController, http_json, lmcache_python
+from kvgate_sim.lmcache_worker import LMCacheWorkerBridge
+from kvgate_sim.protocol import lmcache_chunk_hashes
 from tests.lmcache.conftest import api, barrier, require_lmcache, wait_deregistered, wait_until
 from tests.lmcache.fake_worker import FakeWorker
 
@@ -38,8 +38,12 @@ def test_chunk_hash_equals_real_chunked_token_database() -> None:
     )
     for seed in ("0", "123"):
         out = subprocess.run(
-            [str(lmcache_python()), "-c", script], input=json.dumps(cases), capture_output=True, text=True,
-            timeout=120, check=True,
+            [str(lmcache_python()), "-c", script],
+            input=json.dumps(cases),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
             env={"PYTHONHASHSEED": seed, "LMCACHE_TRACK_USAGE": "false", "PATH": "/usr/bin:/bin"},
         )
         real = json.loads(out.stdout.strip().splitlines()[-1])
@@ -83,14 +87,16 @@ def test_differential_random_sequences(real_ctl: RealController, sim: tuple[SimC
     rng = random.Random(seed)
     # prompts sharing prefixes → deep chains held by several instances
     base = [rng.randrange(100_000) for _ in range(256 * 6)]
-    prompts = [base[: rng.randrange(256, len(base))] + [rng.randrange(100_000) for _ in range(rng.randrange(600))]
-               for _ in range(8)]
+    prompts = [
+        base[: rng.randrange(256, len(base))] + [rng.randrange(100_000) for _ in range(rng.randrange(600))]
+        for _ in range(8)
+    ]
     chains = [lmcache_chunk_hashes(p) for p in prompts]
     names = [f"s{seed}i{k}" for k in range(4)]
     pairs: list[Pair] = []
     try:
         for name in names:
-            for wid in ([0, 1] if rng.random() < 0.3 else [0]):
+            for wid in [0, 1] if rng.random() < 0.3 else [0]:
                 pairs.append(Pair(real_ctl, sim_ctl, name, wid))
         rng.shuffle(pairs)  # op interleaving; registration order is already fixed
         for _phase in range(5):
@@ -130,19 +136,26 @@ def test_differential_random_sequences(real_ctl: RealController, sim: tuple[SimC
             _, r = api(real_ctl, "/query_worker_info", {"instance_id": name})
             _, s = http_json(sim_url + "/query_worker_info", {"instance_id": name})
             assert [(w["worker_id"], w["port"]) for w in r["worker_infos"]] == [
-                (w["worker_id"], w["port"]) for w in s["worker_infos"]]
+                (w["worker_id"], w["port"]) for w in s["worker_infos"]
+            ]
         _status, stats = api(real_ctl, "/controller/key-stats")
-        real_counts = {i["instance_id"]: (i["key_count"], i["worker_count"]) for i in stats["instances"]
-                       if i["instance_id"] in names}
-        sim_counts = {i["instance_id"]: (i["key_count"], i["worker_count"])
-                      for i in sim_ctl.index.key_stats()["instances"]}
+        real_counts = {
+            i["instance_id"]: (i["key_count"], i["worker_count"])
+            for i in stats["instances"]
+            if i["instance_id"] in names
+        }
+        sim_counts = {
+            i["instance_id"]: (i["key_count"], i["worker_count"]) for i in sim_ctl.index.key_stats()["instances"]
+        }
         assert real_counts == sim_counts
     finally:
         for p in pairs:
             p.bridge.close()
     for name in names:
-        wait_until(lambda n=name: api(real_ctl, "/query_worker_info", {"instance_id": n})[1]["worker_infos"] == [],
-                   what=f"{name} gone")
+        wait_until(
+            lambda n=name: api(real_ctl, "/query_worker_info", {"instance_id": n})[1]["worker_infos"] == [],
+            what=f"{name} gone",
+        )
 
 
 # --------------------------------------------------------------------------- commands through the bridge
@@ -177,14 +190,20 @@ def test_pin_clear_health_worker_info_roundtrip(real_ctl: RealController, bridge
     status, body = api(real_ctl, "/query_worker_info", {"instance_id": "cmdA"})
     [info] = body["worker_infos"]
     assert (info["instance_id"], info["worker_id"], info["ip"], info["port"], info["peer_init_url"]) == (
-        "cmdA", 0, "127.0.0.1", b.port, None)
+        "cmdA",
+        0,
+        "127.0.0.1",
+        b.port,
+        None,
+    )
     assert api(real_ctl, "/query_instance", {"event_id": "x", "ip": "127.0.0.1"})[1]["res"]  # some instance
     t2 = list(range(5000, 5512))
     w.store_tokens(t2)
     status, body = api(real_ctl, "/compress", {"instance_id": "cmdA", "method": "m", "location": CPU, "tokens": t2})
     assert (status, body["num_tokens"]) == (200, 512) and ("compress", None) in w.calls
-    status, body = api(real_ctl, "/decompress", {"instance_id": "cmdA", "method": "m", "location": CPU,
-                                                 "tokens": t2[:256]})
+    status, body = api(
+        real_ctl, "/decompress", {"instance_id": "cmdA", "method": "m", "location": CPU, "tokens": t2[:256]}
+    )
     assert (status, body["num_tokens"]) == (200, 256)
     status, body = api(real_ctl, "/clear", {"instance_id": "cmdA", "location": CPU})
     assert (status, body["num_tokens"]) == (200, 512)  # the pinned chunks stay
@@ -193,22 +212,27 @@ def test_pin_clear_health_worker_info_roundtrip(real_ctl: RealController, bridge
     assert api(real_ctl, "/lookup", {"tokens": t})[1]["layout_info"] == {"cmdA": [CPU, 512]}
     w.fail.add("clear")
     assert api(real_ctl, "/clear", {"instance_id": "cmdA", "location": CPU}) == (
-        500, {"detail": "Operation 'clear' is not supported."})
+        500,
+        {"detail": "Operation 'clear' is not supported."},
+    )
 
 
 def test_move_between_bridges(real_ctl: RealController) -> None:
     src, dst = FakeWorker("mvSrc"), FakeWorker("mvDst")
-    bs = LMCacheWorkerBridge(src, real_ctl.pull_url, real_ctl.reply_url, heartbeat_interval=None,
-                             peer_init_url="127.0.0.1:1").start()
-    bd = LMCacheWorkerBridge(dst, real_ctl.pull_url, real_ctl.reply_url, heartbeat_interval=None,
-                             peer_init_url="127.0.0.1:2").start()
+    bs = LMCacheWorkerBridge(
+        src, real_ctl.pull_url, real_ctl.reply_url, heartbeat_interval=None, peer_init_url="127.0.0.1:1"
+    ).start()
+    bd = LMCacheWorkerBridge(
+        dst, real_ctl.pull_url, real_ctl.reply_url, heartbeat_interval=None, peer_init_url="127.0.0.1:2"
+    ).start()
     try:
         src.sinks.append(bs)
         dst.sinks.append(bd)
         t = list(range(3000, 3600))
         src.store_tokens(t)
-        status, body = api(real_ctl, "/move", {"old_position": ["mvSrc", CPU], "new_position": ["mvDst", CPU],
-                                               "tokens": t})
+        status, body = api(
+            real_ctl, "/move", {"old_position": ["mvSrc", CPU], "new_position": ["mvDst", CPU], "tokens": t}
+        )
         assert (status, body["num_tokens"]) == (200, 512)
         barrier(real_ctl, bs)
         barrier(real_ctl, bd)

@@ -7,7 +7,7 @@
   a plain ``pytest`` run skips the fleet tests instead of starting 9 GB of engines by surprise.
 - The fleet is session-scoped and always stopped.  Each session gets its own run dir
   ``.cache/real-run-pytest/s<pid>`` (logs, LMCache yaml, private caches); fleets left by sessions that died are
-  stopped first.  Only one real fleet runs on the machine at a time (``kvgate.real.fleet`` waits for another).
+  stopped first.  Only one real fleet runs on the machine at a time (``kvgate_real.fleet`` waits for another).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from kvgate.real import fleet as real
+from kvgate_real import fleet as real
 
 ENGINES = int(os.environ.get("KVGATE_REAL_ENGINES", "2"))
 HERE = Path(__file__).resolve().parent

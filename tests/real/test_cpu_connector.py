@@ -25,7 +25,7 @@ except ImportError:  # run as a script under a python without pytest
     pass
 
 ROOT = Path(__file__).resolve().parents[2]
-SHIMS = ROOT / "kvgate" / "real" / "shims"
+SHIMS = ROOT / "kvgate_real" / "shims"
 NUM_LAYERS, NUM_BLOCKS, HEADS, BS, HEAD = 3, 10, 4, 128, 32  # layer tensor [10, 4, 128, 64]
 HIDDEN = HEADS * HEAD
 TOKENS = 256
@@ -82,8 +82,9 @@ def check_connector() -> None:
 
     # Bad layout is rejected loudly.
     try:
-        conn.from_gpu(mem, 0, TOKENS, kvcaches=[torch.zeros(NUM_BLOCKS, BS, HEADS, HEAD)] * NUM_LAYERS,
-                      slot_mapping=slots)
+        conn.from_gpu(
+            mem, 0, TOKENS, kvcaches=[torch.zeros(NUM_BLOCKS, BS, HEADS, HEAD)] * NUM_LAYERS, slot_mapping=slots
+        )
     except ValueError:
         pass
     else:

@@ -15,8 +15,8 @@ import uuid
 
 import pytest
 
-from kvgate.real import fleet as real
-from kvgate.real.fleet import RealFleet
+from kvgate_real import fleet as real
+from kvgate_real.fleet import RealFleet
 
 pytestmark = pytest.mark.real
 

@@ -1,4 +1,4 @@
-"""Pure helpers of ``kvgate.real.fleet``: no real venv, no engines (runs in the normal suite)."""
+"""Pure helpers of ``kvgate_real.fleet``: no real venv, no engines (runs in the normal suite)."""
 
 from __future__ import annotations
 
@@ -9,19 +9,35 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kvgate.real import fleet as real
-from kvgate.real.fleet import ControllerInfo, EngineInfo, RealFleet
+from kvgate_real import fleet as real
+from kvgate_real.fleet import ControllerInfo, EngineInfo, RealFleet
 
 
 def _fake_fleet(run_dir: Path, n: int = 2) -> RealFleet:
     f = RealFleet(run_dir, verbose=False)
-    f.controller = ControllerInfo(pid=1, port=9000, url="http://127.0.0.1:9000",
-                                  monitor_ports={"pull": 1, "reply": 2, "heartbeat": 3}, log="c.log")
+    f.controller = ControllerInfo(
+        pid=1,
+        port=9000,
+        url="http://127.0.0.1:9000",
+        monitor_ports={"pull": 1, "reply": 2, "heartbeat": 3},
+        log="c.log",
+    )
     f.gateway_port = 8888
     for i in range(n):
-        f.engines.append(EngineInfo(index=i, instance_id=f"engine-{i}", pid=100 + i, port=8100 + i,
-                                    url=f"http://127.0.0.1:{8100 + i}", worker_port=8600 + i, log=f"e{i}.log",
-                                    lmcache_config="x.yaml", home=str(run_dir), tmp_dir=str(run_dir / "tmp")))
+        f.engines.append(
+            EngineInfo(
+                index=i,
+                instance_id=f"engine-{i}",
+                pid=100 + i,
+                port=8100 + i,
+                url=f"http://127.0.0.1:{8100 + i}",
+                worker_port=8600 + i,
+                log=f"e{i}.log",
+                lmcache_config="x.yaml",
+                home=str(run_dir),
+                tmp_dir=str(run_dir / "tmp"),
+            )
+        )
     return f
 
 

@@ -34,8 +34,8 @@ from kvgate.app import RunningGateway, start_gateway
 from kvgate.config import parse_config
 from kvgate.filters.kvcache.extract import extract
 from kvgate.filters.kvcache.filter import KVCacheFilter
-from kvgate.real import fleet as real
-from kvgate.real.fleet import RealFleet
+from kvgate_real import fleet as real
+from kvgate_real.fleet import RealFleet
 
 pytestmark = pytest.mark.real
 
@@ -79,8 +79,9 @@ class Reply:
 
 
 def post(url: str, body: dict[str, Any], timeout: float = 180.0) -> Reply:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url, data=json.dumps(body).encode(), method="POST", headers={"Content-Type": "application/json"}
+    )
     try:
         with _OPENER.open(req, timeout=timeout) as resp:
             status, headers, raw = resp.status, resp.headers, resp.read()
@@ -169,12 +170,15 @@ class GatewayThread:
         return self.gw.admin_url
 
     def chat(self, messages: list[dict[str, str]], max_tokens: int = 8) -> Reply:
-        return post(f"{self.url}/v1/chat/completions",
-                    {"model": MODEL, "messages": messages, "max_tokens": max_tokens, "temperature": 0})
+        return post(
+            f"{self.url}/v1/chat/completions",
+            {"model": MODEL, "messages": messages, "max_tokens": max_tokens, "temperature": 0},
+        )
 
     def complete(self, prompt: str | list[str], max_tokens: int = 4) -> Reply:
-        return post(f"{self.url}/v1/completions",
-                    {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
+        return post(
+            f"{self.url}/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+        )
 
     def metrics(self) -> dict[str, float]:
         return scrape(self.admin_url)
@@ -196,8 +200,9 @@ class GatewayThread:
         return self.call(peek)
 
 
-def gateway_config(fleet: RealFleet, kvcache: dict[str, Any] | None = None,
-                   cache_strategy: dict[str, Any] | None = None) -> dict[str, Any]:
+def gateway_config(
+    fleet: RealFleet, kvcache: dict[str, Any] | None = None, cache_strategy: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """The fleet's kvgate config (Pixiu shape), tuned for slow CPU engines; endpoint ids = LMCache instance ids."""
     cfg = copy.deepcopy(fleet.kvgate_config())
     hcm = cfg["listeners"][0]["filter_chains"]["filters"][0]["config"]
@@ -211,8 +216,7 @@ def gateway_config(fleet: RealFleet, kvcache: dict[str, Any] | None = None,
             "lookup_routing_timeout": "2s",  # covers the engine's /tokenize on 2 busy cores
             "tokenize_on_miss": True,
             "token_cache": {"enabled": True, "max_size": 1024, "ttl": "30m"},
-            "circuit_breaker": {"failure_threshold": 3, "recovery_timeout": BREAKER_RECOVERY,
-                                "half_open_max_calls": 1},
+            "circuit_breaker": {"failure_threshold": 3, "recovery_timeout": BREAKER_RECOVERY, "half_open_max_calls": 1},
             "cache_strategy": {"enable_compression": False, "enable_pinning": False, "enable_eviction": False},
             **(kvcache or {}),
         }
@@ -377,8 +381,10 @@ def test_pin_compress_evict_reach_real_controller(fleet: RealFleet) -> None:
             assert replies[-1].status == 200, replies[-1]
             time.sleep(1.0)
             m = gw.metrics()
-            if (sample(m, "kvgate_kvcache_actions_total", action="pin", result="ok") >= 1
-                    and sample(m, "kvgate_kvcache_actions_total", action="evict", result="unsupported") >= 2):
+            if (
+                sample(m, "kvgate_kvcache_actions_total", action="pin", result="ok") >= 1
+                and sample(m, "kvgate_kvcache_actions_total", action="evict", result="unsupported") >= 2
+            ):
                 break
             assert time.monotonic() < deadline, {k: v for k, v in m.items() if "actions" in k or "background" in k}
         time.sleep(2.0)  # let the last background job finish
@@ -387,8 +393,10 @@ def test_pin_compress_evict_reach_real_controller(fleet: RealFleet) -> None:
         gw.stop()
     assert all(r.endpoint == holder.instance_id and r.kvcache.startswith("routed;") for r in replies), replies
     assert sample(m, "kvgate_kvcache_actions_total", action="pin", result="ok") >= 1
-    compress = {res: sample(m, "kvgate_kvcache_actions_total", action="compress", result=res)
-                for res in ("ok", "error", "timeout", "breaker_open", "unsupported", "no_target")}
+    compress = {
+        res: sample(m, "kvgate_kvcache_actions_total", action="compress", result=res)
+        for res in ("ok", "error", "timeout", "breaker_open", "unsupported", "no_target")
+    }
     assert compress["ok"] >= 1, compress  # zstd: the worker answers 0 tokens, the controller 200
     assert compress["error"] == compress["timeout"] == compress["breaker_open"] == 0, compress
     assert "Unsupported compression method: zstd" in Path(holder.log).read_text(errors="replace")
@@ -415,20 +423,26 @@ def test_gateway_survives_controller_restart(fleet: RealFleet, gateway: GatewayT
     try:
         # Not `prompt` itself: unrouted, it could land on the other engine, which would then hold it too, and
         # after the full sync the controller credits each chunk to one instance only (the first to re-register).
-        down = [gateway.complete(code_prompt("gwdown")),
-                gateway.chat([{"role": "user", "content": code_prompt("gwdc")}]),
-                gateway.complete(code_prompt("gwdown2")), gateway.complete("def tiny():\n    return 1")]
+        down = [
+            gateway.complete(code_prompt("gwdown")),
+            gateway.chat([{"role": "user", "content": code_prompt("gwdc")}]),
+            gateway.complete(code_prompt("gwdown2")),
+            gateway.complete("def tiny():\n    return 1"),
+        ]
         assert [r.status for r in down] == [200] * 4, down
         assert not any(r.kvcache.startswith("routed") for r in down), down
         during = gateway.metrics()
-        failed = sum(sample(during, "kvgate_kvcache_routing_lookups_total", outcome=o)
-                     - sample(before, "kvgate_kvcache_routing_lookups_total", outcome=o)
-                     for o in ("error", "breaker_open", "timeout"))
+        failed = sum(
+            sample(during, "kvgate_kvcache_routing_lookups_total", outcome=o)
+            - sample(before, "kvgate_kvcache_routing_lookups_total", outcome=o)
+            for o in ("error", "breaker_open", "timeout")
+        )
         # The three long prompts tried the dead controller; the short one cannot fill a 256-token chunk, so the
         # filter does not even tokenize it (no_tokens).
         assert failed == 3, failed
-        no_tokens = sample(during, "kvgate_kvcache_routing_lookups_total", outcome="no_tokens") \
-            - sample(before, "kvgate_kvcache_routing_lookups_total", outcome="no_tokens")
+        no_tokens = sample(during, "kvgate_kvcache_routing_lookups_total", outcome="no_tokens") - sample(
+            before, "kvgate_kvcache_routing_lookups_total", outcome="no_tokens"
+        )
         assert no_tokens == 1, no_tokens
     finally:
         # Always bring the controller back (also after a failed assertion), so the tests after this one
@@ -458,8 +472,9 @@ def test_gateway_fails_over_dead_engine(fleet: RealFleet, gateway: GatewayThread
     if victim.alive:  # run alone: kill it here (in the full tier test_fleet's test_killed_engine_is_dropped did)
         stored_on_victim = code_prompt("gwvictim")
         real.complete(victim.url, stored_on_victim, max_tokens=1)
-        real.wait_for_lookup(fleet.controller_url, real.tokenize(victim.url, stored_on_victim),
-                             victim.instance_id, CHUNK, timeout=30)
+        real.wait_for_lookup(
+            fleet.controller_url, real.tokenize(victim.url, stored_on_victim), victim.instance_id, CHUNK, timeout=30
+        )
         fleet.kill_engine(len(fleet.engines) - 1)
     assert real.pids_in_group(victim.pid) == []
     before = gateway.metrics()
@@ -469,12 +484,23 @@ def test_gateway_fails_over_dead_engine(fleet: RealFleet, gateway: GatewayThread
     assert [r.status for r in replies] == [200] * 4, replies
     assert {r.endpoint for r in replies} == {survivor.instance_id}, replies
     mid = gateway.metrics()
-    victim_attempts = sample(mid, "kvgate_upstream_attempts_total", cluster=CLUSTER, endpoint=victim.instance_id) \
-        - sample(before, "kvgate_upstream_attempts_total", cluster=CLUSTER, endpoint=victim.instance_id)
+    victim_attempts = sample(
+        mid, "kvgate_upstream_attempts_total", cluster=CLUSTER, endpoint=victim.instance_id
+    ) - sample(before, "kvgate_upstream_attempts_total", cluster=CLUSTER, endpoint=victim.instance_id)
     assert victim_attempts == 1, victim_attempts  # one failover, then the passive cooldown keeps it out
-    assert sample(mid, "kvgate_upstream_attempts_total", cluster=CLUSTER, endpoint=victim.instance_id,
-                  outcome="network_error") - sample(before, "kvgate_upstream_attempts_total", cluster=CLUSTER,
-                                                    endpoint=victim.instance_id, outcome="network_error") == 1
+    assert (
+        sample(
+            mid, "kvgate_upstream_attempts_total", cluster=CLUSTER, endpoint=victim.instance_id, outcome="network_error"
+        )
+        - sample(
+            before,
+            "kvgate_upstream_attempts_total",
+            cluster=CLUSTER,
+            endpoint=victim.instance_id,
+            outcome="network_error",
+        )
+        == 1
+    )
     assert sample(mid, "kvgate_endpoint_healthy", cluster=CLUSTER, endpoint=victim.instance_id) == 0
 
     # Prefix routing keeps working on the survivor, and never names the dead engine.
@@ -489,8 +515,10 @@ def test_gateway_fails_over_dead_engine(fleet: RealFleet, gateway: GatewayThread
         r3 = gateway.complete(stored_on_victim)
         assert r3.status == 200 and r3.endpoint == survivor.instance_id, r3
     end = gateway.metrics()
-    assert sample(end, "kvgate_upstream_attempts_total", cluster=CLUSTER, endpoint=victim.instance_id) \
-        == sample(mid, "kvgate_upstream_attempts_total", cluster=CLUSTER, endpoint=victim.instance_id)
-    honored = sample(end, "kvgate_preferred_endpoint_decisions_total", cluster=CLUSTER, outcome="honored") \
-        - sample(before, "kvgate_preferred_endpoint_decisions_total", cluster=CLUSTER, outcome="honored")
+    assert sample(end, "kvgate_upstream_attempts_total", cluster=CLUSTER, endpoint=victim.instance_id) == sample(
+        mid, "kvgate_upstream_attempts_total", cluster=CLUSTER, endpoint=victim.instance_id
+    )
+    honored = sample(end, "kvgate_preferred_endpoint_decisions_total", cluster=CLUSTER, outcome="honored") - sample(
+        before, "kvgate_preferred_endpoint_decisions_total", cluster=CLUSTER, outcome="honored"
+    )
     assert honored >= 1

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import random
 
-from kvgate.sim.controller_index import ControllerIndex
-from kvgate.sim.protocol import KVOp, lmcache_chunk_hashes
+from kvgate_sim.controller_index import ControllerIndex
+from kvgate_sim.protocol import KVOp, lmcache_chunk_hashes
 
 CPU = "LocalCPUBackend"
 DISK = "LocalDiskBackend"
@@ -207,7 +207,9 @@ def test_stats_and_infos() -> None:
     admit(idx, "A", h[:3])
     admit(idx, "A", h[:1], DISK, wid=1)
     assert idx.key_stats() == {
-        "total_key_count": 4, "total_instance_count": 2, "total_worker_count": 3,
+        "total_key_count": 4,
+        "total_instance_count": 2,
+        "total_worker_count": 3,
         "instances": [
             {"instance_id": "A", "key_count": 4, "worker_count": 2},
             {"instance_id": "B", "key_count": 0, "worker_count": 1},

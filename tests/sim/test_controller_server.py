@@ -10,8 +10,8 @@ import aiohttp
 import pytest
 
 from kvgate.serving import start_server
-from kvgate.sim.controller_server import SimController, create_controller_app
-from kvgate.sim.protocol import lmcache_chunk_hashes
+from kvgate_sim.controller_server import SimController, create_controller_app
+from kvgate_sim.protocol import lmcache_chunk_hashes
 from tests.lmcache.fake_worker import FakeWorker
 
 CPU = "LocalCPUBackend"
@@ -26,8 +26,9 @@ class Client:
     def __init__(self, url: str, session: aiohttp.ClientSession, ctl: SimController) -> None:
         self.url, self.session, self.ctl = url, session, ctl
 
-    async def post(self, path: str, body: Any = None, *, data: bytes | None = None,
-                   headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    async def post(
+        self, path: str, body: Any = None, *, data: bytes | None = None, headers: dict[str, str] | None = None
+    ) -> tuple[int, Any]:
         kwargs: dict[str, Any] = {"json": body} if data is None else {"data": data, "headers": headers or {}}
         async with self.session.post(self.url + path, **kwargs) as r:
             return r.status, await r.json(content_type=None)
@@ -89,19 +90,34 @@ async def test_first_registered_is_credited(client: Client) -> None:
 
 async def test_validation_errors_match_fastapi(client: Client) -> None:
     assert await client.post("/lookup", {}) == (
-        422, {"detail": [{"type": "missing", "loc": ["body", "tokens"], "msg": "Field required", "input": {}}]}
+        422,
+        {"detail": [{"type": "missing", "loc": ["body", "tokens"], "msg": "Field required", "input": {}}]},
     )
     status, body = await client.post("/lookup", {"tokens": ["a"]})
-    assert status == 422 and body["detail"][0]["type"] == "int_parsing" and body["detail"][0]["loc"] == [
-        "body", "tokens", 0]
+    assert (
+        status == 422
+        and body["detail"][0]["type"] == "int_parsing"
+        and body["detail"][0]["loc"] == ["body", "tokens", 0]
+    )
     status, body = await client.post("/lookup", {"tokens": [1.5]})
     assert status == 422 and body["detail"][0]["type"] == "int_from_float"
     assert await client.post("/lookup", data=b"", headers={"content-type": "application/json"}) == (
-        422, {"detail": [{"type": "missing", "loc": ["body"], "msg": "Field required", "input": None}]}
+        422,
+        {"detail": [{"type": "missing", "loc": ["body"], "msg": "Field required", "input": None}]},
     )
     assert await client.post("/lookup", data=b"not json", headers={"content-type": "application/json"}) == (
-        422, {"detail": [{"type": "json_invalid", "loc": ["body", 0], "msg": "JSON decode error", "input": {},
-                          "ctx": {"error": "Expecting value"}}]}
+        422,
+        {
+            "detail": [
+                {
+                    "type": "json_invalid",
+                    "loc": ["body", 0],
+                    "msg": "JSON decode error",
+                    "input": {},
+                    "ctx": {"error": "Expecting value"},
+                }
+            ]
+        },
     )
     status, body = await client.post("/lookup", [1])
     assert status == 422 and body["detail"][0]["type"] == "model_attributes_type"
@@ -115,30 +131,40 @@ async def test_validation_errors_match_fastapi(client: Client) -> None:
 async def test_error_bodies_without_workers(client: Client) -> None:
     loc = {"location": CPU}
     assert await client.post("/clear", {"instance_id": "nope", **loc}) == (
-        500, {"detail": "The number of tokens cleared should be the same across all workers."})
+        500,
+        {"detail": "The number of tokens cleared should be the same across all workers."},
+    )
     assert (await client.post("/pin", {"instance_id": "nope", "tokens": [1], **loc}))[1]["detail"] == (
-        "The number of tokens pinned should be the same across all workers.")
+        "The number of tokens pinned should be the same across all workers."
+    )
     assert (await client.post("/compress", {"instance_id": "nope", "method": "m", **loc}))[1]["detail"] == (
-        "The number of tokens compressed should be the same across all workers.")
+        "The number of tokens compressed should be the same across all workers."
+    )
     assert await client.post("/decompress", {"instance_id": "nope", "method": "m", **loc}) == (500, {"detail": ""})
     assert await client.post("/move", {"old_position": ["a", CPU], "new_position": ["b", CPU]}) == (
-        500, {"detail": "The number of tokens moved should be the same across all workers."})
+        500,
+        {"detail": "The number of tokens moved should be the same across all workers."},
+    )
     assert await client.post("/check_finish", {"event_id": "x"}) == (500, {"detail": ""})
     status, body = await client.post("/query_instance", {"event_id": "e", "ip": "127.0.0.9"})
     assert status == 500 and body["detail"].startswith(
         "1 validation error for QueryInstResponse\nres\n  Input should be a valid string [type=string_type, "
-        "input_value=None, input_type=NoneType]")
+        "input_value=None, input_type=NoneType]"
+    )
     status, body = await client.post("/health", {"instance_id": "nope"})
     assert status == 200 and body["error_codes"] == {} and body["event_id"].startswith("health")
     status, body = await client.post("/query_worker_info", {"instance_id": "nope"})
     assert status == 200 and body["worker_infos"] == [] and body["event_id"].startswith("QueryWorkerInfo")
     assert await client.get("/controller/key-stats") == (
-        200, {"total_key_count": 0, "total_instance_count": 0, "total_worker_count": 0, "instances": []})
+        200,
+        {"total_key_count": 0, "total_instance_count": 0, "total_worker_count": 0, "instances": []},
+    )
     assert await client.get("/controller/workers") == (200, {"workers": [], "total_count": 0})
-    assert await client.get("/controller/workers?instance_id=x") == (
-        404, {"detail": "No workers found for instance x"})
+    assert await client.get("/controller/workers?instance_id=x") == (404, {"detail": "No workers found for instance x"})
     assert await client.get("/controller/workers?instance_id=x&worker_id=0") == (
-        404, {"detail": "Worker (x, 0) not found"})
+        404,
+        {"detail": "Worker (x, 0) not found"},
+    )
     status, body = await client.get("/controller/workers?instance_id=x&worker_id=q")
     assert status == 422 and body["detail"][0]["loc"] == ["query", "worker_id"]
     async with client.session.get(client.url + "/lookup") as r:
@@ -157,10 +183,14 @@ async def test_commands_change_worker_state(client: Client) -> None:
     assert a.pinned == set(lmcache_chunk_hashes(t))
     t2 = toks(512, 9000)
     a.store_tokens(t2)
-    assert (await client.post("/compress", {"instance_id": "instA", "method": "cachegen", "location": CPU,
-                                            "tokens": t2}))[1]["num_tokens"] == 512
-    assert (await client.post("/decompress", {"instance_id": "instA", "method": "cachegen", "location": CPU,
-                                              "tokens": t2[:300]}))[1]["num_tokens"] == 256
+    assert (
+        await client.post("/compress", {"instance_id": "instA", "method": "cachegen", "location": CPU, "tokens": t2})
+    )[1]["num_tokens"] == 512
+    assert (
+        await client.post(
+            "/decompress", {"instance_id": "instA", "method": "cachegen", "location": CPU, "tokens": t2[:300]}
+        )
+    )[1]["num_tokens"] == 256
     # clear evicts the unpinned chunks; the index follows at once (ops are applied synchronously)
     status, body = await client.post("/clear", {"instance_id": "instA", "location": CPU})
     assert (status, body["num_tokens"]) == (200, 512) and body["event_id"].startswith("Clear")
@@ -173,13 +203,23 @@ async def test_commands_change_worker_state(client: Client) -> None:
     assert (await client.post("/health", {"instance_id": "instA"}))[1]["error_codes"] == {"0": -1001}
     a.fail.add("clear")
     assert await client.post("/clear", {"instance_id": "instA", "location": CPU}) == (
-        500, {"detail": "Operation 'clear' is not supported."})
+        500,
+        {"detail": "Operation 'clear' is not supported."},
+    )
     assert (await client.post("/query_instance", {"event_id": "x", "ip": "127.0.0.5"}))[1]["res"] == "instA"
     status, body = await client.post("/query_worker_info", {"instance_id": "instA"})
     assert [(i["instance_id"], i["worker_id"], i["ip"], i["peer_init_url"]) for i in body["worker_infos"]] == [
-        ("instA", 0, "127.0.0.5", None)]
-    assert set(body["worker_infos"][0]) == {"instance_id", "worker_id", "ip", "port", "peer_init_url",
-                                            "registration_time", "last_heartbeat_time"}
+        ("instA", 0, "127.0.0.5", None)
+    ]
+    assert set(body["worker_infos"][0]) == {
+        "instance_id",
+        "worker_id",
+        "ip",
+        "port",
+        "peer_init_url",
+        "registration_time",
+        "last_heartbeat_time",
+    }
 
 
 async def test_multi_worker_mismatch_and_stats(client: Client) -> None:
@@ -189,13 +229,18 @@ async def test_multi_worker_mismatch_and_stats(client: Client) -> None:
     w0.store_tokens(t)
     w1.store_tokens(t[:256])
     assert await client.post("/pin", {"instance_id": "tp", "location": CPU, "tokens": t}) == (
-        500, {"detail": "The number of tokens pinned should be the same across all workers."})
+        500,
+        {"detail": "The number of tokens pinned should be the same across all workers."},
+    )
     w1.store_tokens(t)
     assert (await client.post("/pin", {"instance_id": "tp", "location": CPU, "tokens": t}))[1]["num_tokens"] == 512
     assert (await client.post("/health", {"instance_id": "tp"}))[1]["error_codes"] == {"0": 0, "1": 0}
     assert (await client.get("/controller/key-stats"))[1] == {
-        "total_key_count": 4, "total_instance_count": 1, "total_worker_count": 2,
-        "instances": [{"instance_id": "tp", "key_count": 4, "worker_count": 2}]}
+        "total_key_count": 4,
+        "total_instance_count": 1,
+        "total_worker_count": 2,
+        "instances": [{"instance_id": "tp", "key_count": 4, "worker_count": 2}],
+    }
     status, one = await client.get("/controller/workers?instance_id=tp&worker_id=1")
     assert status == 200 and one["key_count"] == 2 and one["worker_id"] == 1
     status, lst = await client.get("/controller/workers?instance_id=tp")
@@ -208,13 +253,19 @@ async def test_move_and_evict_extension(client: Client) -> None:
     dst = client.worker("dst", peer="127.0.0.1:7777")
     t = toks(600)
     src.store_tokens(t)
-    assert await client.post("/move", {"old_position": ["src", CPU], "new_position": ["nop2p", CPU],
-                                       "tokens": t}) == (500, {"detail": (
-        "Src worker 0 not registered for instance src or dst worker 0 not registered for instance nop2p "
-        "or P2P is not enabled.")})
+    assert await client.post("/move", {"old_position": ["src", CPU], "new_position": ["nop2p", CPU], "tokens": t}) == (
+        500,
+        {
+            "detail": (
+                "Src worker 0 not registered for instance src or dst worker 0 not registered for instance nop2p "
+                "or P2P is not enabled."
+            )
+        },
+    )
     assert not dst_nop2p.store
-    status, body = await client.post("/move", {"old_position": ["src", CPU], "new_position": ["dst", CPU],
-                                               "tokens": t, "should_copy": True})
+    status, body = await client.post(
+        "/move", {"old_position": ["src", CPU], "new_position": ["dst", CPU], "tokens": t, "should_copy": True}
+    )
     assert (status, body["num_tokens"]) == (200, 512) and body["event_id"].startswith("Move")
     assert await client.layout(t) == {"src": [CPU, 512]}
     assert set(dst.store[CPU]) == set(lmcache_chunk_hashes(t))
@@ -225,6 +276,8 @@ async def test_move_and_evict_extension(client: Client) -> None:
     assert (status, body["num_tokens"]) == (200, 256) and body["event_id"].startswith("Evict")
     assert await client.layout(t) == {}
     assert await client.post("/evict", {"tokens": t, "instance_id": "ghost"}) == (
-        500, {"detail": "The number of tokens evicted should be the same across all workers."})
+        500,
+        {"detail": "The number of tokens evicted should be the same across all workers."},
+    )
     status, body = await client.post("/evict", {"instance_id": "dst"})
     assert status == 422 and body["detail"][0]["loc"] == ["body", "tokens"]

@@ -1,4 +1,4 @@
-"""Tests for the simulated vLLM engine model (kvgate.sim.engine_model, a simulator)."""
+"""Tests for the simulated vLLM engine model (kvgate_sim.engine_model, a simulator)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from kvgate.sim.engine_model import (
+from kvgate_sim.engine_model import (
     PROFILES,
     EngineConfig,
     EngineCore,
@@ -15,7 +15,7 @@ from kvgate.sim.engine_model import (
     Prompt,
     gpu_block_hashes,
 )
-from kvgate.sim.protocol import KVOp, WorkerControl, lmcache_chunk_hashes
+from kvgate_sim.protocol import KVOp, WorkerControl, lmcache_chunk_hashes
 
 MS = 1e-3
 
@@ -322,8 +322,17 @@ def scenario(core: EngineCore, *, upfront: bool, fast_forward: bool) -> list[tup
 @pytest.mark.parametrize("jitter", [0.0, 0.2])
 def test_fast_forward_equals_step_by_step(jitter: float) -> None:
     def mk() -> EngineCore:
-        return EngineCore(EngineConfig(profile="a100", num_gpu_blocks=600, lmcache_capacity_chunks=4,
-                                       max_num_seqs=8, max_num_batched_tokens=512, jitter=jitter, seed=3))
+        return EngineCore(
+            EngineConfig(
+                profile="a100",
+                num_gpu_blocks=600,
+                lmcache_capacity_chunks=4,
+                max_num_seqs=8,
+                max_num_batched_tokens=512,
+                jitter=jitter,
+                seed=3,
+            )
+        )
 
     slow_core, fast_core, upfront_core = mk(), mk(), mk()
     slow = scenario(slow_core, upfront=False, fast_forward=False)

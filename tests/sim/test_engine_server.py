@@ -1,4 +1,4 @@
-"""Tests for the simulated vLLM HTTP server (kvgate.sim.engine_server, a simulator), over real HTTP."""
+"""Tests for the simulated vLLM HTTP server (kvgate_sim.engine_server, a simulator), over real HTTP."""
 
 from __future__ import annotations
 
@@ -12,17 +12,23 @@ import aiohttp
 import pytest_asyncio
 
 from kvgate.serving import ServerHandle, start_server
-from kvgate.sim.engine_model import EngineConfig
-from kvgate.sim.engine_server import EngineApp, SimEngine, create_engine_app
-from kvgate.sim.protocol import KVOp, lmcache_chunk_hashes
+from kvgate_sim.engine_model import EngineConfig
+from kvgate_sim.engine_server import EngineApp, SimEngine, create_engine_app
+from kvgate_sim.protocol import KVOp, lmcache_chunk_hashes
 
 MODEL = "qwen2.5-7b-instruct"
 HEADER = "x-kvgate-sim-instance"
 
 
 class Sim:
-    def __init__(self, app: EngineApp, engine: SimEngine, handle: ServerHandle, session: aiohttp.ClientSession,
-                 ops: list[tuple[str, int, str, list[KVOp]]]):
+    def __init__(
+        self,
+        app: EngineApp,
+        engine: SimEngine,
+        handle: ServerHandle,
+        session: aiohttp.ClientSession,
+        ops: list[tuple[str, int, str, list[KVOp]]],
+    ):
         self.app, self.engine, self.handle, self.session, self.ops = app, engine, handle, session, ops
 
     def url(self, path: str) -> str:
@@ -73,14 +79,19 @@ def metric(text: str, name: str) -> float:
 
 
 async def test_completion_non_stream_and_determinism(sim: Sim) -> None:
-    status, body, headers = await sim.post("/v1/completions", {"model": MODEL, "prompt": "Hello world",
-                                                               "max_tokens": 5, "ignore_eos": True})
+    status, body, headers = await sim.post(
+        "/v1/completions", {"model": MODEL, "prompt": "Hello world", "max_tokens": 5, "ignore_eos": True}
+    )
     assert status == 200 and headers[HEADER] == "simA"
     assert re.fullmatch(r"cmpl-[0-9a-f]{16}", body["id"]) and body["object"] == "text_completion"
     (choice,) = body["choices"]
     assert choice["finish_reason"] == "length" and choice["text"].strip()
-    assert body["usage"] == {"prompt_tokens": 2, "total_tokens": 7, "completion_tokens": 5,
-                             "prompt_tokens_details": {"cached_tokens": 0}}
+    assert body["usage"] == {
+        "prompt_tokens": 2,
+        "total_tokens": 7,
+        "completion_tokens": 5,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
     _, again, _ = await sim.post("/v1/completions", {"prompt": "Hello world", "max_tokens": 5})
     assert again["choices"][0]["text"] == choice["text"] and again["id"] != body["id"]
     _, default, _ = await sim.post("/v1/completions", {"prompt": [9707, 1879]})
@@ -107,8 +118,13 @@ async def test_cached_tokens_on_repeat_and_lmcache_ops(sim: Sim) -> None:
 
 
 async def test_chat_stream_shape(sim: Sim) -> None:
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me a story"}], "max_tokens": 4,
-            "stream": True, "stream_options": {"include_usage": True}}
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Tell me a story"}],
+        "max_tokens": 4,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     async with sim.session.post(sim.url("/v1/chat/completions"), json=body) as r:
         assert r.status == 200 and r.headers[HEADER] == "simA"
         assert r.headers["content-type"].startswith("text/event-stream")
@@ -118,8 +134,9 @@ async def test_chat_stream_shape(sim: Sim) -> None:
     ids = {e["id"] for e in events}
     assert len(ids) == 1 and re.fullmatch(r"chatcmpl-[0-9a-f]{16}", ids.pop())
     assert all(e["object"] == "chat.completion.chunk" and e["model"] == MODEL for e in events)
-    assert events[0]["choices"] == [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                     "finish_reason": None}]
+    assert events[0]["choices"] == [
+        {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+    ]
     content = events[1:5]
     assert [c["choices"][0]["finish_reason"] for c in content] == [None, None, None, "length"]
     assert content[-1]["choices"][0]["stop_reason"] is None
@@ -169,12 +186,21 @@ async def test_tokenize_both_forms(sim: Sim) -> None:
 
 async def test_metrics_names_present_and_moving(sim: Sim) -> None:
     before = await sim.get_text("/metrics")
-    for name in ("vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total", "vllm:kv_cache_usage_perc",
-                 "vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:prompt_tokens_total",
-                 "vllm:generation_tokens_total", "vllm:external_prefix_cache_queries_total",
-                 "vllm:external_prefix_cache_hits_total", "vllm:gpu_prefix_cache_queries_total",
-                 "vllm:gpu_prefix_cache_hits_total", "vllm:gpu_cache_usage_perc",
-                 "vllm:time_to_first_token_seconds_count"):
+    for name in (
+        "vllm:prefix_cache_queries_total",
+        "vllm:prefix_cache_hits_total",
+        "vllm:kv_cache_usage_perc",
+        "vllm:num_requests_running",
+        "vllm:num_requests_waiting",
+        "vllm:prompt_tokens_total",
+        "vllm:generation_tokens_total",
+        "vllm:external_prefix_cache_queries_total",
+        "vllm:external_prefix_cache_hits_total",
+        "vllm:gpu_prefix_cache_queries_total",
+        "vllm:gpu_prefix_cache_hits_total",
+        "vllm:gpu_cache_usage_perc",
+        "vllm:time_to_first_token_seconds_count",
+    ):
         assert metric(before, name) == 0.0
     prompt = [9707] * 40
     for _ in range(2):
@@ -193,8 +219,14 @@ async def test_metrics_names_present_and_moving(sim: Sim) -> None:
 async def test_error_bodies(sim: Sim) -> None:
     status, body, headers = await sim.post("/v1/completions", {"model": "nope", "prompt": "x"})
     assert status == 404 and headers[HEADER] == "simA"
-    assert body == {"error": {"message": f"The model `nope` does not exist. Valid aliases: {MODEL}.",
-                              "type": "NotFoundError", "param": "model", "code": 404}}
+    assert body == {
+        "error": {
+            "message": f"The model `nope` does not exist. Valid aliases: {MODEL}.",
+            "type": "NotFoundError",
+            "param": "model",
+            "code": 404,
+        }
+    }
     async with sim.session.post(sim.url("/v1/chat/completions"), data=b"{not json") as r:
         assert r.status == 400
         err = (await r.json())["error"]
@@ -247,3 +279,28 @@ async def test_client_disconnect_aborts_request() -> None:
     finally:
         await s.session.close()
         await s.handle.stop()
+
+
+async def test_lone_surrogates_get_a_client_error_not_a_500(sim: Sim) -> None:
+    """A lone surrogate is valid JSON (``"\\ud800"``) but not encodable UTF-8: the engine must still answer 4xx."""
+    raw = b'{"model": "\\ud800", "prompt": "x", "max_tokens": 2}'
+    async with sim.session.post(sim.url("/v1/completions"), data=raw) as r:
+        assert r.status == 404 and r.headers[HEADER] == "simA"
+        err = (await r.json())["error"]
+    assert err["type"] == "NotFoundError" and err["param"] == "model" and err["code"] == 404
+    assert "\\ud800" in err["message"]  # the bad name shown escaped
+    async with sim.session.post(
+        sim.url("/v1/chat/completions"), data=b'{"model": "\\udfff", "messages": [{"role": "user", "content": "hi"}]}'
+    ) as r:
+        assert r.status == 404 and (await r.json())["error"]["param"] == "model"
+    for path, body in [  # surrogates elsewhere: never a server error, always a JSON body
+        ("/v1/completions", b'{"prompt": "a \\udc80 b", "max_tokens": 2}'),
+        ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\ud83d"}], "max_tokens": 2}'),
+        ("/tokenize", b'{"prompt": "\\ud800"}'),
+        ("/v1/completions", b'{"prompt": "x", "max_tokens": "\\ud800"}'),
+    ]:
+        async with sim.session.post(sim.url(path), data=body) as r:
+            assert r.status < 500, (path, body, r.status)
+            assert isinstance(await r.json(), dict)
+    status, _, _ = await sim.post("/v1/completions", {"prompt": "still serving", "max_tokens": 2})
+    assert status == 200

@@ -14,8 +14,8 @@ import yaml
 
 from kvgate.app import start_gateway
 from kvgate.config import parse_config
-from kvgate.sim.fleet import start_fleet
-from kvgate.sim.tokenizer import get_tokenizer
+from kvgate_sim.fleet import start_fleet
+from kvgate_sim.tokenizer import get_tokenizer
 
 
 async def test_fleet_engines_report_to_controller_and_gateway_config_works() -> None:
@@ -29,8 +29,10 @@ async def test_fleet_engines_report_to_controller_and_gateway_config_works() -> 
             async with aiohttp.ClientSession() as s:
                 served = []
                 for _ in range(2):
-                    async with s.post(f"{gw.url}/v1/completions",
-                                      json={"model": "qwen2.5-7b-instruct", "prompt": text, "max_tokens": 2}) as r:
+                    async with s.post(
+                        f"{gw.url}/v1/completions",
+                        json={"model": "qwen2.5-7b-instruct", "prompt": text, "max_tokens": 2},
+                    ) as r:
                         assert r.status == 200
                         served.append(r.headers["x-kvgate-sim-instance"])
                 assert sorted(served) == ["sim-0", "sim-1"]  # round robin
@@ -47,8 +49,12 @@ async def test_fleet_engines_report_to_controller_and_gateway_config_works() -> 
 
 def test_sim_cli_writes_config_and_stops_cleanly(tmp_path: Path) -> None:
     out = tmp_path / "fleet.yaml"
-    proc = subprocess.Popen([sys.executable, "-m", "kvgate.cli", "sim", "--engines", "2", "--time-scale", "0.01",
-                             "--config-out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kvgate.cli", "sim", "--engines", "2", "--time-scale", "0.01", "--config-out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         lines = []
         assert proc.stdout is not None

