@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from kvgate.sim.tokenizer import ChatTemplateError, get_tokenizer, render_chat
+from kvgate_sim.tokenizer import ChatTemplateError, get_tokenizer, render_chat
 from kvgate.tokenization import LocalTokenizer, TokenizationError
 
 ASSET = Path(__file__).resolve().parents[2] / "assets" / "tokenizers" / "sim-qwen2.5"
