@@ -125,6 +125,7 @@ class Endpoint(Model):
 
 class ActiveHealthCheck(Model):
     path: str = "/health"
+    scheme: str | None = Field(default=None, description="http or https; default: the proxy filter's scheme")
     interval: Duration = Field(default=5.0, gt=0)
     timeout: Duration = Field(default=1.0, gt=0)
     unhealthy_threshold: int = Field(default=2, ge=1)
@@ -137,6 +138,22 @@ class ActiveHealthCheck(Model):
             raise ValueError("path must start with '/'")
         return v
 
+    @field_validator("scheme")
+    @classmethod
+    def _scheme(cls, v: str | None) -> str | None:
+        if v is not None and v.strip().lower() not in ("http", "https"):
+            raise ValueError("scheme must be http or https")
+        return v.strip().lower() if v is not None else None
+
+
+class OutlierDetection(Model):
+    """Envoy-style 5xx outlier detection: ``consecutive_5xx`` 5xx answers from distinct requests eject the
+    endpoint for ``base_ejection_time`` × 2^(ejections-1), at most ``max_ejection_time``."""
+
+    consecutive_5xx: int = Field(default=5, ge=1)
+    base_ejection_time: Duration = Field(default=30.0, gt=0)
+    max_ejection_time: Duration = Field(default=300.0, gt=0)
+
 
 class Cluster(Model):
     name: str
@@ -144,6 +161,8 @@ class Cluster(Model):
     endpoints: list[Endpoint] = Field(min_length=1)
     hash_header: str = "x-session-id"
     health_check: ActiveHealthCheck | None = None
+    outlier_detection: OutlierDetection | None = None
+    max_ejection_time: Duration = Field(default=300.0, gt=0, description="cap of the passive cooldown back-off")
 
     @field_validator("lb_policy")
     @classmethod

@@ -36,6 +36,9 @@ class Metrics:
         )
         self.endpoint_healthy = Gauge("kvgate_endpoint_healthy", "1 if the endpoint is usable",
                                       ["cluster", "endpoint"], registry=r)
+        self.ejections = Counter("kvgate_endpoint_ejections", "Endpoints taken out of rotation, by cause "
+                                 "(connection, timeout, broken, consecutive_5xx)", ["cluster", "endpoint", "cause"],
+                                 registry=r)
         self.local_replies = Counter("kvgate_local_replies", "Requests answered by the gateway itself",
                                      ["status", "reason"], registry=r)
 

@@ -246,8 +246,19 @@ class Gateway:
         for app in self.listener_apps:
             for flt in app.filters:
                 await flt.start()
-        await self.runtime.clusters.start_health_checks(self.runtime.aux_session)
+        await self.runtime.clusters.start_health_checks(self.runtime.aux_session, self._proxy_schemes())
         self._started = True
+
+    def _proxy_schemes(self) -> dict[str, str]:
+        """Cluster → scheme of the proxy filter that serves it (https if any listener's proxy says so)."""
+        out: dict[str, str] = {}
+        for app in self.listener_apps:
+            last = app.hcm.http_filters[-1].config or {}  # the terminal filter (validated at start)
+            scheme = str(last.get("scheme", "http")).strip().lower()
+            for r in app.routes:
+                if out.get(r.cluster) != "https":
+                    out[r.cluster] = scheme
+        return out
 
     async def close(self) -> None:
         for app in self.listener_apps:

@@ -17,6 +17,8 @@ class UpstreamState:
     release_last: asyncio.Event = field(default_factory=asyncio.Event)
     disconnected: asyncio.Event = field(default_factory=asyncio.Event)
     fail_status: int | None = None
+    fail_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    resp_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     delay_s: float = 0.0
 
 
@@ -37,7 +39,8 @@ def make_upstream(name: str) -> tuple[Router, UpstreamState]:
         if state.delay_s:
             await asyncio.sleep(state.delay_s)
         if state.fail_status is not None:
-            await send_json(send, state.fail_status, {"error": {"message": "boom", "type": "server_error"}})
+            await send_json(send, state.fail_status, {"error": {"message": "boom", "type": "server_error"}},
+                            headers=state.fail_headers)
             return
         chat = req.path.endswith("chat/completions")
         if body.get("stream"):
@@ -53,7 +56,7 @@ def make_upstream(name: str) -> tuple[Router, UpstreamState]:
             "id": "cmpl-test", "object": "chat.completion" if chat else "text_completion", "created": 1,
             "model": body.get("model", "demo"), "choices": [choice], "served_by": name,
             "usage": {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6},
-        }, headers=[(b"x-served-by", name.encode())])
+        }, headers=[(b"x-served-by", name.encode()), *state.resp_headers])
 
     async def stream(req: Request, send: Send, body: dict[str, Any], chat: bool) -> None:
         async def watch() -> None:
