@@ -213,6 +213,30 @@ class HttpConnectionManager(Model):
     http_filters: list[HttpFilterConfig] = Field(default_factory=list)
     timeout: Duration = 10.0
     max_request_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1)
+    # Decision headers (x-kvgate-endpoint, x-kvgate-kvcache*) tell a client where a prompt is cached: a
+    # cross-tenant side channel. Off by default; on for every request, or only for requests carrying
+    # ``decision_headers_token_header: <decision_headers_token>``.
+    decision_headers: bool = False
+    decision_headers_token: str = ""
+    decision_headers_token_header: str = "x-kvgate-debug-token"
+    # X-Forwarded-For / Forwarded (Envoy's xff_num_trusted_hops): 0 = incoming values are not trusted and
+    # are replaced by the peer address; N > 0 = the incoming chain is kept and the peer address appended.
+    xff_num_trusted_hops: int = Field(default=0, ge=0)
+    # Client-side limits of the HTTP server (nginx / Envoy defaults).
+    request_headers_timeout: Duration = Field(default=60.0, gt=0, description="whole request head; nginx 60s")
+    request_body_timeout: Duration = Field(default=60.0, gt=0, description="max gap between body reads; nginx 60s")
+    max_request_headers_kb: int = Field(default=60, ge=1, le=8192, description="Envoy 60 KiB")
+    max_request_headers_count: int = Field(default=100, ge=1, description="Envoy headers_count 100")
+    idle_timeout: Duration = Field(default=60.0, gt=0, description="idle keep-alive connections are closed")
+    max_idle_connections: int = Field(default=1024, ge=0, description="idle keep-alive connections kept; 0 = none")
+
+    @field_validator("decision_headers_token_header")
+    @classmethod
+    def _token_header(cls, v: str) -> str:
+        v = v.strip().lower()
+        if not v or any(c in v for c in " :\t\r\n"):
+            raise ValueError("must be a header name")
+        return v
 
 
 class NetworkFilter(Model):
@@ -281,6 +305,7 @@ class Listener(Model):
 class AdminConfig(Model):
     address: str = "127.0.0.1"
     port: int = Field(default=9901, ge=0, le=65535)
+    token: str = Field(default="", description="bearer token required by /config and /metrics; empty = none")
 
 
 class GatewayConfig(Model):
@@ -359,7 +384,10 @@ def config_error_from_validation(exc: ValidationError, prefix: str = "") -> Conf
 def unknown_keys(model: BaseModel, prefix: str = "") -> list[str]:
     """Dotted paths of keys present in the YAML that no model field consumes."""
     out: list[str] = []
-    for key in (model.model_extra or {}):
+    for key, value in (model.model_extra or {}).items():
+        if key == "_static_resources_extra" and isinstance(value, dict):
+            out.extend(f"static_resources.{k}" for k in value)
+            continue
         if key.startswith("_"):
             continue
         out.append(f"{prefix}.{key}" if prefix else key)

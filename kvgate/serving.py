@@ -71,6 +71,7 @@ def _config(app: Any, log_level: str, timeout_graceful_shutdown: float | None) -
         loop="none",
         timeout_graceful_shutdown=timeout_graceful_shutdown,
         timeout_keep_alive=30,
+        proxy_headers=False,  # the gateway applies its own X-Forwarded-For trust rule (xff_num_trusted_hops)
     )
 
 

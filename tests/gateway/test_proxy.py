@@ -13,7 +13,8 @@ from .conftest import Upstreams, dead_port, gateway_config, launch
 
 async def test_non_streaming_pass_through(upstreams: Upstreams, gateways) -> None:
     ep = await upstreams.add("a")
-    gw = await launch(gateways, gateway_config([ep], llm_meta={"api_key": "sk-secret"}))
+    gw = await launch(gateways, gateway_config([ep], llm_meta={"api_key": "sk-secret"},
+                                                hcm_extra={"decision_headers": True}))
     async with aiohttp.ClientSession() as s:
         async with s.post(f"{gw.url}/v1/chat/completions?trace=1", json={"model": "demo", "messages": []},
                           headers={"x-custom": "yes", "Authorization": "Bearer client",
