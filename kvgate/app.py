@@ -66,7 +66,8 @@ async def start_gateway(
             if h in ("0.0.0.0", "::"):
                 log.warning("listener %s binds %s (all interfaces) as configured; use --host 127.0.0.1 to keep "
                             "it on loopback", lst.name, h)
-            handles.append(await start_server(app, h, p, log_level=log_level, timeout_graceful_shutdown=drain_timeout))
+            handles.append(await start_server(app, h, p, log_level=log_level, timeout_graceful_shutdown=drain_timeout,
+                                              limits=app.server_limits()))
         admin = None
         if with_admin:
             ah = admin_host or config.admin.address

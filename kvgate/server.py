@@ -31,9 +31,12 @@ from kvgate.asgi import (
 from kvgate.chain import FilterStatus, HttpFilter, RequestContext, build_filter, get_kind, validate_filter_config
 from kvgate.config import GatewayConfig, HttpConnectionManager, Listener, unknown_keys
 from kvgate.errors import ConfigError, UpstreamError
+from kvgate.httpproto import ServerLimits
+from kvgate.ratelog import RateLimitedLog
 from kvgate.runtime import Runtime
 
 log = logging.getLogger("kvgate.server")
+_rlog = RateLimitedLog(log, interval_s=60.0)
 
 # /config redaction: any key containing one of these words (case-insensitive) has its string value hidden.
 SECRET_KEY_WORDS = ("token", "secret", "key", "password", "passwd", "auth", "credential", "cookie")
@@ -63,6 +66,17 @@ class ListenerApp:
         self.runtime = runtime
         self.routes = [RouteEntry(r.match.prefix, r.match.path, r.route.cluster) for r in hcm.route_config.routes]
         self.metrics = runtime.metrics
+
+    def server_limits(self) -> ServerLimits:
+        """The HTTP server's client limits from this listener's connection-manager keys."""
+        h = self.hcm
+        return ServerLimits(
+            request_headers_timeout=h.request_headers_timeout, request_body_timeout=h.request_body_timeout,
+            max_request_headers_bytes=h.max_request_headers_kb * 1024,
+            max_request_headers_count=h.max_request_headers_count, idle_timeout=h.idle_timeout,
+            max_idle_connections=h.max_idle_connections,
+            on_reject=lambda status, reason: self.metrics.local_replies.labels(str(status), reason).inc(),
+        )
 
     def _route(self, path: str) -> RouteEntry | None:
         for r in self.routes:
@@ -122,6 +136,7 @@ class ListenerApp:
 
         watch = asyncio.ensure_future(_wait_disconnect(receive))
         watch.add_done_callback(on_disconnect)
+        ctx.params["_kvgate_abort"] = (scope.get("extensions") or {}).get("kvgate.abort")
         try:
             await self._handle(ctx, send, show_decisions)
         except asyncio.CancelledError:
@@ -209,9 +224,12 @@ class ListenerApp:
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                 # Too late for an error answer: end without completing the response, so the server
                 # drops the connection and the client sees a truncated stream, not a clean end.
-                log.warning("upstream %s/%s aborted the response after %d bytes: %s", ctx.cluster_name,
-                            resp.endpoint_id, sent, type(exc).__name__)
+                _rlog.warning("upstream_aborted", "upstream %s/%s aborted the response after %d bytes: %s",
+                              ctx.cluster_name, resp.endpoint_id, sent, type(exc).__name__)
                 self.metrics.requests.labels(ctx.cluster_name, resp.endpoint_id or "", "upstream_aborted").inc()
+                abort = ctx.params.get("_kvgate_abort")
+                if callable(abort):
+                    abort()  # drop the connection: the client sees a truncated stream, uvicorn logs nothing
                 return
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             ctx.completed = True
