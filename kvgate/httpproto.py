@@ -31,8 +31,13 @@ from kvgate.ratelog import RateLimitedLog
 log = logging.getLogger("kvgate.http")
 _rlog = RateLimitedLog(log, interval_s=60.0)
 
-REASONS = {400: "Bad Request", 405: "Method Not Allowed", 408: "Request Timeout", 414: "URI Too Long",
-           431: "Request Header Fields Too Large"}
+REASONS = {
+    400: "Bad Request",
+    405: "Method Not Allowed",
+    408: "Request Timeout",
+    414: "URI Too Long",
+    431: "Request Header Fields Too Large",
+}
 
 
 @dataclass(frozen=True)
@@ -58,10 +63,13 @@ class _Refuse(Exception):
 
 
 def error_bytes(status: int, message: str, error_type: str = "invalid_request_error") -> bytes:
-    body = json.dumps({"error": {"message": message, "type": error_type, "param": None, "code": status}},
-                      separators=(",", ":")).encode()
-    return (f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}\r\ncontent-type: application/json\r\n"
-            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n").encode() + body
+    body = json.dumps(
+        {"error": {"message": message, "type": error_type, "param": None, "code": status}}, separators=(",", ":")
+    ).encode()
+    return (
+        f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    ).encode() + body
 
 
 class GatewayHttpProtocol(HttpToolsProtocol):
@@ -100,8 +108,11 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         if not self._started:  # nothing of a request arrived: close silently (nginx does the same)
             self.transport.close()
             return
-        self._refuse(_Refuse(408, f"request headers not received within {self.limits.request_headers_timeout:g}s",
-                             "header_timeout"))
+        self._refuse(
+            _Refuse(
+                408, f"request headers not received within {self.limits.request_headers_timeout:g}s", "header_timeout"
+            )
+        )
 
     def _body_timeout(self) -> None:
         self._timer = None
@@ -114,8 +125,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             self._count(408, "body_timeout")
             self.transport.close()
             return
-        self._refuse(_Refuse(408, f"request body stalled for {self.limits.request_body_timeout:g}s",
-                             "body_timeout"))
+        self._refuse(_Refuse(408, f"request body stalled for {self.limits.request_body_timeout:g}s", "body_timeout"))
 
     # -- refusals ------------------------------------------------------------------------------------
     def _count(self, status: int, reason: str) -> None:
@@ -167,8 +177,9 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             self._refuse(cause or self._refusal or _Refuse(400, "malformed HTTP request", "bad_request"))
             return
         if self._in_head and self._head_raw > self.limits.max_request_headers_bytes + 1024:
-            self._refuse(_Refuse(431, f"request head exceeds {self.limits.max_request_headers_bytes} bytes",
-                                 "headers_too_large"))
+            self._refuse(
+                _Refuse(431, f"request head exceeds {self.limits.max_request_headers_bytes} bytes", "headers_too_large")
+            )
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -183,18 +194,17 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     def on_url(self, url: bytes) -> None:
         super().on_url(url)
         if len(self.url) > self.limits.max_request_headers_bytes:
-            raise _Refuse(414, f"request target exceeds {self.limits.max_request_headers_bytes} bytes",
-                          "uri_too_long")
+            raise _Refuse(414, f"request target exceeds {self.limits.max_request_headers_bytes} bytes", "uri_too_long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._head_count += 1
         self._head_bytes += len(name) + len(value) + 4
         if self._head_count > self.limits.max_request_headers_count:
-            raise _Refuse(431, f"more than {self.limits.max_request_headers_count} request headers",
-                          "too_many_headers")
+            raise _Refuse(431, f"more than {self.limits.max_request_headers_count} request headers", "too_many_headers")
         if self._head_bytes > self.limits.max_request_headers_bytes:
-            raise _Refuse(431, f"request headers exceed {self.limits.max_request_headers_bytes} bytes",
-                          "headers_too_large")
+            raise _Refuse(
+                431, f"request headers exceed {self.limits.max_request_headers_bytes} bytes", "headers_too_large"
+            )
         super().on_header(name, value)
 
     def on_headers_complete(self) -> None:

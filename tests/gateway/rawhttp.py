@@ -47,13 +47,14 @@ def parse_answer(raw: bytes) -> RawAnswer:
             if size == 0:
                 break
             out += rest[:size]
-            rest = rest[size + 2:]
+            rest = rest[size + 2 :]
         body = out
     return RawAnswer(status, headers, body)
 
 
-async def exchange(port: int, data: bytes | list[bytes], *, gap_s: float = 0.0,
-                   read_timeout: float = 15.0) -> RawAnswer:
+async def exchange(
+    port: int, data: bytes | list[bytes], *, gap_s: float = 0.0, read_timeout: float = 15.0
+) -> RawAnswer:
     """Send ``data`` (pieces ``gap_s`` apart) while reading; read until the server closes; the parsed answer."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     chunks: list[bytes] = []
@@ -111,8 +112,11 @@ class LogCollector(logging.Handler):
 
     def problems(self) -> list[str]:
         """ERROR records and any record with a traceback."""
-        return [f"{r.levelname} {r.name}: {r.getMessage()}" for r in self.records
-                if r.levelno >= logging.ERROR or r.exc_info]
+        return [
+            f"{r.levelname} {r.name}: {r.getMessage()}"
+            for r in self.records
+            if r.levelno >= logging.ERROR or r.exc_info
+        ]
 
     def warnings(self, contains: str = "") -> list[str]:
         return [r.getMessage() for r in self.records if r.levelno == logging.WARNING and contains in r.getMessage()]

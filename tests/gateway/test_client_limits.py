@@ -58,8 +58,9 @@ async def test_idle_keepalive_connections_are_capped(upstreams: Upstreams, gatew
             writer.write(request("GET", "/v1/models", close=False))
             await writer.drain()
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-            length = next(int(ln.split(b":")[1]) for ln in head.split(b"\r\n")
-                          if ln.lower().startswith(b"content-length"))
+            length = next(
+                int(ln.split(b":")[1]) for ln in head.split(b"\r\n") if ln.lower().startswith(b"content-length")
+            )
             await asyncio.wait_for(reader.readexactly(length), 10)
         # the second idle connection pushed the first (oldest) one out
         assert await asyncio.wait_for(conns[0][0].read(1), 10) == b""
@@ -81,9 +82,19 @@ async def test_server_layer_refusals_are_openai_json(upstreams: Upstreams, gatew
             "long_query": (request("GET", "/v1/models?q=" + "a" * 70_000), 414),
             "connect": (b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n", 405),
             "garbage_method": (b"G@RB@GE / HTTP/1.1\r\nHost: gw\r\n\r\n", 400),
-            "websocket": (request("GET", "/v1/models", b"", "Upgrade: websocket", "Connection: Upgrade",
-                                  "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==", "Sec-WebSocket-Version: 13",
-                                  close=False), 400),
+            "websocket": (
+                request(
+                    "GET",
+                    "/v1/models",
+                    b"",
+                    "Upgrade: websocket",
+                    "Connection: Upgrade",
+                    "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+                    "Sec-WebSocket-Version: 13",
+                    close=False,
+                ),
+                400,
+            ),
         }
         for name, (data, status) in cases.items():
             ans = await exchange(port, data)
@@ -106,8 +117,9 @@ async def test_mid_stream_abort_and_drain_cut_log_no_error(upstreams: Upstreams,
                     except aiohttp.ClientPayloadError:
                         pass
             # a stream still running when the drain time is over is cut: no CancelledError traceback
-            r = await s.post(f"{gw.url}/v1/completions",
-                             json={"prompt": "x", "stream": True, "x_chunks": 3, "x_wait_release": True})
+            r = await s.post(
+                f"{gw.url}/v1/completions", json={"prompt": "x", "stream": True, "x_chunks": 3, "x_wait_release": True}
+            )
             await asyncio.wait_for(r.content.readuntil(b"\n\n"), 10)
             await gw.stop(drain_timeout=0.3)
             r.close()

@@ -46,8 +46,7 @@ async def test_decision_headers_are_opt_in(upstreams: Upstreams, gateways) -> No
     filters = [{"name": "test.decision"}]
     off = await launch(gateways, gateway_config([a], filters=filters))
     on = await launch(gateways, gateway_config([a], filters=filters, hcm_extra={"decision_headers": True}))
-    tok = await launch(gateways, gateway_config([a], filters=filters,
-                                                hcm_extra={"decision_headers_token": "s3cret"}))
+    tok = await launch(gateways, gateway_config([a], filters=filters, hcm_extra={"decision_headers_token": "s3cret"}))
     async with aiohttp.ClientSession() as s:
         h = await _post(s, off.url)
         assert "x-kvgate-kvcache" not in h and "x-kvgate-endpoint" not in h
@@ -63,11 +62,19 @@ async def test_decision_headers_are_opt_in(upstreams: Upstreams, gateways) -> No
 
 
 def test_config_redaction_by_pattern() -> None:
-    out = redact({
-        "bearer_token": "t1", "client_secret": "t2", "hmac_key": "t3", "db_password": "t4", "authHeader": "t5",
-        "controller": "http://user:pw@127.0.0.1:9000/x?access-token=abc&region=eu",
-        "token_cache": {"max_size": 5, "enabled": True}, "name": "keepme", "api_key": None,
-    })
+    out = redact(
+        {
+            "bearer_token": "t1",
+            "client_secret": "t2",
+            "hmac_key": "t3",
+            "db_password": "t4",
+            "authHeader": "t5",
+            "controller": "http://user:pw@127.0.0.1:9000/x?access-token=abc&region=eu",
+            "token_cache": {"max_size": 5, "enabled": True},
+            "name": "keepme",
+            "api_key": None,
+        }
+    )
     assert out["bearer_token"] == out["client_secret"] == out["hmac_key"] == out["db_password"] == "***"
     assert out["authHeader"] == "***"
     assert out["controller"] == "http://***@127.0.0.1:9000/x?access-token=***&region=***"
@@ -100,8 +107,9 @@ async def test_non_loopback_admin_without_token_warns(caplog: pytest.LogCaptureF
     up = await start_server(app)
     try:
         with caplog.at_level(logging.WARNING, logger="kvgate"):
-            gw = await start_gateway(parse_config(gateway_config([("a", up.port)])), port=0, admin_port=0,
-                                     admin_host="0.0.0.0")
+            gw = await start_gateway(
+                parse_config(gateway_config([("a", up.port)])), port=0, admin_port=0, admin_host="0.0.0.0"
+            )
             await gw.stop(1.0)
     finally:
         await up.stop(1.0)
@@ -110,8 +118,15 @@ async def test_non_loopback_admin_without_token_warns(caplog: pytest.LogCaptureF
 
 def test_unknown_static_resources_keys_warn() -> None:
     data = gateway_config([("a", 1)])
-    cfg = parse_config({"static_resources": {"listeners": data["listeners"], "clusters": data["clusters"],
-                                             "shutdown_config": {"timeout": "1s"}}})
+    cfg = parse_config(
+        {
+            "static_resources": {
+                "listeners": data["listeners"],
+                "clusters": data["clusters"],
+                "shutdown_config": {"timeout": "1s"},
+            }
+        }
+    )
     gw = Gateway(cfg)
     assert "unknown key ignored: static_resources.shutdown_config" in gw.warnings
 

@@ -37,8 +37,15 @@ async def test_connection_listed_headers_are_dropped_both_ways(upstreams: Upstre
     state = upstreams.states["a"]
     state.resp_headers = [(b"connection", b"x-up-hop"), (b"x-up-hop", b"1"), (b"x-up-keep", b"1")]
     gw = await launch(gateways, gateway_config([a]))
-    req = post("/v1/completions", b'{"prompt": "x"}', "X-Hop: secret", "X-Other-Hop: 1", "X-Keep: yes",
-               "Proxy-Connection: x-other-hop", "Connection: close, X-Hop")
+    req = post(
+        "/v1/completions",
+        b'{"prompt": "x"}',
+        "X-Hop: secret",
+        "X-Other-Hop: 1",
+        "X-Keep: yes",
+        "Proxy-Connection: x-other-hop",
+        "Connection: close, X-Hop",
+    )
     answer = await raw_request(gw.listeners[0].port, req)
     head = answer.split(b"\r\n\r\n", 1)[0].lower()
     assert head.startswith(b"http/1.1 200")
