@@ -36,9 +36,11 @@ from kvgate.cluster import ClusterState, EndpointState
 from kvgate.config import Duration
 from kvgate.durations import parse_duration
 from kvgate.errors import NoHealthyEndpoint, UpstreamError, UpstreamTimeout
+from kvgate.ratelog import RateLimitedLog
 from kvgate.runtime import Runtime
 
 log = logging.getLogger("kvgate.proxy")
+_rlog = RateLimitedLog(log, interval_s=10.0)
 
 HOP_BY_HOP = frozenset(
     {
@@ -285,8 +287,9 @@ class ProxyFilter(HttpFilter):
         log_.append({"endpoint_id": ep.id, "endpoint_address": ep.base_url, "cluster": cluster.name,
                      "success": outcome == "ok", "status_code": status, "error_type": outcome})
         self.metrics.upstream_attempts.labels(cluster.name, ep.id, outcome).inc()
-        if outcome != "ok":
-            log.warning("upstream %s/%s attempt failed: %s %s", cluster.name, ep.id, outcome, status or detail)
+        if outcome != "ok":  # counted above; logged once per 10 s per endpoint and kind
+            _rlog.warning(f"{cluster.name}/{ep.id}/{outcome}", "upstream %s/%s attempt failed: %s %s", cluster.name,
+                          ep.id, outcome, status or detail)
 
     def _wrap(self, cluster: ClusterState, ep: EndpointState, resp: aiohttp.ClientResponse, t0: float,
               acquired: bool) -> UpstreamResponse:
