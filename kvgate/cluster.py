@@ -18,8 +18,20 @@ log = logging.getLogger("kvgate.cluster")
 
 
 class EndpointState:
-    __slots__ = ("active_healthy", "cluster", "config", "consecutive_5xx", "cooldown_reason", "cooldown_s",
-                 "cooldown_until", "ejections", "fail_streak", "in_flight", "index", "ok_streak")
+    __slots__ = (
+        "active_healthy",
+        "cluster",
+        "config",
+        "consecutive_5xx",
+        "cooldown_reason",
+        "cooldown_s",
+        "cooldown_until",
+        "ejections",
+        "fail_streak",
+        "in_flight",
+        "index",
+        "ok_streak",
+    )
 
     def __init__(self, cluster: str, index: int, config: Endpoint):
         self.cluster = cluster
@@ -90,15 +102,21 @@ class ClusterState:
         od = self.config.outlier_detection
         if od is not None and reason.startswith("consecutive"):
             cap = od.max_ejection_time
-        length = min(base_s * 2 ** ep.ejections, max(cap, base_s))
+        length = min(base_s * 2**ep.ejections, max(cap, base_s))
         ep.ejections += 1
         ep.cooldown_until = self._clock() + length
         ep.cooldown_s = length
         ep.cooldown_reason = reason
         self._metrics.endpoint_healthy.labels(self.name, ep.id).set(0)
         self._metrics.ejections.labels(self.name, ep.id, reason.split(" ", 1)[0]).inc()
-        log.warning("endpoint %s/%s cooled down for %.1fs after %s (ejection %d in a row)", self.name, ep.id,
-                    length, reason, ep.ejections)
+        log.warning(
+            "endpoint %s/%s cooled down for %.1fs after %s (ejection %d in a row)",
+            self.name,
+            ep.id,
+            length,
+            reason,
+            ep.ejections,
+        )
 
     def mark_failed(self, ep: EndpointState, reason: str = "connection failure") -> None:
         """Passive health after a transport failure (no answer: connect error, timeout, broken connection):
@@ -139,8 +157,10 @@ class ClusterState:
             if not ep.active_healthy:
                 parts.append(f"{ep.id} failed {ep.fail_streak} active health checks")
             elif ep.cooldown_until > now:
-                parts.append(f"{ep.id} cooling down for {ep.cooldown_until - now:.1f}s more (of {ep.cooldown_s:.1f}s) "
-                             f"after {ep.cooldown_reason}")
+                parts.append(
+                    f"{ep.id} cooling down for {ep.cooldown_until - now:.1f}s more (of {ep.cooldown_s:.1f}s) "
+                    f"after {ep.cooldown_reason}"
+                )
         return "; ".join(parts) or "no endpoint available"
 
     def acquire(self, ep: EndpointState) -> None:
@@ -164,8 +184,9 @@ class ClusterManager:
     def __iter__(self):  # type: ignore[no-untyped-def]
         return iter(self._clusters.values())
 
-    async def start_health_checks(self, session_factory: Callable[[], aiohttp.ClientSession],
-                                  schemes: dict[str, str] | None = None) -> None:
+    async def start_health_checks(
+        self, session_factory: Callable[[], aiohttp.ClientSession], schemes: dict[str, str] | None = None
+    ) -> None:
         """``schemes``: cluster name → the scheme its proxy filter uses (``health_check.scheme`` wins)."""
         for cluster in self._clusters.values():
             hc = cluster.config.health_check
@@ -173,11 +194,19 @@ class ClusterManager:
                 continue
             scheme = hc.scheme or (schemes or {}).get(cluster.name, "http")
             for ep in cluster.endpoints:
-                self._tasks.append(asyncio.create_task(self._check_loop(cluster, ep, session_factory, scheme),
-                                                       name=f"health:{cluster.name}/{ep.id}"))
+                self._tasks.append(
+                    asyncio.create_task(
+                        self._check_loop(cluster, ep, session_factory, scheme), name=f"health:{cluster.name}/{ep.id}"
+                    )
+                )
 
-    async def _check_loop(self, cluster: ClusterState, ep: EndpointState,
-                          session_factory: Callable[[], aiohttp.ClientSession], scheme: str = "http") -> None:
+    async def _check_loop(
+        self,
+        cluster: ClusterState,
+        ep: EndpointState,
+        session_factory: Callable[[], aiohttp.ClientSession],
+        scheme: str = "http",
+    ) -> None:
         hc = cluster.config.health_check
         assert hc is not None
         url = f"{scheme}://{ep.base_url.split('://', 1)[1]}{hc.path}"

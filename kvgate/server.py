@@ -71,9 +71,11 @@ class ListenerApp:
         """The HTTP server's client limits from this listener's connection-manager keys."""
         h = self.hcm
         return ServerLimits(
-            request_headers_timeout=h.request_headers_timeout, request_body_timeout=h.request_body_timeout,
+            request_headers_timeout=h.request_headers_timeout,
+            request_body_timeout=h.request_body_timeout,
             max_request_headers_bytes=h.max_request_headers_kb * 1024,
-            max_request_headers_count=h.max_request_headers_count, idle_timeout=h.idle_timeout,
+            max_request_headers_count=h.max_request_headers_count,
+            idle_timeout=h.idle_timeout,
             max_idle_connections=h.max_idle_connections,
             on_reject=lambda status, reason: self.metrics.local_replies.labels(str(status), reason).inc(),
         )
@@ -97,8 +99,9 @@ class ListenerApp:
         path = scope["path"]
         if any(seg in (".", "..") for seg in path.split("/")):
             # Dot segments would be collapsed by the upstream client, escaping the matched route prefix.
-            await self._local(send, 400, "invalid request path (dot segments are not allowed)",
-                              "invalid_request_error", "bad_path")
+            await self._local(
+                send, 400, "invalid request path (dot segments are not allowed)", "invalid_request_error", "bad_path"
+            )
             return
         route = self._route(path)
         if route is None:
@@ -108,8 +111,9 @@ class ListenerApp:
         try:
             body = await request.body(limit=self.hcm.max_request_body_bytes)
         except BodyTooLarge as exc:
-            await self._local(send, 413, f"request body exceeds {exc.limit} bytes", "invalid_request_error",
-                              "body_too_large")
+            await self._local(
+                send, 413, f"request body exceeds {exc.limit} bytes", "invalid_request_error", "body_too_large"
+            )
             return
         except ClientDisconnected:
             self.metrics.requests.labels(route.cluster, "", "client_closed").inc()
@@ -117,9 +121,14 @@ class ListenerApp:
             return
         headers, show_decisions = self._request_headers(scope)
         ctx = RequestContext(
-            method=scope["method"], path=scope["path"], query_string=scope.get("query_string", b""),
-            headers=headers, body=body, cluster_name=route.cluster,
-            route_prefix=route.prefix, timeout=self.hcm.timeout,
+            method=scope["method"],
+            path=scope["path"],
+            query_string=scope.get("query_string", b""),
+            headers=headers,
+            body=body,
+            cluster_name=route.cluster,
+            route_prefix=route.prefix,
+            timeout=self.hcm.timeout,
             raw_path=scope.get("raw_path") or path.encode("utf-8"),
         )
         # One watcher task per request: a client disconnect cancels this handler (and so the upstream
@@ -202,8 +211,13 @@ class ListenerApp:
             return
         resp = ctx.response
         if resp is None:
-            await self._local(send, 502, "no filter produced a response (is dgp.filter.llm.proxy configured?)",
-                              "gateway_error", "no_terminal_filter")
+            await self._local(
+                send,
+                502,
+                "no filter produced a response (is dgp.filter.llm.proxy configured?)",
+                "gateway_error",
+                "no_terminal_filter",
+            )
             return
         try:
             for flt in self.filters:
@@ -224,8 +238,14 @@ class ListenerApp:
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                 # Too late for an error answer: end without completing the response, so the server
                 # drops the connection and the client sees a truncated stream, not a clean end.
-                _rlog.warning("upstream_aborted", "upstream %s/%s aborted the response after %d bytes: %s",
-                              ctx.cluster_name, resp.endpoint_id, sent, type(exc).__name__)
+                _rlog.warning(
+                    "upstream_aborted",
+                    "upstream %s/%s aborted the response after %d bytes: %s",
+                    ctx.cluster_name,
+                    resp.endpoint_id,
+                    sent,
+                    type(exc).__name__,
+                )
                 self.metrics.requests.labels(ctx.cluster_name, resp.endpoint_id or "", "upstream_aborted").inc()
                 abort = ctx.params.get("_kvgate_abort")
                 if callable(abort):
@@ -276,8 +296,11 @@ def redact_url(text: str) -> str:
     query = parts.query
     if query:
         query = urlencode([(k, "***") for k, _ in parse_qsl(query, keep_blank_values=True)], safe="*")
-    return urlunsplit((parts.scheme, netloc, parts.path, query, "")) if parts.fragment == "" else \
-        urlunsplit((parts.scheme, netloc, parts.path, query, "***"))
+    return (
+        urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+        if parts.fragment == ""
+        else urlunsplit((parts.scheme, netloc, parts.path, query, "***"))
+    )
 
 
 def redact(obj: Any, key: str = "") -> Any:
@@ -318,13 +341,16 @@ class Gateway:
                 raise ConfigError(base, "no terminal filter: add dgp.filter.llm.proxy as the last http filter")
             for fi, k in enumerate(kinds):
                 if k is not None and k.terminal and fi != len(kinds) - 1:
-                    raise ConfigError(f"{base}[{fi}].name",
-                                      f"{k.name} answers the request, so it must be the last http filter "
-                                      "(and appear once)")
+                    raise ConfigError(
+                        f"{base}[{fi}].name",
+                        f"{k.name} answers the request, so it must be the last http filter (and appear once)",
+                    )
             last = kinds[-1]
             if last is None or not last.terminal:
-                raise ConfigError(f"{base}[{len(kinds) - 1}].name",
-                                  "the terminal filter (dgp.filter.llm.proxy) must be the last http filter")
+                raise ConfigError(
+                    f"{base}[{len(kinds) - 1}].name",
+                    "the terminal filter (dgp.filter.llm.proxy) must be the last http filter",
+                )
             self.listener_apps.append(ListenerApp(lst, hcm, filters, self.runtime))
         for w in self.warnings:
             log.warning("config: %s", w)
@@ -390,8 +416,12 @@ class Gateway:
             async def check(req: Request, send: Send) -> None:
                 got = (req.header("authorization") or "").encode("latin-1")
                 if not hmac.compare_digest(got, expected):
-                    await send_json(send, 401, openai_error("admin token required", "unauthorized", 401),
-                                    headers=[(b"www-authenticate", b'Bearer realm="kvgate-admin"')])
+                    await send_json(
+                        send,
+                        401,
+                        openai_error("admin token required", "unauthorized", 401),
+                        headers=[(b"www-authenticate", b'Bearer realm="kvgate-admin"')],
+                    )
                     return
                 await handler(req, send)
 

@@ -66,8 +66,12 @@ class ServerHandle:
                     if transport is not None and not transport.is_closing():
                         transport.close()
                 if conns:
-                    log.warning("drain timeout (%gs) on %s: closed %d connection(s) with responses in flight",
-                                graceful_timeout or 0, self.url, len(conns))
+                    log.warning(
+                        "drain timeout (%gs) on %s: closed %d connection(s) with responses in flight",
+                        graceful_timeout or 0,
+                        self.url,
+                        len(conns),
+                    )
                 try:
                     await asyncio.wait_for(asyncio.shield(self._task), timeout=2.0)
                 except TimeoutError:

@@ -44,8 +44,19 @@ _rlog = RateLimitedLog(log, interval_s=10.0)
 
 HOP_BY_HOP = frozenset(
     {
-        b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te", b"trailer",
-        b"trailers", b"transfer-encoding", b"upgrade", b"host", b"content-length", b"expect", b"proxy-connection",
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"trailers",
+        b"transfer-encoding",
+        b"upgrade",
+        b"host",
+        b"content-length",
+        b"expect",
+        b"proxy-connection",
     }
 )
 # Set by the gateway's own HTTP server; an upstream copy would duplicate them (RFC 9110: one Date).
@@ -62,8 +73,11 @@ class ProxyConfig(BaseModel):
     response_timeout: Duration = Field(default=300.0, gt=0, description="header wait when timeout is 0")
     connect_timeout: Duration = Field(default=5.0, gt=0)
     stream_idle_timeout: Duration = Field(default=300.0, gt=0, description="max gap between body chunks")
-    keepalive_timeout: Duration = Field(default=4.0, gt=0, description="idle upstream connections are closed "
-                                        "after this; keep it below the upstream's own (uvicorn: 5s)")
+    keepalive_timeout: Duration = Field(
+        default=4.0,
+        gt=0,
+        description="idle upstream connections are closed after this; keep it below the upstream's own (uvicorn: 5s)",
+    )
     # Pixiu's camelCase keys. maxIdleConns* have no aiohttp equivalent (Go's idle-pool sizes) and are
     # accepted for compatibility only; maxConnsPerHost caps concurrent connections per endpoint (0 = no cap),
     # and a wait for a free connection counts toward `timeout`.
@@ -126,11 +140,16 @@ class ProxyFilter(HttpFilter):
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             connector = aiohttp.TCPConnector(
-                limit=0, limit_per_host=self.config.maxConnsPerHost or 0, ttl_dns_cache=300,
-                keepalive_timeout=self.config.keepalive_timeout, enable_cleanup_closed=True,
+                limit=0,
+                limit_per_host=self.config.maxConnsPerHost or 0,
+                ttl_dns_cache=300,
+                keepalive_timeout=self.config.keepalive_timeout,
+                enable_cleanup_closed=True,
             )
             self._session = aiohttp.ClientSession(
-                connector=connector, auto_decompress=False, skip_auto_headers=SKIP_AUTO_HEADERS,
+                connector=connector,
+                auto_decompress=False,
+                skip_auto_headers=SKIP_AUTO_HEADERS,
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.config.connect_timeout),
             )
         return self._session
@@ -210,12 +229,19 @@ class ProxyFilter(HttpFilter):
         if "broken" in outcomes:
             raise UpstreamError("upstream connection broken before a response")
         tried = ", ".join(f"{a['endpoint_id']} ({a['error_type']})" for a in attempts_log) or "none"
-        raise UpstreamError(f"no endpoint of cluster {cluster.name!r} is reachable (tried: {tried}); "
-                            f"{cluster.unavailable_reason()}", status=503, error_type="service_unavailable")
+        raise UpstreamError(
+            f"no endpoint of cluster {cluster.name!r} is reachable (tried: {tried}); {cluster.unavailable_reason()}",
+            status=503,
+            error_type="service_unavailable",
+        )
 
     async def _attempt_all(
-        self, ctx: RequestContext, cluster: ClusterState, first: EndpointState,
-        attempts_log: list[dict[str, Any]], kept: list[tuple[EndpointState, aiohttp.ClientResponse, float]],
+        self,
+        ctx: RequestContext,
+        cluster: ClusterState,
+        first: EndpointState,
+        attempts_log: list[dict[str, Any]],
+        kept: list[tuple[EndpointState, aiohttp.ClientResponse, float]],
     ) -> tuple[EndpointState, aiohttp.ClientResponse, float] | None:
         """Try the endpoints in order with their retry policies; the first good answer (slot held) or None.
 
@@ -239,8 +265,12 @@ class ProxyFilter(HttpFilter):
                 try:
                     async with asyncio.timeout(self.config.header_timeout):  # no extra task (unlike wait_for)
                         resp = await self._client().request(
-                            ctx.method, url, data=ctx.body or None, headers=self._headers(ctx, ep),
-                            allow_redirects=False, compress=False,
+                            ctx.method,
+                            url,
+                            data=ctx.body or None,
+                            headers=self._headers(ctx, ep),
+                            allow_redirects=False,
+                            compress=False,
                         )
                 except TimeoutError:
                     cluster.release(ep)
@@ -282,17 +312,39 @@ class ProxyFilter(HttpFilter):
                 cluster.mark_answered(ep, answered)  # alive; counts once per request toward consecutive_5xx
         return None
 
-    def _record(self, log_: list[dict[str, Any]], cluster: ClusterState, ep: EndpointState, outcome: str,
-                status: int | None, detail: str = "") -> None:
-        log_.append({"endpoint_id": ep.id, "endpoint_address": ep.base_url, "cluster": cluster.name,
-                     "success": outcome == "ok", "status_code": status, "error_type": outcome})
+    def _record(
+        self,
+        log_: list[dict[str, Any]],
+        cluster: ClusterState,
+        ep: EndpointState,
+        outcome: str,
+        status: int | None,
+        detail: str = "",
+    ) -> None:
+        log_.append(
+            {
+                "endpoint_id": ep.id,
+                "endpoint_address": ep.base_url,
+                "cluster": cluster.name,
+                "success": outcome == "ok",
+                "status_code": status,
+                "error_type": outcome,
+            }
+        )
         self.metrics.upstream_attempts.labels(cluster.name, ep.id, outcome).inc()
         if outcome != "ok":  # counted above; logged once per 10 s per endpoint and kind
-            _rlog.warning(f"{cluster.name}/{ep.id}/{outcome}", "upstream %s/%s attempt failed: %s %s", cluster.name,
-                          ep.id, outcome, status or detail)
+            _rlog.warning(
+                f"{cluster.name}/{ep.id}/{outcome}",
+                "upstream %s/%s attempt failed: %s %s",
+                cluster.name,
+                ep.id,
+                outcome,
+                status or detail,
+            )
 
-    def _wrap(self, cluster: ClusterState, ep: EndpointState, resp: aiohttp.ClientResponse, t0: float,
-              acquired: bool) -> UpstreamResponse:
+    def _wrap(
+        self, cluster: ClusterState, ep: EndpointState, resp: aiohttp.ClientResponse, t0: float, acquired: bool
+    ) -> UpstreamResponse:
         drop = RESPONSE_DROP | connection_listed(list(resp.raw_headers))
         headers = [(k.lower(), v) for k, v in resp.raw_headers if k.lower() not in drop]
         if resp.headers.get("Content-Length") and "chunked" not in resp.headers.get("Transfer-Encoding", ""):
