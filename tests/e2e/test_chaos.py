@@ -96,10 +96,11 @@ class Load:
         stream = n % 2 == 0
         body = {
             "model": MODEL,
-            "max_tokens": 8,
+            "max_tokens": 200 if stream else 8,  # streams long enough to be cut by the SIGKILL
             "stream": stream,
             "messages": [
-                {"role": "system", "content": SYSTEM},
+                # even workers share a long prefix (cache-routed); odd ones are spread by the balancer
+                {"role": "system", "content": SYSTEM if worker % 2 == 0 else f"worker {worker}"},
                 {"role": "user", "content": f"worker {worker} question {n}"},
             ],
         }
