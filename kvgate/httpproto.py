@@ -21,7 +21,7 @@ import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -73,8 +73,9 @@ def error_bytes(status: int, message: str, error_type: str = "invalid_request_er
 
 
 class GatewayHttpProtocol(HttpToolsProtocol):
-    limits: ServerLimits = ServerLimits()
-    idle: dict[GatewayHttpProtocol, None]  # per server: keep-alive connections between requests, oldest first
+    limits: ClassVar[ServerLimits] = ServerLimits()
+    # per server (see with_limits): keep-alive connections between requests, oldest first
+    idle: ClassVar[dict[GatewayHttpProtocol, None]] = {}
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -117,3 +117,31 @@ async def test_active_health_check_uses_the_proxy_scheme(upstreams: Upstreams, g
     # a TLS handshake against the plain-HTTP upstream fails: the check really spoke https
     assert not ep_tls.active_healthy
     assert gw_plain.gateway.runtime.clusters.get("llm").get("a").active_healthy
+
+
+async def test_dead_endpoint_cooldown_backs_off_over_real_requests(upstreams: Upstreams, gateways) -> None:
+    a = await upstreams.add("a")
+    cfg = gateway_config(
+        [a, ("dead", dead_port())],
+        fallback=True,
+        filters=[{"name": "test.prefer"}],
+        llm_meta={"health_check_interval": 50},
+    )
+    gw = await launch(gateways, cfg)
+    dead = gw.gateway.runtime.clusters.get("llm").get("dead")
+    lengths = []
+    async with aiohttp.ClientSession() as s:
+        for _ in range(3):
+            for _ in range(200):  # wait (bounded) until the cooldown is over
+                if dead.healthy():
+                    break
+                await asyncio.sleep(0.02)
+            async with s.post(
+                f"{gw.url}/v1/completions", json={"prompt": "x"}, headers={"x-test-preferred": "dead"}
+            ) as r:
+                assert r.status == 200  # failed over to "a"
+            lengths.append(dead.cooldown_s)
+        # a success resets the back-off
+        gw.gateway.runtime.clusters.get("llm").mark_ok(dead)
+    assert lengths == [0.05, 0.1, 0.2]
+    assert dead.ejections == 0
