@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import signal
 from dataclasses import dataclass, field
@@ -63,13 +64,26 @@ async def start_gateway(
             h = host if host is not None else addr.address
             p = port if (port is not None and i == 0) else addr.port
             if h in ("0.0.0.0", "::"):
-                log.warning("listener %s binds %s (all interfaces) as configured; use --host 127.0.0.1 to keep "
-                            "it on loopback", lst.name, h)
-            handles.append(await start_server(app, h, p, log_level=log_level, timeout_graceful_shutdown=drain_timeout))
+                log.warning(
+                    "listener %s binds %s (all interfaces) as configured; use --host 127.0.0.1 to keep it on loopback",
+                    lst.name,
+                    h,
+                )
+            handles.append(
+                await start_server(
+                    app, h, p, log_level=log_level, timeout_graceful_shutdown=drain_timeout, limits=app.server_limits()
+                )
+            )
         admin = None
         if with_admin:
             ah = admin_host or config.admin.address
             ap = admin_port if admin_port is not None else config.admin.port
+            if not config.admin.token and not _is_loopback(ah):
+                log.warning(
+                    "admin binds %s (not loopback) without admin.token: /config and /metrics are open to "
+                    "anyone who can reach it; set admin.token or bind 127.0.0.1",
+                    ah,
+                )
             admin = await start_server(gw.admin_app(), ah, ap, log_level=log_level)
     except BaseException:
         for hd in handles:
@@ -78,6 +92,15 @@ async def start_gateway(
         await gw.close()
         raise
     return RunningGateway(gw, handles, admin)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 async def serve_forever(running: RunningGateway, drain_timeout: float = 10.0) -> None:

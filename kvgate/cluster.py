@@ -18,8 +18,20 @@ log = logging.getLogger("kvgate.cluster")
 
 
 class EndpointState:
-    __slots__ = ("active_healthy", "cluster", "config", "cooldown_until", "fail_streak", "in_flight", "index",
-                 "ok_streak")
+    __slots__ = (
+        "active_healthy",
+        "cluster",
+        "config",
+        "consecutive_5xx",
+        "cooldown_reason",
+        "cooldown_s",
+        "cooldown_until",
+        "ejections",
+        "fail_streak",
+        "in_flight",
+        "index",
+        "ok_streak",
+    )
 
     def __init__(self, cluster: str, index: int, config: Endpoint):
         self.cluster = cluster
@@ -27,6 +39,10 @@ class EndpointState:
         self.config = config
         self.in_flight = 0
         self.cooldown_until = 0.0  # monotonic seconds; passive health
+        self.cooldown_reason = ""  # why the endpoint is cooling down (shown in 503 answers)
+        self.cooldown_s = 0.0  # length of the current cooldown
+        self.ejections = 0  # consecutive ejections without a success in between (back-off exponent)
+        self.consecutive_5xx = 0  # 5xx answers from distinct requests since the last non-5xx answer
         self.active_healthy = True
         self.fail_streak = 0
         self.ok_streak = 0
@@ -80,20 +96,72 @@ class ClusterState:
             picked = self.balancer.pick(cands, key)
         return picked  # type: ignore[return-value]
 
-    def mark_failed(self, ep: EndpointState) -> None:
-        """Passive health: cool the endpoint down for its ``health_check_interval`` (ms)."""
+    def _eject(self, ep: EndpointState, base_s: float, reason: str) -> None:
+        """Cool ``ep`` down for ``base_s`` × 2^(ejections) (capped), like Envoy's ejection-time multiplier."""
+        cap = self.config.max_ejection_time
+        od = self.config.outlier_detection
+        if od is not None and reason.startswith("consecutive"):
+            cap = od.max_ejection_time
+        length = min(base_s * 2**ep.ejections, max(cap, base_s))
+        ep.ejections += 1
+        ep.cooldown_until = self._clock() + length
+        ep.cooldown_s = length
+        ep.cooldown_reason = reason
+        self._metrics.endpoint_healthy.labels(self.name, ep.id).set(0)
+        self._metrics.ejections.labels(self.name, ep.id, reason.split(" ", 1)[0]).inc()
+        log.warning(
+            "endpoint %s/%s cooled down for %.1fs after %s (ejection %d in a row)",
+            self.name,
+            ep.id,
+            length,
+            reason,
+            ep.ejections,
+        )
+
+    def mark_failed(self, ep: EndpointState, reason: str = "connection failure") -> None:
+        """Passive health after a transport failure (no answer: connect error, timeout, broken connection):
+        cool the endpoint down for ``health_check_interval`` (ms), doubled per failed ejection in a row."""
         interval = ep.config.llm_meta.health_check_interval / 1000.0
         if interval <= 0:
             return
-        ep.cooldown_until = self._clock() + interval
-        self._metrics.endpoint_healthy.labels(self.name, ep.id).set(0)
-        log.warning("endpoint %s/%s cooled down for %.1fs after failures", self.name, ep.id, interval)
+        self._eject(ep, interval, reason)
+
+    def mark_answered(self, ep: EndpointState, status: int) -> None:
+        """The endpoint answered: it is alive. Only outlier detection (N consecutive 5xx, counted once per
+        request by the caller) may eject it; any other answer resets the 5xx streak and the back-off."""
+        if status < 500:
+            ep.consecutive_5xx = 0
+            self.mark_ok(ep)
+            return
+        ep.consecutive_5xx += 1
+        od = self.config.outlier_detection
+        if od is not None and ep.consecutive_5xx >= od.consecutive_5xx:
+            n = ep.consecutive_5xx
+            ep.consecutive_5xx = 0
+            self._eject(ep, od.base_ejection_time, f"consecutive_5xx ({n} answers with status {status})")
 
     def mark_ok(self, ep: EndpointState) -> None:
+        ep.ejections = 0
+        ep.consecutive_5xx = 0
         if ep.cooldown_until:
             ep.cooldown_until = 0.0
+            ep.cooldown_reason = ""
         if ep.active_healthy:
             self._metrics.endpoint_healthy.labels(self.name, ep.id).set(1)
+
+    def unavailable_reason(self) -> str:
+        """Why no endpoint is usable, for the 503 message (which endpoints, after what, for how long)."""
+        now = self._clock()
+        parts = []
+        for ep in self.endpoints:
+            if not ep.active_healthy:
+                parts.append(f"{ep.id} failed {ep.fail_streak} active health checks")
+            elif ep.cooldown_until > now:
+                parts.append(
+                    f"{ep.id} cooling down for {ep.cooldown_until - now:.1f}s more (of {ep.cooldown_s:.1f}s) "
+                    f"after {ep.cooldown_reason}"
+                )
+        return "; ".join(parts) or "no endpoint available"
 
     def acquire(self, ep: EndpointState) -> None:
         ep.in_flight += 1
@@ -116,20 +184,32 @@ class ClusterManager:
     def __iter__(self):  # type: ignore[no-untyped-def]
         return iter(self._clusters.values())
 
-    async def start_health_checks(self, session_factory: Callable[[], aiohttp.ClientSession]) -> None:
+    async def start_health_checks(
+        self, session_factory: Callable[[], aiohttp.ClientSession], schemes: dict[str, str] | None = None
+    ) -> None:
+        """``schemes``: cluster name → the scheme its proxy filter uses (``health_check.scheme`` wins)."""
         for cluster in self._clusters.values():
             hc = cluster.config.health_check
             if hc is None:
                 continue
+            scheme = hc.scheme or (schemes or {}).get(cluster.name, "http")
             for ep in cluster.endpoints:
-                self._tasks.append(asyncio.create_task(self._check_loop(cluster, ep, session_factory),
-                                                       name=f"health:{cluster.name}/{ep.id}"))
+                self._tasks.append(
+                    asyncio.create_task(
+                        self._check_loop(cluster, ep, session_factory, scheme), name=f"health:{cluster.name}/{ep.id}"
+                    )
+                )
 
-    async def _check_loop(self, cluster: ClusterState, ep: EndpointState,
-                          session_factory: Callable[[], aiohttp.ClientSession]) -> None:
+    async def _check_loop(
+        self,
+        cluster: ClusterState,
+        ep: EndpointState,
+        session_factory: Callable[[], aiohttp.ClientSession],
+        scheme: str = "http",
+    ) -> None:
         hc = cluster.config.health_check
         assert hc is not None
-        url = ep.base_url + hc.path
+        url = f"{scheme}://{ep.base_url.split('://', 1)[1]}{hc.path}"
         while True:
             ok = False
             try:

@@ -125,6 +125,7 @@ class Endpoint(Model):
 
 class ActiveHealthCheck(Model):
     path: str = "/health"
+    scheme: str | None = Field(default=None, description="http or https; default: the proxy filter's scheme")
     interval: Duration = Field(default=5.0, gt=0)
     timeout: Duration = Field(default=1.0, gt=0)
     unhealthy_threshold: int = Field(default=2, ge=1)
@@ -137,6 +138,22 @@ class ActiveHealthCheck(Model):
             raise ValueError("path must start with '/'")
         return v
 
+    @field_validator("scheme")
+    @classmethod
+    def _scheme(cls, v: str | None) -> str | None:
+        if v is not None and v.strip().lower() not in ("http", "https"):
+            raise ValueError("scheme must be http or https")
+        return v.strip().lower() if v is not None else None
+
+
+class OutlierDetection(Model):
+    """Envoy-style 5xx outlier detection: ``consecutive_5xx`` 5xx answers from distinct requests eject the
+    endpoint for ``base_ejection_time`` × 2^(ejections-1), at most ``max_ejection_time``."""
+
+    consecutive_5xx: int = Field(default=5, ge=1)
+    base_ejection_time: Duration = Field(default=30.0, gt=0)
+    max_ejection_time: Duration = Field(default=300.0, gt=0)
+
 
 class Cluster(Model):
     name: str
@@ -144,6 +161,8 @@ class Cluster(Model):
     endpoints: list[Endpoint] = Field(min_length=1)
     hash_header: str = "x-session-id"
     health_check: ActiveHealthCheck | None = None
+    outlier_detection: OutlierDetection | None = None
+    max_ejection_time: Duration = Field(default=300.0, gt=0, description="cap of the passive cooldown back-off")
 
     @field_validator("lb_policy")
     @classmethod
@@ -194,6 +213,30 @@ class HttpConnectionManager(Model):
     http_filters: list[HttpFilterConfig] = Field(default_factory=list)
     timeout: Duration = 10.0
     max_request_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1)
+    # Decision headers (x-kvgate-endpoint, x-kvgate-kvcache*) tell a client where a prompt is cached: a
+    # cross-tenant side channel. Off by default; on for every request, or only for requests carrying
+    # ``decision_headers_token_header: <decision_headers_token>``.
+    decision_headers: bool = False
+    decision_headers_token: str = ""
+    decision_headers_token_header: str = "x-kvgate-debug-token"
+    # X-Forwarded-For / Forwarded (Envoy's xff_num_trusted_hops): 0 = incoming values are not trusted and
+    # are replaced by the peer address; N > 0 = the incoming chain is kept and the peer address appended.
+    xff_num_trusted_hops: int = Field(default=0, ge=0)
+    # Client-side limits of the HTTP server (nginx / Envoy defaults).
+    request_headers_timeout: Duration = Field(default=60.0, gt=0, description="whole request head; nginx 60s")
+    request_body_timeout: Duration = Field(default=60.0, gt=0, description="max gap between body reads; nginx 60s")
+    max_request_headers_kb: int = Field(default=60, ge=1, le=8192, description="Envoy 60 KiB")
+    max_request_headers_count: int = Field(default=100, ge=1, description="Envoy headers_count 100")
+    idle_timeout: Duration = Field(default=60.0, gt=0, description="idle keep-alive connections are closed")
+    max_idle_connections: int = Field(default=1024, ge=0, description="idle keep-alive connections kept; 0 = none")
+
+    @field_validator("decision_headers_token_header")
+    @classmethod
+    def _token_header(cls, v: str) -> str:
+        v = v.strip().lower()
+        if not v or any(c in v for c in " :\t\r\n"):
+            raise ValueError("must be a header name")
+        return v
 
 
 class NetworkFilter(Model):
@@ -262,6 +305,7 @@ class Listener(Model):
 class AdminConfig(Model):
     address: str = "127.0.0.1"
     port: int = Field(default=9901, ge=0, le=65535)
+    token: str = Field(default="", description="bearer token required by /config and /metrics; empty = none")
 
 
 class GatewayConfig(Model):
@@ -340,7 +384,10 @@ def config_error_from_validation(exc: ValidationError, prefix: str = "") -> Conf
 def unknown_keys(model: BaseModel, prefix: str = "") -> list[str]:
     """Dotted paths of keys present in the YAML that no model field consumes."""
     out: list[str] = []
-    for key in (model.model_extra or {}):
+    for key, value in (model.model_extra or {}).items():
+        if key == "_static_resources_extra" and isinstance(value, dict):
+            out.extend(f"static_resources.{k}" for k in value)
+            continue
         if key.startswith("_"):
             continue
         out.append(f"{prefix}.{key}" if prefix else key)

@@ -26,8 +26,12 @@ class UpstreamError(KVGateError):
 
 
 class NoHealthyEndpoint(UpstreamError):
-    def __init__(self, cluster: str):
-        super().__init__(f"no healthy endpoint in cluster {cluster!r}", status=503, error_type="service_unavailable")
+    def __init__(self, cluster: str, reason: str = ""):
+        super().__init__(
+            f"no usable endpoint in cluster {cluster!r}: {reason or 'none available'}",
+            status=503,
+            error_type="service_unavailable",
+        )
 
 
 class UpstreamTimeout(UpstreamError):

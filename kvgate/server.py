@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
+import ipaddress
 import logging
 import time
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import aiohttp
 
@@ -28,11 +31,17 @@ from kvgate.asgi import (
 from kvgate.chain import FilterStatus, HttpFilter, RequestContext, build_filter, get_kind, validate_filter_config
 from kvgate.config import GatewayConfig, HttpConnectionManager, Listener, unknown_keys
 from kvgate.errors import ConfigError, UpstreamError
+from kvgate.httpproto import ServerLimits
+from kvgate.ratelog import RateLimitedLog
 from kvgate.runtime import Runtime
 
 log = logging.getLogger("kvgate.server")
+_rlog = RateLimitedLog(log, interval_s=60.0)
 
-SECRET_KEYS = frozenset({"api_key", "apikey", "authorization", "password", "secret", "token", "access_token"})
+# /config redaction: any key containing one of these words (case-insensitive) has its string value hidden.
+SECRET_KEY_WORDS = ("token", "secret", "key", "password", "passwd", "auth", "credential", "cookie")
+DECISION_PREFIX = b"x-kvgate-"
+FORWARDED_HEADERS = (b"x-forwarded-for", b"forwarded")
 
 
 @dataclass
@@ -58,6 +67,19 @@ class ListenerApp:
         self.routes = [RouteEntry(r.match.prefix, r.match.path, r.route.cluster) for r in hcm.route_config.routes]
         self.metrics = runtime.metrics
 
+    def server_limits(self) -> ServerLimits:
+        """The HTTP server's client limits from this listener's connection-manager keys."""
+        h = self.hcm
+        return ServerLimits(
+            request_headers_timeout=h.request_headers_timeout,
+            request_body_timeout=h.request_body_timeout,
+            max_request_headers_bytes=h.max_request_headers_kb * 1024,
+            max_request_headers_count=h.max_request_headers_count,
+            idle_timeout=h.idle_timeout,
+            max_idle_connections=h.max_idle_connections,
+            on_reject=lambda status, reason: self.metrics.local_replies.labels(str(status), reason).inc(),
+        )
+
     def _route(self, path: str) -> RouteEntry | None:
         for r in self.routes:
             if r.matches(path):
@@ -77,8 +99,9 @@ class ListenerApp:
         path = scope["path"]
         if any(seg in (".", "..") for seg in path.split("/")):
             # Dot segments would be collapsed by the upstream client, escaping the matched route prefix.
-            await self._local(send, 400, "invalid request path (dot segments are not allowed)",
-                              "invalid_request_error", "bad_path")
+            await self._local(
+                send, 400, "invalid request path (dot segments are not allowed)", "invalid_request_error", "bad_path"
+            )
             return
         route = self._route(path)
         if route is None:
@@ -88,17 +111,24 @@ class ListenerApp:
         try:
             body = await request.body(limit=self.hcm.max_request_body_bytes)
         except BodyTooLarge as exc:
-            await self._local(send, 413, f"request body exceeds {exc.limit} bytes", "invalid_request_error",
-                              "body_too_large")
+            await self._local(
+                send, 413, f"request body exceeds {exc.limit} bytes", "invalid_request_error", "body_too_large"
+            )
             return
         except ClientDisconnected:
             self.metrics.requests.labels(route.cluster, "", "client_closed").inc()
             log.info("client disconnected while sending the request body")
             return
+        headers, show_decisions = self._request_headers(scope)
         ctx = RequestContext(
-            method=scope["method"], path=scope["path"], query_string=scope.get("query_string", b""),
-            headers=list(scope.get("headers", [])), body=body, cluster_name=route.cluster,
-            route_prefix=route.prefix, timeout=self.hcm.timeout,
+            method=scope["method"],
+            path=scope["path"],
+            query_string=scope.get("query_string", b""),
+            headers=headers,
+            body=body,
+            cluster_name=route.cluster,
+            route_prefix=route.prefix,
+            timeout=self.hcm.timeout,
             raw_path=scope.get("raw_path") or path.encode("utf-8"),
         )
         # One watcher task per request: a client disconnect cancels this handler (and so the upstream
@@ -115,8 +145,9 @@ class ListenerApp:
 
         watch = asyncio.ensure_future(_wait_disconnect(receive))
         watch.add_done_callback(on_disconnect)
+        ctx.params["_kvgate_abort"] = (scope.get("extensions") or {}).get("kvgate.abort")
         try:
-            await self._handle(ctx, send)
+            await self._handle(ctx, send, show_decisions)
         except asyncio.CancelledError:
             if not disconnected:
                 raise
@@ -127,7 +158,37 @@ class ListenerApp:
             watch.remove_done_callback(on_disconnect)
             watch.cancel()
 
-    async def _handle(self, ctx: RequestContext, send: Send) -> None:
+    def _request_headers(self, scope: Scope) -> tuple[list[tuple[bytes, bytes]], bool]:
+        """The headers to forward (debug token removed, X-Forwarded-For / Forwarded per the trust rule) and
+        whether this request may see the decision headers."""
+        hcm = self.hcm
+        token_name = hcm.decision_headers_token_header.encode("latin-1")
+        show = hcm.decision_headers
+        out: list[tuple[bytes, bytes]] = []
+        xff: list[bytes] = []
+        fwd: list[bytes] = []
+        for k, v in scope.get("headers", []):
+            if k == token_name:
+                if hcm.decision_headers_token and hmac.compare_digest(v, hcm.decision_headers_token.encode()):
+                    show = True
+                continue  # a credential: never forwarded
+            if k in FORWARDED_HEADERS:
+                (xff if k == b"x-forwarded-for" else fwd).append(v)
+                continue
+            out.append((k, v))
+        client = scope.get("client")
+        if client:
+            peer = str(client[0])
+            trusted = hcm.xff_num_trusted_hops > 0
+            chain = [b", ".join(xff)] if trusted and xff else []
+            out.append((b"x-forwarded-for", b", ".join([*chain, peer.encode("latin-1")])))
+            node = f'"[{peer}]"' if _is_ipv6(peer) else peer
+            fchain = [b", ".join(fwd)] if trusted and fwd else []
+            proto = scope.get("scheme", "http")
+            out.append((b"forwarded", b", ".join([*fchain, f"for={node};proto={proto}".encode("latin-1")])))
+        return out, show
+
+    async def _handle(self, ctx: RequestContext, send: Send, show_decisions: bool = False) -> None:
         try:
             for flt in self.filters:
                 if await flt.decode(ctx) is FilterStatus.STOP:
@@ -150,16 +211,24 @@ class ListenerApp:
             return
         resp = ctx.response
         if resp is None:
-            await self._local(send, 502, "no filter produced a response (is dgp.filter.llm.proxy configured?)",
-                              "gateway_error", "no_terminal_filter")
+            await self._local(
+                send,
+                502,
+                "no filter produced a response (is dgp.filter.llm.proxy configured?)",
+                "gateway_error",
+                "no_terminal_filter",
+            )
             return
         try:
             for flt in self.filters:
                 await flt.encode(ctx)
             headers = list(resp.headers)
-            headers.extend(ctx.response_headers)
-            if resp.endpoint_id:
-                headers.append((b"x-kvgate-endpoint", resp.endpoint_id.encode()))
+            if show_decisions:
+                headers.extend(ctx.response_headers)
+                if resp.endpoint_id:
+                    headers.append((b"x-kvgate-endpoint", resp.endpoint_id.encode()))
+            else:  # filters' x-kvgate-* decision headers stay inside (upstream headers pass as they are)
+                headers.extend(h for h in ctx.response_headers if not h[0].lower().startswith(DECISION_PREFIX))
             await send({"type": "http.response.start", "status": resp.status, "headers": headers})
             sent = 0
             try:
@@ -169,9 +238,18 @@ class ListenerApp:
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                 # Too late for an error answer: end without completing the response, so the server
                 # drops the connection and the client sees a truncated stream, not a clean end.
-                log.warning("upstream %s/%s aborted the response after %d bytes: %s", ctx.cluster_name,
-                            resp.endpoint_id, sent, type(exc).__name__)
+                _rlog.warning(
+                    "upstream_aborted",
+                    "upstream %s/%s aborted the response after %d bytes: %s",
+                    ctx.cluster_name,
+                    resp.endpoint_id,
+                    sent,
+                    type(exc).__name__,
+                )
                 self.metrics.requests.labels(ctx.cluster_name, resp.endpoint_id or "", "upstream_aborted").inc()
+                abort = ctx.params.get("_kvgate_abort")
+                if callable(abort):
+                    abort()  # drop the connection: the client sees a truncated stream, uvicorn logs nothing
                 return
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             ctx.completed = True
@@ -194,15 +272,49 @@ def _endpoint(ctx: RequestContext) -> str:
     return ctx.response.endpoint_id or "" if ctx.response is not None else ""
 
 
-def redact(obj: Any) -> Any:
-    """Secrets by exact key name; credentials embedded in URLs (``http://user:pw@host``)."""
+def _is_ipv6(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).version == 6
+    except ValueError:
+        return False
+
+
+def _secret_key(key: str) -> bool:
+    k = key.lower()
+    return any(w in k for w in SECRET_KEY_WORDS)
+
+
+def redact_url(text: str) -> str:
+    """``scheme://user:pw@host/p?q=v`` → ``scheme://***@host/p?q=***`` (userinfo and every query value)."""
+    try:
+        parts = urlsplit(text)
+    except ValueError:
+        return "***"
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "***@" + netloc.rsplit("@", 1)[1]
+    query = parts.query
+    if query:
+        query = urlencode([(k, "***") for k, _ in parse_qsl(query, keep_blank_values=True)], safe="*")
+    return (
+        urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+        if parts.fragment == ""
+        else urlunsplit((parts.scheme, netloc, parts.path, query, "***"))
+    )
+
+
+def redact(obj: Any, key: str = "") -> Any:
+    """Secrets for /config: string values under keys like ``*token*``, ``*secret*``, ``*key*``, ``*password*``,
+    ``*auth*``; URL userinfo and URL query values anywhere."""
     if isinstance(obj, dict):
-        return {k: ("***" if k.lower() in SECRET_KEYS and v else redact(v)) for k, v in obj.items()}
+        return {k: redact(v, str(k)) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [redact(v) for v in obj]
-    if isinstance(obj, str) and "://" in obj and "@" in obj.split("://", 1)[1].split("/", 1)[0]:
-        scheme, rest = obj.split("://", 1)
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+        return [redact(v, key) for v in obj]
+    if isinstance(obj, str):
+        if obj and key and _secret_key(key):
+            return "***"
+        if "://" in obj:
+            return redact_url(obj)
     return obj
 
 
@@ -229,13 +341,16 @@ class Gateway:
                 raise ConfigError(base, "no terminal filter: add dgp.filter.llm.proxy as the last http filter")
             for fi, k in enumerate(kinds):
                 if k is not None and k.terminal and fi != len(kinds) - 1:
-                    raise ConfigError(f"{base}[{fi}].name",
-                                      f"{k.name} answers the request, so it must be the last http filter "
-                                      "(and appear once)")
+                    raise ConfigError(
+                        f"{base}[{fi}].name",
+                        f"{k.name} answers the request, so it must be the last http filter (and appear once)",
+                    )
             last = kinds[-1]
             if last is None or not last.terminal:
-                raise ConfigError(f"{base}[{len(kinds) - 1}].name",
-                                  "the terminal filter (dgp.filter.llm.proxy) must be the last http filter")
+                raise ConfigError(
+                    f"{base}[{len(kinds) - 1}].name",
+                    "the terminal filter (dgp.filter.llm.proxy) must be the last http filter",
+                )
             self.listener_apps.append(ListenerApp(lst, hcm, filters, self.runtime))
         for w in self.warnings:
             log.warning("config: %s", w)
@@ -246,8 +361,19 @@ class Gateway:
         for app in self.listener_apps:
             for flt in app.filters:
                 await flt.start()
-        await self.runtime.clusters.start_health_checks(self.runtime.aux_session)
+        await self.runtime.clusters.start_health_checks(self.runtime.aux_session, self._proxy_schemes())
         self._started = True
+
+    def _proxy_schemes(self) -> dict[str, str]:
+        """Cluster → scheme of the proxy filter that serves it (https if any listener's proxy says so)."""
+        out: dict[str, str] = {}
+        for app in self.listener_apps:
+            last = app.hcm.http_filters[-1].config or {}  # the terminal filter (validated at start)
+            scheme = str(last.get("scheme", "http")).strip().lower()
+            for r in app.routes:
+                if out.get(r.cluster) != "https":
+                    out[r.cluster] = scheme
+        return out
 
     async def close(self) -> None:
         for app in self.listener_apps:
@@ -278,8 +404,31 @@ class Gateway:
         async def config_h(req: Request, send: Send) -> None:
             await send_json(send, 200, redact(self.config.model_dump(mode="json", by_alias=False)))
 
-        router.add("GET", "/metrics", metrics_h)
+        token = self.config.admin.token
+
+        def guarded(handler: Any) -> Any:
+            """With ``admin.token`` set, /metrics and /config need ``Authorization: Bearer <token>``
+            (the probes /healthz and /readyz stay open: they reveal nothing)."""
+            if not token:
+                return handler
+            expected = f"Bearer {token}".encode()
+
+            async def check(req: Request, send: Send) -> None:
+                got = (req.header("authorization") or "").encode("latin-1")
+                if not hmac.compare_digest(got, expected):
+                    await send_json(
+                        send,
+                        401,
+                        openai_error("admin token required", "unauthorized", 401),
+                        headers=[(b"www-authenticate", b'Bearer realm="kvgate-admin"')],
+                    )
+                    return
+                await handler(req, send)
+
+            return check
+
+        router.add("GET", "/metrics", guarded(metrics_h))
         router.add("GET", "/healthz", healthz)
         router.add("GET", "/readyz", readyz)
-        router.add("GET", "/config", config_h)
+        router.add("GET", "/config", guarded(config_h))
         return router

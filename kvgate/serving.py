@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 import threading
 from collections.abc import Iterator
@@ -15,6 +16,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import uvicorn
+
+from kvgate.httpproto import GatewayHttpProtocol, ServerLimits
+
+log = logging.getLogger("kvgate.serving")
 
 DEFAULT_HOST = "127.0.0.1"
 
@@ -48,29 +53,49 @@ class ServerHandle:
         return f"http://{host}:{self.port}"
 
     async def stop(self, graceful_timeout: float | None = 5.0) -> None:
+        """Stop accepting, let in-flight responses finish for ``graceful_timeout`` seconds, then close the
+        connections still busy (one WARNING line; the applications see a client disconnect, no traceback)."""
         self._server.should_exit = True
         if self._task is not None:
             try:
                 await asyncio.wait_for(asyncio.shield(self._task), timeout=graceful_timeout)
             except TimeoutError:
-                self._server.force_exit = True
-                with contextlib.suppress(Exception):
-                    await self._task
+                conns = list(self._server.server_state.connections)
+                for conn in conns:
+                    transport = getattr(conn, "transport", None)
+                    if transport is not None and not transport.is_closing():
+                        transport.close()
+                if conns:
+                    log.warning(
+                        "drain timeout (%gs) on %s: closed %d connection(s) with responses in flight",
+                        graceful_timeout or 0,
+                        self.url,
+                        len(conns),
+                    )
+                try:
+                    await asyncio.wait_for(asyncio.shield(self._task), timeout=2.0)
+                except TimeoutError:
+                    self._server.force_exit = True
+                    with contextlib.suppress(Exception):
+                        await self._task
         if self._sock is not None:
             with contextlib.suppress(OSError):
                 self._sock.close()
 
 
-def _config(app: Any, log_level: str, timeout_graceful_shutdown: float | None) -> uvicorn.Config:
+def _config(app: Any, log_level: str, limits: ServerLimits) -> uvicorn.Config:
     return uvicorn.Config(
         app,
         log_level=log_level,
+        log_config=None,  # uvicorn's records propagate to the process's logging set-up (one format)
         access_log=False,
         lifespan="auto",
-        http="httptools",
+        http=GatewayHttpProtocol.with_limits(limits),  # uvicorn's httptools protocol + client limits
+        ws="none",  # a WebSocket upgrade is refused with a JSON 400 (the gateway proxies HTTP only)
         loop="none",
-        timeout_graceful_shutdown=timeout_graceful_shutdown,
-        timeout_keep_alive=30,
+        timeout_graceful_shutdown=None,  # ServerHandle.stop drains and cuts (no cancelled-task tracebacks)
+        timeout_keep_alive=max(1, round(limits.idle_timeout)),
+        proxy_headers=False,  # the gateway applies its own X-Forwarded-For trust rule (xff_num_trusted_hops)
     )
 
 
@@ -82,11 +107,13 @@ async def start_server(
     log_level: str = "warning",
     timeout_graceful_shutdown: float | None = 10.0,
     ready_timeout: float = 10.0,
+    limits: ServerLimits | None = None,
 ) -> ServerHandle:
-    """Start ``app`` in the running loop; return once it accepts connections."""
+    """Start ``app`` in the running loop; return once it accepts connections. The drain time is given
+    to :meth:`ServerHandle.stop` (``timeout_graceful_shutdown`` is kept for callers' compatibility)."""
     sock = bind_socket(host, port)
     real_port = sock.getsockname()[1]
-    server = uvicorn.Server(_config(app, log_level, timeout_graceful_shutdown))
+    server = uvicorn.Server(_config(app, log_level, limits or ServerLimits()))
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
     task = asyncio.create_task(server.serve(sockets=[sock]), name=f"uvicorn:{host}:{real_port}")
     handle = ServerHandle(host=host, port=real_port, _server=server, _task=task, _sock=sock)

@@ -36,19 +36,34 @@ from kvgate.cluster import ClusterState, EndpointState
 from kvgate.config import Duration
 from kvgate.durations import parse_duration
 from kvgate.errors import NoHealthyEndpoint, UpstreamError, UpstreamTimeout
+from kvgate.ratelog import RateLimitedLog
 from kvgate.runtime import Runtime
 
 log = logging.getLogger("kvgate.proxy")
+_rlog = RateLimitedLog(log, interval_s=10.0)
 
 HOP_BY_HOP = frozenset(
     {
-        b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te", b"trailer",
-        b"trailers", b"transfer-encoding", b"upgrade", b"host", b"content-length", b"expect",
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"trailers",
+        b"transfer-encoding",
+        b"upgrade",
+        b"host",
+        b"content-length",
+        b"expect",
+        b"proxy-connection",
     }
 )
 # Set by the gateway's own HTTP server; an upstream copy would duplicate them (RFC 9110: one Date).
 RESPONSE_DROP = HOP_BY_HOP | {b"date", b"server"}
 RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
+# aiohttp adds Accept, Accept-Encoding, User-Agent and Content-Type when absent: forward the client's as sent.
+SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
 
 
 class ProxyConfig(BaseModel):
@@ -58,8 +73,11 @@ class ProxyConfig(BaseModel):
     response_timeout: Duration = Field(default=300.0, gt=0, description="header wait when timeout is 0")
     connect_timeout: Duration = Field(default=5.0, gt=0)
     stream_idle_timeout: Duration = Field(default=300.0, gt=0, description="max gap between body chunks")
-    keepalive_timeout: Duration = Field(default=4.0, gt=0, description="idle upstream connections are closed "
-                                        "after this; keep it below the upstream's own (uvicorn: 5s)")
+    keepalive_timeout: Duration = Field(
+        default=4.0,
+        gt=0,
+        description="idle upstream connections are closed after this; keep it below the upstream's own (uvicorn: 5s)",
+    )
     # Pixiu's camelCase keys. maxIdleConns* have no aiohttp equivalent (Go's idle-pool sizes) and are
     # accepted for compatibility only; maxConnsPerHost caps concurrent connections per endpoint (0 = no cap),
     # and a wait for a free connection counts toward `timeout`.
@@ -79,6 +97,15 @@ class ProxyConfig(BaseModel):
     @property
     def header_timeout(self) -> float:
         return self.timeout if self.timeout > 0 else self.response_timeout
+
+
+def connection_listed(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    """Names listed in ``Connection`` / ``Proxy-Connection``: hop-by-hop for this message (RFC 9110 §7.6.1)."""
+    names: set[bytes] = set()
+    for k, v in headers:
+        if k.lower() in (b"connection", b"proxy-connection"):
+            names.update(t.strip().lower() for t in v.split(b",") if t.strip())
+    return frozenset(names)
 
 
 def _header_value(raw: bytes) -> str:
@@ -113,11 +140,16 @@ class ProxyFilter(HttpFilter):
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             connector = aiohttp.TCPConnector(
-                limit=0, limit_per_host=self.config.maxConnsPerHost or 0, ttl_dns_cache=300,
-                keepalive_timeout=self.config.keepalive_timeout, enable_cleanup_closed=True,
+                limit=0,
+                limit_per_host=self.config.maxConnsPerHost or 0,
+                ttl_dns_cache=300,
+                keepalive_timeout=self.config.keepalive_timeout,
+                enable_cleanup_closed=True,
             )
             self._session = aiohttp.ClientSession(
-                connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent", "Content-Type"),
+                connector=connector,
+                auto_decompress=False,
+                skip_auto_headers=SKIP_AUTO_HEADERS,
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.config.connect_timeout),
             )
         return self._session
@@ -146,7 +178,7 @@ class ProxyFilter(HttpFilter):
         self.metrics.preferred.labels(cluster.name, outcome).inc()
         ctx.params["llm_preferred_outcome"] = outcome
         if picked is None:
-            raise NoHealthyEndpoint(cluster.name)
+            raise NoHealthyEndpoint(cluster.name, cluster.unavailable_reason())
         return picked
 
     def _order(self, cluster: ClusterState, first: EndpointState) -> list[EndpointState]:
@@ -160,7 +192,8 @@ class ProxyFilter(HttpFilter):
         return order
 
     def _headers(self, ctx: RequestContext, ep: EndpointState) -> list[tuple[str, str]]:
-        out = [(k.decode("latin-1"), _header_value(v)) for k, v in ctx.headers if k not in HOP_BY_HOP]
+        drop = HOP_BY_HOP | connection_listed(ctx.headers)
+        out = [(k.decode("latin-1"), _header_value(v)) for k, v in ctx.headers if k.lower() not in drop]
         api_key = ep.config.llm_meta.api_key
         if api_key:
             out = [(k, v) for k, v in out if k.lower() != "authorization"]
@@ -195,16 +228,30 @@ class ProxyFilter(HttpFilter):
             raise UpstreamTimeout(f"upstream did not answer within {self.config.header_timeout:g}s")
         if "broken" in outcomes:
             raise UpstreamError("upstream connection broken before a response")
-        raise UpstreamError(f"no endpoint of cluster {cluster.name!r} is reachable", status=503,
-                            error_type="service_unavailable")
+        tried = ", ".join(f"{a['endpoint_id']} ({a['error_type']})" for a in attempts_log) or "none"
+        raise UpstreamError(
+            f"no endpoint of cluster {cluster.name!r} is reachable (tried: {tried}); {cluster.unavailable_reason()}",
+            status=503,
+            error_type="service_unavailable",
+        )
 
     async def _attempt_all(
-        self, ctx: RequestContext, cluster: ClusterState, first: EndpointState,
-        attempts_log: list[dict[str, Any]], kept: list[tuple[EndpointState, aiohttp.ClientResponse, float]],
+        self,
+        ctx: RequestContext,
+        cluster: ClusterState,
+        first: EndpointState,
+        attempts_log: list[dict[str, Any]],
+        kept: list[tuple[EndpointState, aiohttp.ClientResponse, float]],
     ) -> tuple[EndpointState, aiohttp.ClientResponse, float] | None:
-        """Try the endpoints in order with their retry policies; the first good answer (slot held) or None."""
+        """Try the endpoints in order with their retry policies; the first good answer (slot held) or None.
+
+        An answer of any status proves the endpoint alive: it is never ejected for it here (only outlier
+        detection's consecutive 5xx may do that, counting this request once). Transport failures (connect
+        error, header timeout, broken connection) trigger the passive cooldown."""
         for ep in self._order(cluster, first):
             n_attempts, delay = _attempts_and_delays(ep)
+            transport_failure = ""
+            answered: int | None = None
             for attempt in range(1, n_attempts + 1):
                 if attempt > 1:
                     await asyncio.sleep(delay(attempt - 1))
@@ -218,51 +265,88 @@ class ProxyFilter(HttpFilter):
                 try:
                     async with asyncio.timeout(self.config.header_timeout):  # no extra task (unlike wait_for)
                         resp = await self._client().request(
-                            ctx.method, url, data=ctx.body or None, headers=self._headers(ctx, ep),
-                            allow_redirects=False, compress=False,
+                            ctx.method,
+                            url,
+                            data=ctx.body or None,
+                            headers=self._headers(ctx, ep),
+                            allow_redirects=False,
+                            compress=False,
                         )
                 except TimeoutError:
                     cluster.release(ep)
                     self._record(attempts_log, cluster, ep, "timeout", None)
+                    transport_failure = f"timeout (no response headers within {self.config.header_timeout:g}s)"
                     continue
                 except aiohttp.ClientConnectorError as exc:
                     cluster.release(ep)
                     self._record(attempts_log, cluster, ep, "network_error", None, str(exc))
+                    transport_failure = f"connection failure ({type(exc.os_error).__name__})"
                     break  # transport errors are not retried on the same endpoint (Pixiu); move on
                 except (aiohttp.ClientError, OSError) as exc:
                     cluster.release(ep)
                     self._record(attempts_log, cluster, ep, "broken", None, str(exc))
+                    transport_failure = f"broken connection ({type(exc).__name__})"
                     continue
                 except BaseException:
                     cluster.release(ep)
                     raise
+                transport_failure = ""
+                answered = resp.status
                 if resp.status in RETRYABLE_STATUS:
                     self._record(attempts_log, cluster, ep, "status_error", resp.status)
                     cluster.release(ep)
-                    if attempt < n_attempts:
+                    last = attempt == n_attempts or resp.status == 429  # 429: not again on the same endpoint
+                    if not last:
                         resp.release()
                         continue
                     for _, r, _ in kept:
                         r.release()
                     kept[:] = [(ep, resp, t0)]
-                    continue
+                    break
                 self._record(attempts_log, cluster, ep, "ok", resp.status)
-                cluster.mark_ok(ep)
+                cluster.mark_answered(ep, resp.status)
                 return ep, resp, t0
-            cluster.mark_failed(ep)
+            if transport_failure:
+                cluster.mark_failed(ep, transport_failure)
+            elif answered is not None:
+                cluster.mark_answered(ep, answered)  # alive; counts once per request toward consecutive_5xx
         return None
 
-    def _record(self, log_: list[dict[str, Any]], cluster: ClusterState, ep: EndpointState, outcome: str,
-                status: int | None, detail: str = "") -> None:
-        log_.append({"endpoint_id": ep.id, "endpoint_address": ep.base_url, "cluster": cluster.name,
-                     "success": outcome == "ok", "status_code": status, "error_type": outcome})
+    def _record(
+        self,
+        log_: list[dict[str, Any]],
+        cluster: ClusterState,
+        ep: EndpointState,
+        outcome: str,
+        status: int | None,
+        detail: str = "",
+    ) -> None:
+        log_.append(
+            {
+                "endpoint_id": ep.id,
+                "endpoint_address": ep.base_url,
+                "cluster": cluster.name,
+                "success": outcome == "ok",
+                "status_code": status,
+                "error_type": outcome,
+            }
+        )
         self.metrics.upstream_attempts.labels(cluster.name, ep.id, outcome).inc()
-        if outcome != "ok":
-            log.warning("upstream %s/%s attempt failed: %s %s", cluster.name, ep.id, outcome, status or detail)
+        if outcome != "ok":  # counted above; logged once per 10 s per endpoint and kind
+            _rlog.warning(
+                f"{cluster.name}/{ep.id}/{outcome}",
+                "upstream %s/%s attempt failed: %s %s",
+                cluster.name,
+                ep.id,
+                outcome,
+                status or detail,
+            )
 
-    def _wrap(self, cluster: ClusterState, ep: EndpointState, resp: aiohttp.ClientResponse, t0: float,
-              acquired: bool) -> UpstreamResponse:
-        headers = [(k.lower(), v) for k, v in resp.raw_headers if k.lower() not in RESPONSE_DROP]
+    def _wrap(
+        self, cluster: ClusterState, ep: EndpointState, resp: aiohttp.ClientResponse, t0: float, acquired: bool
+    ) -> UpstreamResponse:
+        drop = RESPONSE_DROP | connection_listed(list(resp.raw_headers))
+        headers = [(k.lower(), v) for k, v in resp.raw_headers if k.lower() not in drop]
         if resp.headers.get("Content-Length") and "chunked" not in resp.headers.get("Transfer-Encoding", ""):
             headers.append((b"content-length", resp.headers["Content-Length"].encode("latin-1")))
         metrics = self.metrics

@@ -29,6 +29,7 @@ async def fleet() -> AsyncIterator[Fleet]:
 
 async def gateway(fleet: Fleet, kv: dict[str, Any] | None = None, lb: str = "RoundRobin") -> RunningGateway:
     cfg = fleet.gateway_config(kvcache=kv if kv is not None else True, lb_policy=lb)
+    cfg["listeners"][0]["filter_chains"]["filters"][0]["config"]["decision_headers"] = True  # read below
     return await start_gateway(parse_config(cfg), port=0, admin_port=0)
 
 

@@ -5,12 +5,34 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from pydantic import BaseModel
 
 from kvgate.app import RunningGateway, start_gateway
+from kvgate.chain import PREFERRED_ENDPOINT_PARAM, FilterStatus, HttpFilter, RequestContext, register_filter
 from kvgate.config import parse_config
 from kvgate.serving import ServerHandle, start_server
 
 from .upstream import UpstreamState, make_upstream
+
+
+class _PreferConfig(BaseModel):
+    header: str = "x-test-preferred"
+
+
+class _PreferFilter(HttpFilter):
+    """Test-only filter: copies a header into llm_preferred_endpoint_id, like the kvcache filter does."""
+
+    def __init__(self, cfg: _PreferConfig):
+        self.cfg = cfg
+
+    async def decode(self, ctx: RequestContext) -> FilterStatus:
+        v = ctx.header(self.cfg.header)
+        if v:
+            ctx.params[PREFERRED_ENDPOINT_PARAM] = v
+        return FilterStatus.CONTINUE
+
+
+register_filter("test.prefer", _PreferConfig)(lambda cfg, rt: _PreferFilter(cfg))
 
 
 def dead_port() -> int:
@@ -22,9 +44,16 @@ def dead_port() -> int:
     return port
 
 
-def gateway_config(endpoints: list[tuple[str, int]], *, lb: str = "RoundRobin", fallback: bool = False,
-                   filters: list[dict[str, Any]] | None = None, hcm_extra: dict[str, Any] | None = None,
-                   proxy: dict[str, Any] | None = None, llm_meta: dict[str, Any] | None = None) -> dict[str, Any]:
+def gateway_config(
+    endpoints: list[tuple[str, int]],
+    *,
+    lb: str = "RoundRobin",
+    fallback: bool = False,
+    filters: list[dict[str, Any]] | None = None,
+    hcm_extra: dict[str, Any] | None = None,
+    proxy: dict[str, Any] | None = None,
+    llm_meta: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     http_filters = [*(filters or []), {"name": "dgp.filter.llm.proxy", "config": proxy or {}}]
     hcm: dict[str, Any] = {
         "route_config": {"routes": [{"match": {"prefix": "/v1"}, "route": {"cluster": "llm"}}]},
@@ -33,16 +62,24 @@ def gateway_config(endpoints: list[tuple[str, int]], *, lb: str = "RoundRobin", 
     hcm.update(hcm_extra or {})
     meta = {"fallback": fallback, "health_check_interval": 5000, **(llm_meta or {})}
     return {
-        "listeners": [{
-            "name": "net/http", "protocol_type": "HTTP",
-            "address": {"socket_address": {"address": "127.0.0.1", "port": 8888}},
-            "filter_chains": {"filters": [{"name": "dgp.filter.httpconnectionmanager", "config": hcm}]},
-        }],
-        "clusters": [{
-            "name": "llm", "lb_policy": lb,
-            "endpoints": [{"id": eid, "socket_address": {"address": "127.0.0.1", "port": port}, "llm_meta": meta}
-                          for eid, port in endpoints],
-        }],
+        "listeners": [
+            {
+                "name": "net/http",
+                "protocol_type": "HTTP",
+                "address": {"socket_address": {"address": "127.0.0.1", "port": 8888}},
+                "filter_chains": {"filters": [{"name": "dgp.filter.httpconnectionmanager", "config": hcm}]},
+            }
+        ],
+        "clusters": [
+            {
+                "name": "llm",
+                "lb_policy": lb,
+                "endpoints": [
+                    {"id": eid, "socket_address": {"address": "127.0.0.1", "port": port}, "llm_meta": meta}
+                    for eid, port in endpoints
+                ],
+            }
+        ],
     }
 
 

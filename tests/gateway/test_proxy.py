@@ -7,40 +7,21 @@ import json
 
 import aiohttp
 import openai
-from pydantic import BaseModel
-
-from kvgate.chain import PREFERRED_ENDPOINT_PARAM, FilterStatus, HttpFilter, RequestContext, register_filter
 
 from .conftest import Upstreams, dead_port, gateway_config, launch
 
 
-class _PreferConfig(BaseModel):
-    header: str = "x-test-preferred"
-
-
-class _PreferFilter(HttpFilter):
-    """Test-only filter: copies a header into llm_preferred_endpoint_id, like the kvcache filter does."""
-
-    def __init__(self, cfg: _PreferConfig):
-        self.cfg = cfg
-
-    async def decode(self, ctx: RequestContext) -> FilterStatus:
-        v = ctx.header(self.cfg.header)
-        if v:
-            ctx.params[PREFERRED_ENDPOINT_PARAM] = v
-        return FilterStatus.CONTINUE
-
-
-register_filter("test.prefer", _PreferConfig)(lambda cfg, rt: _PreferFilter(cfg))
-
-
 async def test_non_streaming_pass_through(upstreams: Upstreams, gateways) -> None:
     ep = await upstreams.add("a")
-    gw = await launch(gateways, gateway_config([ep], llm_meta={"api_key": "sk-secret"}))
+    gw = await launch(
+        gateways, gateway_config([ep], llm_meta={"api_key": "sk-secret"}, hcm_extra={"decision_headers": True})
+    )
     async with aiohttp.ClientSession() as s:
-        async with s.post(f"{gw.url}/v1/chat/completions?trace=1", json={"model": "demo", "messages": []},
-                          headers={"x-custom": "yes", "Authorization": "Bearer client",
-                                   "x-user-name": "café"}) as r:
+        async with s.post(
+            f"{gw.url}/v1/chat/completions?trace=1",
+            json={"model": "demo", "messages": []},
+            headers={"x-custom": "yes", "Authorization": "Bearer client", "x-user-name": "café"},
+        ) as r:
             assert r.status == 200
             body = await r.json()
             assert r.headers["x-served-by"] == "a"
@@ -60,15 +41,16 @@ async def test_streaming_first_chunk_before_upstream_finishes(upstreams: Upstrea
     gw = await launch(gateways, gateway_config([ep]))
     state = upstreams.states["a"]
     async with aiohttp.ClientSession() as s:
-        async with s.post(f"{gw.url}/v1/completions",
-                          json={"model": "demo", "prompt": "x", "stream": True, "x_chunks": 3,
-                                "x_wait_release": True}) as r:
+        async with s.post(
+            f"{gw.url}/v1/completions",
+            json={"model": "demo", "prompt": "x", "stream": True, "x_chunks": 3, "x_wait_release": True},
+        ) as r:
             assert r.status == 200
             assert r.headers["content-type"].startswith("text/event-stream")
             first = await asyncio.wait_for(r.content.readuntil(b"\n\n"), 10)
             # The upstream is still holding back its last chunk: streaming is not buffered.
             assert not state.release_last.is_set()
-            assert json.loads(first[len(b"data: "):])["choices"][0]["text"] == "t0 "
+            assert json.loads(first[len(b"data: ") :])["choices"][0]["text"] == "t0 "
             state.release_last.set()
             rest = await asyncio.wait_for(r.read(), 10)
     assert rest.endswith(b"data: [DONE]\n\n")
@@ -82,8 +64,9 @@ async def test_openai_client_through_gateway(upstreams: Upstreams, gateways) -> 
     try:
         resp = await client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "hi"}])
         assert resp.choices[0].message.content == "hello from a"
-        stream = await client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "hi"}],
-                                                      stream=True)
+        stream = await client.chat.completions.create(
+            model="demo", messages=[{"role": "user", "content": "hi"}], stream=True
+        )
         pieces = [c.choices[0].delta.content or "" async for c in stream]
         assert "".join(pieces) == "t1 t2 "
         comp = await client.completions.create(model="demo", prompt="hi")
@@ -104,8 +87,9 @@ async def test_preferred_endpoint_honoured_and_fallbacks(upstreams: Upstreams, g
         # unknown id → LB pick (round robin alternates)
         served = []
         for _ in range(4):
-            async with s.post(f"{gw.url}/v1/completions", json={"prompt": "x"},
-                              headers={"x-test-preferred": "nope"}) as r:
+            async with s.post(
+                f"{gw.url}/v1/completions", json={"prompt": "x"}, headers={"x-test-preferred": "nope"}
+            ) as r:
                 served.append((await r.json())["served_by"])
         assert sorted(served) == ["a", "a", "b", "b"]
         # unhealthy preferred → LB pick among the healthy
@@ -139,7 +123,7 @@ async def test_failover_and_all_down(upstreams: Upstreams, gateways) -> None:
         # both endpoints now cool down: still 503 (no healthy endpoint), still JSON
         async with s.post(f"{gw2.url}/v1/completions", json={"prompt": "x"}) as r:
             assert r.status == 503
-            assert "no healthy endpoint" in (await r.json())["error"]["message"]
+            assert "cooling down" in (await r.json())["error"]["message"]
 
 
 async def test_fallback_wraps_around_from_last_endpoint(upstreams: Upstreams, gateways) -> None:
@@ -155,8 +139,9 @@ async def test_fallback_wraps_around_from_last_endpoint(upstreams: Upstreams, ga
 async def test_retry_policy_and_5xx_passthrough(upstreams: Upstreams, gateways) -> None:
     a = await upstreams.add("a")
     upstreams.states["a"].fail_status = 503
-    gw = await launch(gateways, gateway_config([a], llm_meta={"retry_policy": {"name": "CountBased",
-                                                                                "config": {"times": 2}}}))
+    gw = await launch(
+        gateways, gateway_config([a], llm_meta={"retry_policy": {"name": "CountBased", "config": {"times": 2}}})
+    )
     async with aiohttp.ClientSession() as s:
         async with s.post(f"{gw.url}/v1/completions", json={"prompt": "x"}) as r:
             assert r.status == 503  # the last upstream answer passes through
@@ -186,8 +171,9 @@ async def test_client_disconnect_cancels_upstream(upstreams: Upstreams, gateways
     gw = await launch(gateways, gateway_config([a]))
     state = upstreams.states["a"]
     s = aiohttp.ClientSession()
-    r = await s.post(f"{gw.url}/v1/completions",
-                     json={"prompt": "x", "stream": True, "x_chunks": 3, "x_wait_release": True})
+    r = await s.post(
+        f"{gw.url}/v1/completions", json={"prompt": "x", "stream": True, "x_chunks": 3, "x_wait_release": True}
+    )
     await asyncio.wait_for(r.content.readuntil(b"\n\n"), 10)
     r.close()  # drop the connection mid-stream
     await s.close()
@@ -225,8 +211,9 @@ async def test_least_request_and_ring_hash(upstreams: Upstreams, gateways) -> No
         for sess in ("s1", "s2", "s3", "s4", "s5", "s6"):
             got = set()
             for _ in range(3):
-                async with s.post(f"{gw.url}/v1/completions", json={"prompt": "x"},
-                                  headers={"x-session-id": sess}) as r:
+                async with s.post(
+                    f"{gw.url}/v1/completions", json={"prompt": "x"}, headers={"x-session-id": sess}
+                ) as r:
                     got.add((await r.json())["served_by"])
             assert len(got) == 1  # sticky per session
             seen[sess] = got.pop()

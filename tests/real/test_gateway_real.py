@@ -207,6 +207,7 @@ def gateway_config(
     cfg = copy.deepcopy(fleet.kvgate_config())
     hcm = cfg["listeners"][0]["filter_chains"]["filters"][0]["config"]
     hcm["timeout"] = "300s"
+    hcm["decision_headers"] = True  # the tests read x-kvgate-endpoint / x-kvgate-kvcache (off by default)
     kv, proxy = hcm["http_filters"][0], hcm["http_filters"][1]
     assert kv["name"] == "dgp.filter.ai.kvcache" and proxy["name"] == "dgp.filter.llm.proxy"
     proxy["config"] = {"timeout": "300s"}

@@ -1,0 +1,257 @@
+"""uvicorn's httptools protocol, hardened against slow or oversized clients (not an HTTP server of our own).
+
+uvicorn has no request-header/body read timeouts, no header size/count limits and no cap on idle
+keep-alive connections, and it answers protocol errors in plain text. This subclass adds exactly that:
+
+* ``request_headers_timeout``: the request head must arrive within it (from accept, or from the first
+  byte of a follow-up request); a silent new connection is closed, a partial head gets 408.
+* ``request_body_timeout``: max gap between body bytes while the application waits for them → 408.
+* ``max_request_headers_bytes`` / ``max_request_headers_count``: 431; an over-long request target: 414.
+* ``max_idle_connections``: beyond it, the longest-idle keep-alive connection is closed.
+* its own refusals (malformed request, non-ASCII target, CONNECT, WebSocket upgrade) are OpenAI-style
+  JSON; they are logged once per minute per kind (WARNING) and reported through ``on_reject``.
+* ``kvgate.abort`` (a scope extension): the application drops the connection of a response it cannot
+  complete (an upstream aborted mid-stream) without uvicorn logging an ERROR.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import httptools
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from kvgate.ratelog import RateLimitedLog
+
+log = logging.getLogger("kvgate.http")
+_rlog = RateLimitedLog(log, interval_s=60.0)
+
+REASONS = {
+    400: "Bad Request",
+    405: "Method Not Allowed",
+    408: "Request Timeout",
+    414: "URI Too Long",
+    431: "Request Header Fields Too Large",
+}
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """Client-side limits of one listener (defaults: nginx's client_header/body_timeout 60s, Envoy's
+    max_request_headers_kb 60 and headers_count 100)."""
+
+    request_headers_timeout: float = 60.0
+    request_body_timeout: float = 60.0
+    max_request_headers_bytes: int = 60 * 1024
+    max_request_headers_count: int = 100
+    idle_timeout: float = 60.0
+    max_idle_connections: int = 1024
+    on_reject: Callable[[int, str], None] | None = None
+
+
+class _Refuse(Exception):
+    def __init__(self, status: int, message: str, reason: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.reason = reason
+
+
+def error_bytes(status: int, message: str, error_type: str = "invalid_request_error") -> bytes:
+    body = json.dumps(
+        {"error": {"message": message, "type": error_type, "param": None, "code": status}}, separators=(",", ":")
+    ).encode()
+    return (
+        f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    ).encode() + body
+
+
+class GatewayHttpProtocol(HttpToolsProtocol):
+    limits: ClassVar[ServerLimits] = ServerLimits()
+    # per server (see with_limits): keep-alive connections between requests, oldest first
+    idle: ClassVar[dict[GatewayHttpProtocol, None]] = {}
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._timer: asyncio.TimerHandle | None = None
+        self._in_head = True  # reading a request head (or waiting for the first byte of one)
+        self._started = False  # some byte of the current request head arrived
+        self._head_raw = 0
+        self._head_count = 0
+        self._head_bytes = 0
+        self._refusal: _Refuse | None = None
+
+    @classmethod
+    def with_limits(cls, limits: ServerLimits) -> type[GatewayHttpProtocol]:
+        """A subclass bound to ``limits`` with its own idle-connection registry (one per server)."""
+        return type("GatewayHttpProtocol", (cls,), {"limits": limits, "idle": {}})
+
+    # -- timers --------------------------------------------------------------------------------------
+    def _arm(self, delay: float, fn: Callable[[], None]) -> None:
+        self._disarm()
+        self._timer = self.loop.call_later(delay, fn)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _header_timeout(self) -> None:
+        self._timer = None
+        if self.transport.is_closing():
+            return
+        if not self._started:  # nothing of a request arrived: close silently (nginx does the same)
+            self.transport.close()
+            return
+        self._refuse(
+            _Refuse(
+                408, f"request headers not received within {self.limits.request_headers_timeout:g}s", "header_timeout"
+            )
+        )
+
+    def _body_timeout(self) -> None:
+        self._timer = None
+        if self.transport.is_closing() or self.cycle is None or self.cycle.response_complete:
+            return
+        if self.flow.read_paused:  # the application is not reading: not the client's fault
+            self._arm(self.limits.request_body_timeout, self._body_timeout)
+            return
+        if self.cycle.response_started:
+            self._count(408, "body_timeout")
+            self.transport.close()
+            return
+        self._refuse(_Refuse(408, f"request body stalled for {self.limits.request_body_timeout:g}s", "body_timeout"))
+
+    # -- refusals ------------------------------------------------------------------------------------
+    def _count(self, status: int, reason: str) -> None:
+        _rlog.warning(reason, "refused a client request: %s %s (logged once a minute per kind)", status, reason)
+        if self.limits.on_reject is not None:
+            self.limits.on_reject(status, reason)
+
+    def _refuse(self, r: _Refuse) -> None:
+        self._disarm()
+        self._count(r.status, r.reason)
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.cycle.disconnected = True  # the application (if it runs) sees a disconnect, not a send
+        if not self.transport.is_closing():
+            self.transport.write(error_bytes(r.status, r.message))
+            self.transport.close()
+
+    def send_400_response(self, msg: str) -> None:  # uvicorn's own plain-text 400 → JSON
+        self._refuse(_Refuse(400, "malformed HTTP request", "bad_request"))
+
+    def _unsupported_upgrade_warning(self) -> None:  # h2c and friends: served as plain HTTP/1.1, quietly
+        log.debug("ignored an unsupported Upgrade request header")
+
+    # -- protocol interface --------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm(self.limits.request_headers_timeout, self._header_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        self.idle.pop(self, None)
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        self._unset_keepalive_if_required()
+        self.idle.pop(self, None)
+        if self._in_head:
+            self._head_raw += len(data)
+            if self._timer is None:
+                self._arm(self.limits.request_headers_timeout, self._header_timeout)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            if self._refusal is not None:
+                self._refuse(self._refusal)
+            # any other upgrade (h2c): ignored; the request runs as plain HTTP/1.1
+            return
+        except httptools.HttpParserError as exc:
+            cause = exc.__context__ if isinstance(exc.__context__, _Refuse) else None
+            self._refuse(cause or self._refusal or _Refuse(400, "malformed HTTP request", "bad_request"))
+            return
+        if self._in_head and self._head_raw > self.limits.max_request_headers_bytes + 1024:
+            self._refuse(
+                _Refuse(431, f"request head exceeds {self.limits.max_request_headers_bytes} bytes", "headers_too_large")
+            )
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._in_head = True
+        self._started = True
+        self._head_raw = self._head_count = self._head_bytes = 0
+        self._refusal = None
+        self.scope["extensions"] = {}
+        if self._timer is None:
+            self._arm(self.limits.request_headers_timeout, self._header_timeout)
+
+    def on_url(self, url: bytes) -> None:
+        super().on_url(url)
+        if len(self.url) > self.limits.max_request_headers_bytes:
+            raise _Refuse(414, f"request target exceeds {self.limits.max_request_headers_bytes} bytes", "uri_too_long")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_count += 1
+        self._head_bytes += len(name) + len(value) + 4
+        if self._head_count > self.limits.max_request_headers_count:
+            raise _Refuse(431, f"more than {self.limits.max_request_headers_count} request headers", "too_many_headers")
+        if self._head_bytes > self.limits.max_request_headers_bytes:
+            raise _Refuse(
+                431, f"request headers exceed {self.limits.max_request_headers_bytes} bytes", "headers_too_large"
+            )
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._started = False
+        self._disarm()
+        method = self.parser.get_method()
+        if method == b"CONNECT":
+            self._refusal = _Refuse(405, "CONNECT is not supported by this gateway", "connect")
+            raise self._refusal
+        if self.parser.should_upgrade() and (self._get_upgrade() or b"").strip() == b"websocket":
+            self._refusal = _Refuse(400, "WebSocket upgrades are not supported by this gateway", "websocket")
+            raise self._refusal
+        try:
+            self.url.decode("ascii")
+        except UnicodeDecodeError:
+            raise _Refuse(400, "request target must be ASCII (percent-encode other bytes)", "bad_target") from None
+        super().on_headers_complete()
+        cycle = self.cycle
+        if cycle is not None:
+            self.scope["extensions"]["kvgate.abort"] = lambda: self._abort(cycle)
+            self._arm(self.limits.request_body_timeout, self._body_timeout)
+
+    def on_body(self, body: bytes) -> None:
+        super().on_body(body)
+        if self._timer is not None:
+            self._arm(self.limits.request_body_timeout, self._body_timeout)
+
+    def on_message_complete(self) -> None:
+        self._disarm()
+        super().on_message_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self.timeout_keep_alive_task is None or self.transport.is_closing():
+            return
+        cap = self.limits.max_idle_connections
+        self.idle[self] = None
+        while len(self.idle) > cap:
+            oldest = next(iter(self.idle))
+            self.idle.pop(oldest, None)
+            oldest.transport.close()
+
+    def _abort(self, cycle: Any) -> None:
+        """Drop the connection of a response that cannot be completed; uvicorn then logs nothing."""
+        cycle.disconnected = True
+        cycle.keep_alive = False
+        if not self.transport.is_closing():
+            self.transport.close()
