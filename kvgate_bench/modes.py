@@ -189,6 +189,8 @@ def gateway_config(mode: Mode, fleet: Any) -> dict[str, Any]:
         raise ValueError(f"{mode.name} is not a gateway mode")
     kv: dict[str, Any] | bool = False if mode.kvcache is None else dict(mode.kvcache)
     cfg: dict[str, Any] = fleet.gateway_config(kvcache=kv, lb_policy=mode.lb_policy)  # port: runner binds 0
+    # The benchmark reads the decision headers (x-kvgate-endpoint, x-kvgate-kvcache); they are opt-in.
+    cfg["listeners"][0]["filter_chains"]["filters"][0]["config"]["decision_headers"] = True
     return cfg
 
 

@@ -22,7 +22,7 @@ SIM_MODULE = "kvgate.cli"  # `python -m kvgate.cli sim ...` starts a simulated f
 @pytest.fixture
 async def sim_fleet() -> AsyncIterator[Any]:
     """An in-process simulated fleet (2 engines + controller), fast time scale."""
-    from kvgate.sim.fleet import start_fleet
+    from kvgate_sim.fleet import start_fleet
 
     f = await start_fleet(2, time_scale=0.02)
     try:
@@ -59,13 +59,16 @@ class SimProcesses:
     def start(self, *args: str, timeout_s: float = 60.0) -> SimProcess:
         out = self.tmp / f"sim-{len(self.started)}.yaml"
         cmd = [sys.executable, "-m", SIM_MODULE, "sim", "--time-scale", "0.02", "--config-out", str(out), *args]
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        log = self.tmp / f"sim-{len(self.started)}.log"
+        with log.open("wb") as sink:  # a file, not a pipe: nobody reads it while the test runs
+            proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout_s
         cfg: Any = None
         while not (isinstance(cfg, dict) and "clusters" in cfg):  # written once the servers listen
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
-                raise RuntimeError(f"kvgate sim did not start: {proc.stdout.read().decode() if proc.stdout else ''}")
+                proc.wait(5)
+                raise RuntimeError(f"kvgate sim did not start: {log.read_text(errors='replace')[-2000:]}")
             time.sleep(0.05)
             with contextlib.suppress(OSError, yaml.YAMLError):
                 cfg = yaml.safe_load(out.read_text())
