@@ -434,7 +434,7 @@ class KVCacheFilter(HttpFilter):
         self.metrics.action_supported.labels(action).set(0)
         hint = " (LMCache 0.5.6 has no /evict route; /clear is the closest)" if action == "evict" else ""
         log.warning("[kvcache] controller %s answered %d for /%s: route not supported%s; "
-                    "'%s' actions are disabled until restart", self.lmcache.base_url, exc.status, action, hint, action)
+                    "'%s' actions are disabled until restart", self.lmcache.log_url, exc.status, action, hint, action)
 
     def snapshot(self) -> dict[str, Any]:
         """Debug view (no prompt text)."""

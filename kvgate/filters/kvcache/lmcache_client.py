@@ -17,6 +17,7 @@ from typing import Any
 import aiohttp
 
 from kvgate.filters.kvcache.errors import CallTimeout, DecodeError, NotSupportedError, StatusError, TransportError
+from kvgate.redact import redact_url, redact_userinfo
 
 SessionFactory = Callable[[], aiohttp.ClientSession]
 
@@ -87,6 +88,7 @@ class _JsonPoster:
     def __init__(self, session_factory: SessionFactory, base_url: str, default_timeout: float):
         self._session_factory = session_factory
         self.base_url = base_url.strip().rstrip("/")
+        self.log_url = redact_url(self.base_url)  # the only form of the URL that may appear in a log line
         self.default_timeout = default_timeout
 
     async def _post(self, path: str, payload: Mapping[str, Any], what: str, deadline: float | None) -> Any:
@@ -106,7 +108,8 @@ class _JsonPoster:
         except TimeoutError as exc:
             raise CallTimeout(f"[kvcache] call {what}: timed out after {timeout:.3f}s") from exc
         except (aiohttp.ClientError, OSError) as exc:
-            raise TransportError(f"[kvcache] call {what}: {type(exc).__name__}: {exc}") from exc
+            detail = redact_userinfo(str(exc)).replace(self.base_url, self.log_url)
+            raise TransportError(f"[kvcache] call {what}: {type(exc).__name__}: {detail}") from exc
         text = body.decode("utf-8", "replace")
         if status in (404, 405):
             raise NotSupportedError(what, status, text)

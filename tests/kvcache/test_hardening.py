@@ -1,0 +1,73 @@
+"""Issue 10 (kvcache part): regression tests against real loopback mocks."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+import pytest
+
+from kvgate.filters.kvcache.signals import StaticSignals
+from kvgate.redact import redact_url, redact_userinfo
+from tests.kvcache.mocks import MockController, dead_url
+from tests.kvcache.test_filter_integration import Harness, make_ctx, wait_for
+
+
+@pytest.fixture
+async def hh() -> AsyncIterator[Harness]:
+    harness = await Harness().start()
+    try:
+        yield harness
+    finally:
+        await harness.close()
+
+
+def _with_userinfo(url: str, secret: str) -> str:
+    return url.replace("http://", f"http://operator:{secret}@", 1)
+
+
+# ---------------------------------------------------------------- 1c: no credentials in log lines
+
+
+def test_redact_url_drops_userinfo_and_query_values() -> None:
+    assert (
+        redact_url("http://user:pw@host:8000/x?access-token=abc&b=2#f")
+        == "http://***@host:8000/x?access-token=***&b=***"
+    )
+    assert redact_url("http://[::1]:9/p") == "http://[::1]:9/p"
+    assert redact_url("http://u@[::1]:9/") == "http://***@[::1]:9/"
+    assert redact_url("http://h:99999999") == "***"
+    assert (
+        redact_userinfo("Cannot connect to http://a:b@h:1/x and https://c@d")
+        == "Cannot connect to http://***@h:1/x and https://***@d"
+    )
+
+
+async def test_controller_password_never_logged(hh: Harness, caplog: pytest.LogCaptureFixture) -> None:
+    secret = "s3cr3t-pw"
+    await hh.ctrl.stop()
+    hh.ctrl = MockController(layout={"engine-a": ("LocalCPUBackend", 256)}, evict_route=False)
+    await hh.ctrl.start()
+    flt = await hh.make(
+        lmcache=_with_userinfo(hh.ctrl.url, secret),
+        signals=StaticSignals(0.0, 0.95),
+        cache_strategy={"enable_eviction": True, "memory_threshold": 0.9, "evict_instance_id": "engine-a"},
+    )
+    caplog.set_level(logging.DEBUG, logger="kvgate.filters.kvcache")
+    await flt.decode(make_ctx({"model": "m", "prompt": "evict me please"}))
+    await wait_for(lambda: hh.metric("kvgate_kvcache_actions_total", {"action": "evict", "result": "unsupported"}) == 1)
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "answered 404 for /evict" in text and "***@127.0.0.1" in text
+    assert secret not in text
+
+
+async def test_tokenizer_password_never_logged_on_transport_error(
+    hh: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    secret = "tok-pw-123"
+    flt = await hh.make(vllm_endpoint=_with_userinfo(dead_url(), secret))
+    caplog.set_level(logging.DEBUG, logger="kvgate.filters.kvcache")
+    await flt.decode(make_ctx({"model": "m", "prompt": "some prompt"}))
+    await wait_for(lambda: hh.metric("kvgate_kvcache_tokenize_calls_total", {"result": "error"}) == 1)
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "tokenize failed" in text and secret not in text
