@@ -169,14 +169,17 @@ class KVCacheConfig(_Section):
             raise ConfigError("token_cache.max_size", "[kvcache] token_cache.max_size must be >= 0")
         cs = self.cache_strategy
         if not 0 <= cs.memory_threshold <= 1:
-            raise ConfigError("cache_strategy.memory_threshold",
-                              "[kvcache] cache_strategy.memory_threshold must be between 0 and 1")
+            raise ConfigError(
+                "cache_strategy.memory_threshold", "[kvcache] cache_strategy.memory_threshold must be between 0 and 1"
+            )
         if not 0 <= cs.load_threshold <= 1:
-            raise ConfigError("cache_strategy.load_threshold",
-                              "[kvcache] cache_strategy.load_threshold must be between 0 and 1")
+            raise ConfigError(
+                "cache_strategy.load_threshold", "[kvcache] cache_strategy.load_threshold must be between 0 and 1"
+            )
         if cs.hot_content_threshold < 0:
-            raise ConfigError("cache_strategy.hot_content_threshold",
-                              "[kvcache] cache_strategy.hot_content_threshold must be >= 0")
+            raise ConfigError(
+                "cache_strategy.hot_content_threshold", "[kvcache] cache_strategy.hot_content_threshold must be >= 0"
+            )
         # Checks 7-9 cannot fail after apply_defaults (kept for fidelity).
         if self.retry.max_attempts < 0:
             raise ConfigError("retry.max_attempts", "[kvcache] retry.max_attempts must be >= 0")

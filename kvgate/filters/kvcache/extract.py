@@ -59,7 +59,6 @@ class Extracted:
             body.pop("model")
         return body
 
-
     @property
     def engine_text(self) -> str:
         return self.engine_prompt if self.engine_prompt is not None else self.prompt

@@ -86,10 +86,16 @@ def _may_fill_a_chunk(req: Extracted) -> bool:
 class KVCacheFilter(HttpFilter):
     """See the module docstring. Long-lived: one instance per listener."""
 
-    def __init__(self, config: KVCacheConfig, runtime: Runtime, *, signals: LoadSignals | None = None,
-                 clock: Callable[[], float] = time.monotonic,
-                 session_factory: Callable[[], aiohttp.ClientSession] | None = None,
-                 sleep: Sleep = asyncio.sleep):
+    def __init__(
+        self,
+        config: KVCacheConfig,
+        runtime: Runtime,
+        *,
+        signals: LoadSignals | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        session_factory: Callable[[], aiohttp.ClientSession] | None = None,
+        sleep: Sleep = asyncio.sleep,
+    ):
         self.cfg = config
         self.runtime = runtime
         self.metrics = KVCacheMetrics.for_registry(runtime.metrics.registry)
@@ -104,14 +110,22 @@ class KVCacheFilter(HttpFilter):
         self.retry = RetryPolicy(r.max_attempts, r.base_backoff, r.max_backoff, r.jitter)
         cb = config.circuit_breaker
         self.breakers = {
-            name: CircuitBreaker(name, cb.failure_threshold, cb.recovery_timeout, cb.half_open_max_calls, clock,
-                                 on_change=self._breaker_changed)
+            name: CircuitBreaker(
+                name,
+                cb.failure_threshold,
+                cb.recovery_timeout,
+                cb.half_open_max_calls,
+                clock,
+                on_change=self._breaker_changed,
+            )
             for name in BREAKERS
         }
         for name in BREAKERS:
             self.metrics.breaker_state.labels(name).set(0)
         self.executor = StrategyExecutor(
-            config.cache_strategy, self.lmcache, self._manage_call,
+            config.cache_strategy,
+            self.lmcache,
+            self._manage_call,
             on_result=lambda action, result: self.metrics.actions.labels(action, result).inc(),
             on_unsupported=self._action_unsupported,
         )
@@ -128,10 +142,16 @@ class KVCacheFilter(HttpFilter):
         self._closed = False
         self._running = 0
         self._dropped = 0
-        if config.enabled and config.token_cache.enabled and config.token_cache.max_size == 0 and \
-                config.token_cache.ttl == 0:
-            log.warning("[kvcache] token_cache has neither max_size nor ttl: it grows without bound "
-                        "(set token_cache.max_size, e.g. 8192, and a ttl)")
+        if (
+            config.enabled
+            and config.token_cache.enabled
+            and config.token_cache.max_size == 0
+            and config.token_cache.ttl == 0
+        ):
+            log.warning(
+                "[kvcache] token_cache has neither max_size nor ttl: it grows without bound "
+                "(set token_cache.max_size, e.g. 8192, and a ttl)"
+            )
         extra = unknown_keys(config)
         if extra:
             log.warning("[kvcache] ignoring unknown config keys: %s", ", ".join(extra))
@@ -145,8 +165,10 @@ class KVCacheFilter(HttpFilter):
         if self._workers or self._closed or not self.cfg.enabled:
             return
         self._queue = asyncio.Queue(maxsize=self.cfg.background_queue_size)
-        self._workers = [asyncio.create_task(self._worker(), name=f"kvcache-worker-{i}")
-                         for i in range(self.cfg.max_background_tasks)]
+        self._workers = [
+            asyncio.create_task(self._worker(), name=f"kvcache-worker-{i}")
+            for i in range(self.cfg.max_background_tasks)
+        ]
 
     async def close(self) -> None:
         """Cancel the workers and drop queued jobs; shared resources (the aiohttp session) stay open."""
@@ -192,8 +214,10 @@ class KVCacheFilter(HttpFilter):
         try:
             req = extract(ctx.json(), self.cfg.default_model)
         except ValueError as exc:  # includes ExtractError
-            log.warning("[kvcache] parse request body failed: %s", exc if isinstance(exc, ExtractError) else
-                        f"invalid JSON ({len(ctx.body)} bytes)")
+            log.warning(
+                "[kvcache] parse request body failed: %s",
+                exc if isinstance(exc, ExtractError) else f"invalid JSON ({len(ctx.body)} bytes)",
+            )
             return
         if req is None:
             return
@@ -233,7 +257,10 @@ class KVCacheFilter(HttpFilter):
             async with asyncio.timeout_at(deadline):
                 lookup = await retry_call(
                     lambda: breaker.call(lambda: self.lmcache.lookup(tokens, deadline=deadline), deadline=deadline),
-                    self.retry, deadline=deadline, sleep=self._sleep)
+                    self.retry,
+                    deadline=deadline,
+                    sleep=self._sleep,
+                )
         except CircuitOpenError:
             outcome = "breaker_open"
         except TimeoutError:
@@ -250,8 +277,9 @@ class KVCacheFilter(HttpFilter):
         outcome = self._apply_choice(ctx, lookup, len(tokens))
         m.routing_lookups.labels(outcome).inc()
         # Decision label for clients and benchmarks: which instance was preferred and why.
-        ctx.response_headers.append((b"x-kvgate-kvcache", f"{outcome};lookup_ms={(time.perf_counter() - t0) * 1e3:.1f}"
-                                     .encode()))
+        ctx.response_headers.append(
+            (b"x-kvgate-kvcache", f"{outcome};lookup_ms={(time.perf_counter() - t0) * 1e3:.1f}".encode())
+        )
         return lookup
 
     async def _tokenize_within(self, req: Extracted, key: str, deadline: float) -> list[int] | None:
@@ -263,12 +291,15 @@ class KVCacheFilter(HttpFilter):
         body = req.tokenize_request()
         try:
             async with asyncio.timeout_at(deadline):
-                tokens = await breaker.call(lambda: self.tokenizer.tokenize(body, deadline=deadline),
-                                            deadline=deadline)
+                tokens = await breaker.call(lambda: self.tokenizer.tokenize(body, deadline=deadline), deadline=deadline)
         except (TimeoutError, KVCacheError) as exc:
             self.metrics.tokenize_calls.labels("error").inc()
-            log.debug("[kvcache] routing tokenize failed: %s (key=%s, prompt_chars=%d)",
-                      type(exc).__name__, key[:12], len(req.prompt))
+            log.debug(
+                "[kvcache] routing tokenize failed: %s (key=%s, prompt_chars=%d)",
+                type(exc).__name__,
+                key[:12],
+                len(req.prompt),
+            )
             return None
         finally:
             self.metrics.tokenize_latency.observe(time.perf_counter() - t0)
@@ -295,19 +326,22 @@ class KVCacheFilter(HttpFilter):
             log.debug("[kvcache] routing lookup returned empty instance")
             return "empty"
         cluster = self.runtime.clusters.get(ctx.cluster_name) if ctx.cluster_name else None
-        choice = choose_prefix_endpoint(lookup.matches, cluster.endpoints if cluster is not None else None,
-                                        min_match_tokens=self.cfg.min_match_tokens,
-                                        max_imbalance_abs=self.cfg.max_imbalance_abs,
-                                        max_imbalance_rel=self.cfg.max_imbalance_rel,
-                                        min_match_ratio=self.cfg.min_match_ratio, num_tokens=num_tokens)
+        choice = choose_prefix_endpoint(
+            lookup.matches,
+            cluster.endpoints if cluster is not None else None,
+            min_match_tokens=self.cfg.min_match_tokens,
+            max_imbalance_abs=self.cfg.max_imbalance_abs,
+            max_imbalance_rel=self.cfg.max_imbalance_rel,
+            min_match_ratio=self.cfg.min_match_ratio,
+            num_tokens=num_tokens,
+        )
         for reason, n in choice.rejected.items():
             self.metrics.routing_rejected.labels(reason).inc(n)
         if choice.endpoint_id is None:
             log.debug("[kvcache] routing lookup found no eligible instance (rejected: %s)", dict(choice.rejected))
             return "no_match"
         ctx.params[PREFERRED_ENDPOINT_PARAM] = choice.endpoint_id
-        log.debug("[kvcache] routing preferred endpoint set: %s (%d tokens)", choice.endpoint_id,
-                  choice.matched_tokens)
+        log.debug("[kvcache] routing preferred endpoint set: %s (%d tokens)", choice.endpoint_id, choice.matched_tokens)
         return "routed"
 
     # ------------------------------------------------------------------ background
@@ -331,8 +365,11 @@ class KVCacheFilter(HttpFilter):
             m.background_jobs.labels("dropped").inc()
             self._dropped += 1
             if self._dropped == 1 or self._dropped % 100 == 0:  # logged, but not once per request
-                log.warning("[kvcache] background queue full (%d): job dropped (%d dropped so far)",
-                            self.cfg.background_queue_size, self._dropped)
+                log.warning(
+                    "[kvcache] background queue full (%d): job dropped (%d dropped so far)",
+                    self.cfg.background_queue_size,
+                    self._dropped,
+                )
             return
         self._pending.add(key)
         m.background_queue_depth.set(self._queue.qsize())
@@ -349,8 +386,11 @@ class KVCacheFilter(HttpFilter):
             try:
                 if loop.time() - job.enqueued > job.timeout:
                     result = "expired"
-                    log.debug("[kvcache] background job expired in the queue after %.3fs (key=%s)",
-                              loop.time() - job.enqueued, job.key[:12])
+                    log.debug(
+                        "[kvcache] background job expired in the queue after %.3fs (key=%s)",
+                        loop.time() - job.enqueued,
+                        job.key[:12],
+                    )
                     continue
                 self._running += 1
                 m.background_running.set(self._running)
@@ -392,8 +432,11 @@ class KVCacheFilter(HttpFilter):
                 raise
             finally:
                 self.metrics.lookup_latency.labels("background").observe(time.perf_counter() - t0)
-        decision = make_decision(self.cfg.cache_strategy, self.signals.sample(),
-                                 self.hot.is_hot(job.key, self.cfg.cache_strategy.hot_content_threshold))
+        decision = make_decision(
+            self.cfg.cache_strategy,
+            self.signals.sample(),
+            self.hot.is_hot(job.key, self.cfg.cache_strategy.hot_content_threshold),
+        )
         if not decision:
             return
         try:
@@ -407,11 +450,13 @@ class KVCacheFilter(HttpFilter):
         body = job.request.tokenize_request()
         try:
             tokens = await self.breakers["tokenize"].call(
-                lambda: self.tokenizer.tokenize(body, deadline=deadline), deadline=deadline)
+                lambda: self.tokenizer.tokenize(body, deadline=deadline), deadline=deadline
+            )
         except KVCacheError as exc:
             self.metrics.tokenize_calls.labels("error").inc()
-            log.warning("[kvcache] tokenize failed: %s (key=%s, prompt_chars=%d)", exc, job.key[:12],
-                        len(job.request.prompt))
+            log.warning(
+                "[kvcache] tokenize failed: %s (key=%s, prompt_chars=%d)", exc, job.key[:12], len(job.request.prompt)
+            )
             raise
         finally:
             self.metrics.tokenize_latency.observe(time.perf_counter() - t0)
@@ -420,21 +465,30 @@ class KVCacheFilter(HttpFilter):
 
     async def _manage_call(self, fn: Callable[[], Awaitable[T]], deadline: float | None = None) -> T:
         breaker = self.breakers["manage"]
-        return await retry_call(lambda: breaker.call(fn, deadline=deadline), self.retry, deadline=deadline,
-                                sleep=self._sleep)
+        return await retry_call(
+            lambda: breaker.call(fn, deadline=deadline), self.retry, deadline=deadline, sleep=self._sleep
+        )
 
     # ------------------------------------------------------------------ callbacks
 
     def _breaker_changed(self, breaker: CircuitBreaker) -> None:
         self.metrics.breaker_state.labels(breaker.name).set(int(breaker.state))
-        log.warning("[kvcache] %s circuit breaker -> %s (failures=%d)", breaker.name, breaker.state.name,
-                    breaker.failure_count)
+        log.warning(
+            "[kvcache] %s circuit breaker -> %s (failures=%d)", breaker.name, breaker.state.name, breaker.failure_count
+        )
 
     def _action_unsupported(self, action: str, exc: NotSupportedError) -> None:
         self.metrics.action_supported.labels(action).set(0)
         hint = " (LMCache 0.5.6 has no /evict route; /clear is the closest)" if action == "evict" else ""
-        log.warning("[kvcache] controller %s answered %d for /%s: route not supported%s; "
-                    "'%s' actions are disabled until restart", self.lmcache.log_url, exc.status, action, hint, action)
+        log.warning(
+            "[kvcache] controller %s answered %d for /%s: route not supported%s; "
+            "'%s' actions are disabled until restart",
+            self.lmcache.log_url,
+            exc.status,
+            action,
+            hint,
+            action,
+        )
 
     def snapshot(self) -> dict[str, Any]:
         """Debug view (no prompt text)."""

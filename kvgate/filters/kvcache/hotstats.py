@@ -26,8 +26,7 @@ def sweep_interval(window: float) -> float:
 
 
 class HotStats:
-    def __init__(self, window: float, max_records: int, max_keys: int = 0,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(self, window: float, max_records: int, max_keys: int = 0, clock: Callable[[], float] = time.monotonic):
         self.window = window
         self.max_records = max(1, max_records)
         self.max_keys = max(0, max_keys)

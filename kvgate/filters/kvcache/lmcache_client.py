@@ -99,7 +99,8 @@ class _JsonPoster:
         url = self.base_url + path
         try:
             async with self._session_factory().post(
-                url, data=json.dumps(payload, separators=(",", ":")),
+                url,
+                data=json.dumps(payload, separators=(",", ":")),
                 headers={"Content-Type": "application/json"},
                 timeout=aiohttp.ClientTimeout(total=timeout),
             ) as resp:
@@ -127,13 +128,15 @@ class LMCacheClient(_JsonPoster):
     async def lookup(self, tokens: Sequence[int], *, deadline: float | None = None) -> LookupResult:
         return parse_lookup(await self._post("/lookup", {"tokens": list(tokens)}, "lookup", deadline))
 
-    async def pin(self, tokens: Sequence[int], instance_id: str, location: str, *,
-                  deadline: float | None = None) -> ActionResult:
+    async def pin(
+        self, tokens: Sequence[int], instance_id: str, location: str, *, deadline: float | None = None
+    ) -> ActionResult:
         payload = {"tokens": list(tokens), "instance_id": instance_id, "location": location}
         return _parse_action(await self._post("/pin", payload, "pin", deadline))
 
-    async def compress(self, tokens: Sequence[int], instance_id: str, location: str, method: str, *,
-                       deadline: float | None = None) -> ActionResult:
+    async def compress(
+        self, tokens: Sequence[int], instance_id: str, location: str, method: str, *, deadline: float | None = None
+    ) -> ActionResult:
         payload = {"tokens": list(tokens), "instance_id": instance_id, "location": location, "method": method}
         return _parse_action(await self._post("/compress", payload, "compress", deadline))
 

@@ -24,40 +24,67 @@ class KVCacheMetrics:
         self.token_cache_hits = Counter(p + "token_cache_hits", "Token-cache hits (routing path)", registry=r)
         self.token_cache_misses = Counter(p + "token_cache_misses", "Token-cache misses (routing path)", registry=r)
         self.token_cache_size = Gauge(p + "token_cache_size", "Entries in the token cache", registry=r)
-        self.lookup_latency = Histogram(p + "lookup_latency_seconds", "LMCache /lookup latency by phase",
-                                        ["phase"], buckets=FAST_BUCKETS, registry=r)
+        self.lookup_latency = Histogram(
+            p + "lookup_latency_seconds",
+            "LMCache /lookup latency by phase",
+            ["phase"],
+            buckets=FAST_BUCKETS,
+            registry=r,
+        )
         self.routing_lookups = Counter(
-            p + "routing_lookups", "Synchronous routing decisions by outcome: " + ", ".join(LOOKUP_OUTCOMES),
-            ["outcome"], registry=r)
+            p + "routing_lookups",
+            "Synchronous routing decisions by outcome: " + ", ".join(LOOKUP_OUTCOMES),
+            ["outcome"],
+            registry=r,
+        )
         self.routing_rejected = Counter(
             p + "routing_candidates_rejected",
             "Lookup instances not eligible for routing: unknown_instance, unhealthy, below_min_match",
-            ["reason"], registry=r)
-        self.routing_added_latency = Histogram(p + "routing_added_latency_seconds",
-                                               "Time the decode step added to a request", buckets=FAST_BUCKETS,
-                                               registry=r)
-        self.tokenize_latency = Histogram(p + "tokenize_latency_seconds", "vLLM /tokenize latency",
-                                          buckets=FAST_BUCKETS, registry=r)
-        self.tokenize_calls = Counter(p + "tokenize_calls", "vLLM /tokenize calls by result (ok, error)",
-                                      ["result"], registry=r)
+            ["reason"],
+            registry=r,
+        )
+        self.routing_added_latency = Histogram(
+            p + "routing_added_latency_seconds",
+            "Time the decode step added to a request",
+            buckets=FAST_BUCKETS,
+            registry=r,
+        )
+        self.tokenize_latency = Histogram(
+            p + "tokenize_latency_seconds", "vLLM /tokenize latency", buckets=FAST_BUCKETS, registry=r
+        )
+        self.tokenize_calls = Counter(
+            p + "tokenize_calls", "vLLM /tokenize calls by result (ok, error)", ["result"], registry=r
+        )
         self.actions = Counter(
             p + "actions",
             "Cache actions by type and result (ok, error, timeout, breaker_open, unsupported, no_target)",
-            ["action", "result"], registry=r)
-        self.action_supported = Gauge(p + "action_supported",
-                                      "0 once the controller answered 404/405 for the action's route", ["action"],
-                                      registry=r)
-        self.breaker_state = Gauge(p + "breaker_state", "Circuit breaker state (0 closed, 1 open, 2 half-open)",
-                                   ["breaker"], registry=r)
+            ["action", "result"],
+            registry=r,
+        )
+        self.action_supported = Gauge(
+            p + "action_supported",
+            "0 once the controller answered 404/405 for the action's route",
+            ["action"],
+            registry=r,
+        )
+        self.breaker_state = Gauge(
+            p + "breaker_state", "Circuit breaker state (0 closed, 1 open, 2 half-open)", ["breaker"], registry=r
+        )
         self.background_queue_depth = Gauge(p + "background_queue_depth", "Background jobs waiting", registry=r)
         self.background_running = Gauge(p + "background_running", "Background jobs executing", registry=r)
         self.background_jobs = Counter(
             p + "background_jobs",
-            "Background jobs by result (done, error, timeout, expired, coalesced, dropped)", ["result"], registry=r)
-        self.background_dropped = Counter(p + "background_dropped", "Background jobs dropped (queue full)",
-                                          registry=r)
-        self.cold_placements = Counter(p + "cold_placements", "Requests without a usable cached prefix placed by "
-                                       "cold_placement=lru", ["endpoint"], registry=r)
+            "Background jobs by result (done, error, timeout, expired, coalesced, dropped)",
+            ["result"],
+            registry=r,
+        )
+        self.background_dropped = Counter(p + "background_dropped", "Background jobs dropped (queue full)", registry=r)
+        self.cold_placements = Counter(
+            p + "cold_placements",
+            "Requests without a usable cached prefix placed by cold_placement=lru",
+            ["endpoint"],
+            registry=r,
+        )
         self.errors = Counter(p + "decode_errors", "Unexpected errors swallowed on the decode path", registry=r)
         for outcome in LOOKUP_OUTCOMES:
             self.routing_lookups.labels(outcome)

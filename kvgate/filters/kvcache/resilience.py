@@ -35,9 +35,15 @@ class BreakerState(enum.IntEnum):
 
 
 class CircuitBreaker:
-    def __init__(self, name: str, failure_threshold: int = 5, recovery_timeout: float = 10.0,
-                 half_open_max_calls: int = 2, clock: Callable[[], float] = time.monotonic,
-                 on_change: Callable[[CircuitBreaker], None] | None = None):
+    def __init__(
+        self,
+        name: str,
+        failure_threshold: int = 5,
+        recovery_timeout: float = 10.0,
+        half_open_max_calls: int = 2,
+        clock: Callable[[], float] = time.monotonic,
+        on_change: Callable[[CircuitBreaker], None] | None = None,
+    ):
         self.name = name
         self.failure_threshold = max(1, failure_threshold)
         self.recovery_timeout = recovery_timeout
@@ -132,7 +138,7 @@ class RetryPolicy:
 
     def backoff(self, n: int, rng: random.Random | None = None) -> float:
         """Wait after failed attempt ``n`` (0-based): ``min(base × 2**n, max)``; jitter scales it by [0.5, 1)."""
-        delay = min(self.base_backoff * (2 ** n), self.max_backoff)
+        delay = min(self.base_backoff * (2**n), self.max_backoff)
         if self.jitter:
             delay *= 0.5 + 0.5 * (rng or random).random()
         return delay
@@ -141,9 +147,15 @@ class RetryPolicy:
 Sleep = Callable[[float], Awaitable[None]]
 
 
-async def retry_call(fn: Callable[[], Awaitable[T]], policy: RetryPolicy, *, deadline: float | None = None,
-                     sleep: Sleep = asyncio.sleep, rng: random.Random | None = None,
-                     on_retry: Callable[[int, BaseException, float], None] | None = None) -> T:
+async def retry_call(
+    fn: Callable[[], Awaitable[T]],
+    policy: RetryPolicy,
+    *,
+    deadline: float | None = None,
+    sleep: Sleep = asyncio.sleep,
+    rng: random.Random | None = None,
+    on_retry: Callable[[int, BaseException, float], None] | None = None,
+) -> T:
     """Call ``fn`` up to ``policy.max_attempts`` times (``deadline`` in loop time).
 
     Raises the last error. No sleep after the last attempt; if the next backoff would end past the

@@ -74,9 +74,14 @@ Runner = Callable[[Callable[[], Awaitable[ActionResult]]], Awaitable[ActionResul
 class StrategyExecutor:
     """Runs a :class:`Decision` against the controller. ``run`` applies retry + the management breaker."""
 
-    def __init__(self, cfg: CacheStrategyConfig, client: LMCacheClient, run: Runner,
-                 on_result: Callable[[str, str], None] = lambda action, result: None,
-                 on_unsupported: Callable[[str, NotSupportedError], None] = lambda action, exc: None):
+    def __init__(
+        self,
+        cfg: CacheStrategyConfig,
+        client: LMCacheClient,
+        run: Runner,
+        on_result: Callable[[str, str], None] = lambda action, result: None,
+        on_unsupported: Callable[[str, NotSupportedError], None] = lambda action, exc: None,
+    ):
         self.cfg = cfg
         self.client = client
         self._run = run
@@ -84,12 +89,14 @@ class StrategyExecutor:
         self._on_unsupported = on_unsupported
         self.unsupported: set[str] = set()
 
-    def _call(self, action: str, tokens: Sequence[int], target: Target,
-              deadline: float | None) -> Callable[[], Awaitable[ActionResult]]:
+    def _call(
+        self, action: str, tokens: Sequence[int], target: Target, deadline: float | None
+    ) -> Callable[[], Awaitable[ActionResult]]:
         c, cfg = self.client, self.cfg
         if action == "compress":
-            return lambda: c.compress(tokens, target.instance_id, target.location, cfg.compress_method,
-                                      deadline=deadline)
+            return lambda: c.compress(
+                tokens, target.instance_id, target.location, cfg.compress_method, deadline=deadline
+            )
         if action == "pin":
             return lambda: c.pin(tokens, target.instance_id, target.location, deadline=deadline)
         return lambda: c.evict(tokens, target.instance_id, deadline=deadline)
@@ -102,8 +109,9 @@ class StrategyExecutor:
             return resolve_target(cfg.pin_instance_id, cfg.pin_location, lookup)
         return resolve_target(cfg.evict_instance_id, "", lookup)
 
-    async def execute(self, decision: Decision, tokens: Sequence[int], lookup: LookupResult | None,
-                      deadline: float | None = None) -> list[tuple[str, str]]:
+    async def execute(
+        self, decision: Decision, tokens: Sequence[int], lookup: LookupResult | None, deadline: float | None = None
+    ) -> list[tuple[str, str]]:
         """Execute in order; returns ``[(action, result)]``. Re-raises the first real error (stopping)."""
         done: list[tuple[str, str]] = []
 
