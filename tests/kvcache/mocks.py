@@ -7,7 +7,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvgate.asgi import Request, Router, Send, send_json
+from kvgate.asgi import Request, Router, Send, send_json, send_response
 from kvgate.serving import ServerHandle, start_server
 
 
@@ -74,6 +74,7 @@ class MockController(_Served):
     lookup_status: int = 200
     action_status: int = 200
     evict_route: bool = True
+    lookup_raw: bytes | None = None  # answer /lookup with these exact bytes (status 200)
     calls: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     release: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -87,6 +88,9 @@ class MockController(_Served):
             await self.release.wait()
         if self.lookup_status != 200:
             await send_json(send, self.lookup_status, {"detail": "boom"})
+            return
+        if self.lookup_raw is not None:
+            await send_response(send, 200, self.lookup_raw)
             return
         if self.array_shape:
             layout: dict[str, Any] = {k: [loc, n] for k, (loc, n) in self.layout.items()}

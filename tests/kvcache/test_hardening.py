@@ -71,3 +71,24 @@ async def test_tokenizer_password_never_logged_on_transport_error(
     await wait_for(lambda: hh.metric("kvgate_kvcache_tokenize_calls_total", {"result": "error"}) == 1)
     text = "\n".join(r.getMessage() for r in caplog.records)
     assert "tokenize failed" in text and secret not in text
+
+
+# ---------------------------------------------------------------- 9: NaN / Infinity in a controller answer
+
+
+@pytest.mark.parametrize("bad", [b"Infinity", b"-Infinity", b"NaN", b"1e999"])
+async def test_non_finite_lookup_answer_is_a_counted_bad_response(hh: Harness, bad: bytes) -> None:
+    hh.ctrl.lookup_raw = b'{"event_id":"x","layout_info":{"engine-a":["LocalCPUBackend",' + bad + b"]}}"
+    flt = await hh.make(
+        signals=StaticSignals(0.0, 0.0), cache_strategy={"enable_pinning": True, "hot_content_threshold": 1}
+    )
+    body = {"model": "m", "prompt": "the quick brown fox"}
+    await flt.decode(make_ctx(body))  # token-cache miss; the background job tokenizes, then looks up
+    await wait_for(lambda: hh.metric("kvgate_kvcache_background_jobs_total", {"result": "error"}) == 1)
+    ctx = make_ctx(body)
+    await flt.decode(ctx)  # routing lookup on cached tokens
+    assert hh.metric("kvgate_kvcache_routing_lookups_total", {"outcome": "bad_response"}) == 1
+    assert "llm_preferred_endpoint_id" not in ctx.params
+    assert hh.metric("kvgate_kvcache_decode_errors_total") == 0  # handled, not an escaped exception
+    assert hh.metric("kvgate_kvcache_bad_responses_total", {"call": "lookup"}) >= 2
+    assert hh.metric("kvgate_kvcache_actions_total", {"action": "pin", "result": "ok"}) == 0

@@ -39,7 +39,7 @@ import aiohttp
 from kvgate.chain import PREFERRED_ENDPOINT_PARAM, FilterStatus, HttpFilter, RequestContext
 from kvgate.config import unknown_keys
 from kvgate.filters.kvcache.config import KVCacheConfig
-from kvgate.filters.kvcache.errors import CircuitOpenError, KVCacheError, NotSupportedError
+from kvgate.filters.kvcache.errors import CircuitOpenError, DecodeError, KVCacheError, NotSupportedError
 from kvgate.filters.kvcache.extract import Extracted, ExtractError, extract
 from kvgate.filters.kvcache.hotstats import HotStats
 from kvgate.filters.kvcache.lmcache_client import LMCacheClient, LookupResult, TokenizerClient
@@ -102,8 +102,9 @@ class KVCacheFilter(HttpFilter):
         self.signals: LoadSignals = signals or ProcessSignals()
         self._sleep = sleep
         factory = session_factory or runtime.aux_session
-        self.lmcache = LMCacheClient(factory, config.lmcache_endpoint, config.request_timeout)
-        self.tokenizer = TokenizerClient(factory, config.vllm_endpoint, config.request_timeout)
+        bad = self._bad_response
+        self.lmcache = LMCacheClient(factory, config.lmcache_endpoint, config.request_timeout, bad)
+        self.tokenizer = TokenizerClient(factory, config.vllm_endpoint, config.request_timeout, bad)
         self.token_cache = TokenCache(max(0, config.token_cache.max_size), config.token_cache.ttl, clock)
         self.hot = HotStats(config.hot_window, config.hot_max_records, config.hot_max_keys, clock)
         r = config.retry
@@ -142,6 +143,7 @@ class KVCacheFilter(HttpFilter):
         self._closed = False
         self._running = 0
         self._dropped = 0
+        self._bad_count = 0
         if (
             config.enabled
             and config.token_cache.enabled
@@ -266,6 +268,9 @@ class KVCacheFilter(HttpFilter):
         except TimeoutError:
             outcome = "timeout"
             log.debug("[kvcache] routing lookup failed: timed out after %.0fms", (time.perf_counter() - t0) * 1e3)
+        except DecodeError as exc:
+            outcome = "bad_response"
+            log.debug("[kvcache] routing lookup failed: %s", exc)
         except KVCacheError as exc:
             outcome = "error"
             log.debug("[kvcache] routing lookup failed: %s", exc)
@@ -476,6 +481,12 @@ class KVCacheFilter(HttpFilter):
         log.warning(
             "[kvcache] %s circuit breaker -> %s (failures=%d)", breaker.name, breaker.state.name, breaker.failure_count
         )
+
+    def _bad_response(self, call: str) -> None:
+        self.metrics.bad_responses.labels(call).inc()
+        self._bad_count += 1
+        if self._bad_count == 1 or self._bad_count % 100 == 0:  # logged, but not once per request
+            log.warning("[kvcache] %s answered with a malformed body: refused (%d so far)", call, self._bad_count)
 
     def _action_unsupported(self, action: str, exc: NotSupportedError) -> None:
         self.metrics.action_supported.labels(action).set(0)

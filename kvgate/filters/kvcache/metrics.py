@@ -11,7 +11,17 @@ import weakref
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 PREFIX = "kvgate_kvcache_"
-LOOKUP_OUTCOMES = ("routed", "no_tokens", "empty", "no_match", "error", "breaker_open", "timeout", "disabled")
+LOOKUP_OUTCOMES = (
+    "routed",
+    "no_tokens",
+    "empty",
+    "no_match",
+    "error",
+    "bad_response",
+    "breaker_open",
+    "timeout",
+    "disabled",
+)
 FAST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 _BY_REGISTRY: weakref.WeakKeyDictionary[CollectorRegistry, KVCacheMetrics] = weakref.WeakKeyDictionary()
@@ -83,6 +93,12 @@ class KVCacheMetrics:
             p + "cold_placements",
             "Requests without a usable cached prefix placed by cold_placement=lru",
             ["endpoint"],
+            registry=r,
+        )
+        self.bad_responses = Counter(
+            p + "bad_responses",
+            "Upstream answers refused as malformed (bad JSON, NaN/Infinity, wrong shape) by call",
+            ["call"],
             registry=r,
         )
         self.errors = Counter(p + "decode_errors", "Unexpected errors swallowed on the decode path", registry=r)
