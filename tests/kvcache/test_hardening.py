@@ -87,8 +87,8 @@ async def test_non_finite_lookup_answer_is_a_counted_bad_response(hh: Harness, b
     await wait_for(lambda: hh.metric("kvgate_kvcache_background_jobs_total", {"result": "error"}) == 1)
     ctx = make_ctx(body)
     await flt.decode(ctx)  # routing lookup on cached tokens
-    assert hh.metric("kvgate_kvcache_routing_lookups_total", {"outcome": "bad_response"}) == 1
     assert "llm_preferred_endpoint_id" not in ctx.params
     assert hh.metric("kvgate_kvcache_decode_errors_total") == 0  # handled, not an escaped exception
+    assert hh.metric("kvgate_kvcache_routing_lookups_total", {"outcome": "bad_response"}) == 1
     assert hh.metric("kvgate_kvcache_bad_responses_total", {"call": "lookup"}) >= 2
     assert hh.metric("kvgate_kvcache_actions_total", {"action": "pin", "result": "ok"}) == 0
