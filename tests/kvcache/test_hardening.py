@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from kvgate.filters.kvcache.signals import StaticSignals
+from kvgate.filters.kvcache.tokens import TokenCache
 from kvgate.redact import redact_url, redact_userinfo
 from tests.kvcache.mocks import MockController, dead_url
 from tests.kvcache.test_filter_integration import Harness, make_ctx, wait_for
@@ -92,3 +93,41 @@ async def test_non_finite_lookup_answer_is_a_counted_bad_response(hh: Harness, b
     assert hh.metric("kvgate_kvcache_routing_lookups_total", {"outcome": "bad_response"}) == 1
     assert hh.metric("kvgate_kvcache_bad_responses_total", {"call": "lookup"}) >= 2
     assert hh.metric("kvgate_kvcache_actions_total", {"action": "pin", "result": "ok"}) == 0
+
+
+# ---------------------------------------------------------------- 5: ttl without max_size stays bounded
+
+
+def test_token_cache_with_ttl_and_no_max_size_expires_on_write() -> None:
+    now = [0.0]
+    c = TokenCache(max_size=0, ttl=10.0, clock=lambda: now[0])
+    for i in range(1000):
+        c.put(f"k{i}", [i])
+    now[0] = 5.0
+    c.put("k0", [0, 0])  # a rewrite refreshes k0's expiry
+    now[0] = 10.5
+    c.put("fresh", [1])  # nobody reads the 999 expired keys again: the write drops them
+    assert len(c) == 2 and c.expired == 999
+    assert c.get("k0") == [0, 0] and c.get("k5") is None
+    # a steady stream of distinct keys never holds more than ttl's worth of writes
+    for i in range(10_000):
+        now[0] += 0.01
+        c.put(f"s{i}", [i])
+    assert len(c) <= 1001 and len(c._expiry) <= 2 * len(c) + 65
+
+
+def test_token_cache_lru_and_ttl_keep_the_expiry_index_small() -> None:
+    now = [0.0]
+    c = TokenCache(max_size=8, ttl=1000.0, clock=lambda: now[0])
+    for i in range(5000):
+        c.put(f"k{i % 50}", [i])
+    assert len(c) == 8 and len(c._expiry) <= 2 * 8 + 65
+
+
+async def test_no_size_bound_warns_even_with_a_ttl(hh: Harness, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="kvgate.filters.kvcache")
+    await hh.make(token_cache={"enabled": True, "max_size": 0, "ttl": "10m"})
+    assert any("no size bound" in r.getMessage() and "ttl (600s)" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    await hh.make(token_cache={"enabled": True, "max_size": 100, "ttl": "10m"})
+    assert not any("no size bound" in r.getMessage() for r in caplog.records)

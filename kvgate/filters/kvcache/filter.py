@@ -144,15 +144,13 @@ class KVCacheFilter(HttpFilter):
         self._running = 0
         self._dropped = 0
         self._bad_count = 0
-        if (
-            config.enabled
-            and config.token_cache.enabled
-            and config.token_cache.max_size == 0
-            and config.token_cache.ttl == 0
-        ):
+        tc = config.token_cache
+        if config.enabled and tc.enabled and tc.max_size == 0:
+            bound = f"only its ttl ({tc.ttl:g}s) bounds it" if tc.ttl > 0 else "it grows without bound"
             log.warning(
-                "[kvcache] token_cache has neither max_size nor ttl: it grows without bound "
-                "(set token_cache.max_size, e.g. 8192, and a ttl)"
+                "[kvcache] token_cache.max_size is 0: the token cache has no size bound, %s "
+                "(set token_cache.max_size, e.g. 8192)",
+                bound,
             )
         extra = unknown_keys(config)
         if extra:
