@@ -168,7 +168,8 @@ async def test_chat_request_tokenized_with_messages(h: Harness) -> None:
     msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}]
     await flt.decode(make_ctx({"messages": msgs, "stream": True}))
     await wait_for(lambda: len(flt.token_cache) == 1)
-    assert h.vllm.requests == [{"model": "demo", "messages": msgs, "add_generation_prompt": True}]
+    # no model from the client → none sent to /tokenize (default_model only names the cache key; issue 10 item 6)
+    assert h.vllm.requests == [{"messages": msgs, "add_generation_prompt": True}]
     ctx = make_ctx({"messages": msgs, "stream": False})
     await flt.decode(ctx)
     assert ctx.params[PREFERRED_ENDPOINT_PARAM] == "engine-b"
