@@ -148,17 +148,44 @@ async def test_execute_order_and_stop_on_first_error() -> None:
     assert [c[0] for c in client.calls] == ["compress"] and results == [("compress", "error")]
 
 
-async def test_unsupported_reported_once_and_not_called_again() -> None:
+async def test_unsupported_reported_once_then_reprobed_after_backoff() -> None:
+    """Issue 10 item 13: a 404 used to disable the action until restart; now it is re-probed after a back-off."""
     cfg = cs(**CFG)
     d = make_decision(cfg, LoadSnapshot(1, 1), True)
     client = FakeClient({"evict": NotSupportedError("evict", 404, "Not Found")})
-    reported: list[str] = []
-    ex = StrategyExecutor(cfg, client, _direct, on_unsupported=lambda a, e: reported.append(a))  # type: ignore[arg-type]
+    reported: list[tuple[str, int, float]] = []
+    back: list[str] = []
+    now = [0.0]
+    ex = StrategyExecutor(
+        cfg,
+        client,  # type: ignore[arg-type]
+        _direct,
+        on_unsupported=lambda a, e, n, b: reported.append((a, n, b)),
+        on_supported=back.append,
+        clock=lambda: now[0],
+    )
     for _ in range(3):
         out = await ex.execute(d, [1], None)
         assert out[-1] == ("evict", "unsupported")
-    assert reported == ["evict"]
-    assert [c[0] for c in client.calls].count("evict") == 1
+    assert reported == [("evict", 1, 30.0)] and ex.unsupported == {"evict"}
+    assert [c[0] for c in client.calls].count("evict") == 1  # skipped inside the back-off
+    now[0] = 30.0
+    await ex.execute(d, [1], None)  # re-probe: still 404 → back-off doubles
+    assert reported[-1] == ("evict", 2, 60.0)
+    assert [c[0] for c in client.calls].count("evict") == 2
+    now[0] = 60.0
+    await ex.execute(d, [1], None)
+    assert [c[0] for c in client.calls].count("evict") == 2  # 30 + 60 > 60: still waiting
+    for strikes in range(3, 12):  # the back-off is capped
+        now[0] = ex._disabled["evict"].retry_at
+        await ex.execute(d, [1], None)
+        assert reported[-1][1] == strikes
+    assert reported[-1][2] == 1800.0
+    client.fail.pop("evict")  # the route is back (e.g. the rollout finished)
+    now[0] = ex._disabled["evict"].retry_at
+    out = await ex.execute(d, [1], None)
+    assert out[-1] == ("evict", "ok") and back == ["evict"] and ex.unsupported == set()
+    assert (await ex.execute(d, [1], None))[-1] == ("evict", "ok")
 
 
 def test_signals() -> None:

@@ -7,6 +7,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from kvgate.filters.kvcache.config import KVCacheConfig
+from kvgate.filters.kvcache.filter import KVCacheFilter
 from kvgate.filters.kvcache.signals import StaticSignals
 from kvgate.filters.kvcache.tokens import TokenCache
 from kvgate.redact import redact_url, redact_userinfo
@@ -131,3 +133,48 @@ async def test_no_size_bound_warns_even_with_a_ttl(hh: Harness, caplog: pytest.L
     caplog.clear()
     await hh.make(token_cache={"enabled": True, "max_size": 100, "ttl": "10m"})
     assert not any("no size bound" in r.getMessage() for r in caplog.records)
+
+
+# ---------------------------------------------------------------- 13: a 404 from /pin is re-probed after a back-off
+
+
+async def test_pin_404_is_reprobed_after_backoff_against_a_real_controller(
+    hh: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    now = [1000.0]
+    cfg = {
+        "enabled": True,
+        "vllm_endpoint": hh.vllm.url,
+        "lmcache_endpoint": hh.ctrl.url,
+        "token_cache": {"enabled": True, "max_size": 64},
+        "lookup_routing_timeout": "1s",
+        "cache_strategy": {"enable_pinning": True, "hot_content_threshold": 1, "pin_instance_id": "engine-a"},
+    }
+    flt = KVCacheFilter(KVCacheConfig.model_validate(cfg), hh.runtime, signals=StaticSignals(), clock=lambda: now[0])
+    hh.filters.append(flt)
+    await flt.start()
+    caplog.set_level(logging.DEBUG, logger="kvgate.filters.kvcache")
+    hh.ctrl.action_status = 404  # e.g. a proxy in front of the controller during a rollout
+
+    async def one(i: int) -> None:
+        done = hh.metric("kvgate_kvcache_background_jobs_total", {"result": "done"})
+        await flt.decode(make_ctx({"model": "m", "prompt": f"hot prompt {i}"}))
+        await wait_for(lambda: hh.metric("kvgate_kvcache_background_jobs_total", {"result": "done"}) == done + 1)
+
+    await one(0)
+    await one(1)
+    assert hh.ctrl.paths().count("/pin") == 1 and hh.metric("kvgate_kvcache_action_supported", {"action": "pin"}) == 0
+    now[0] += 31
+    await one(2)  # re-probed: still 404
+    assert hh.ctrl.paths().count("/pin") == 2
+    assert hh.metric("kvgate_kvcache_action_unsupported_total", {"action": "pin"}) == 2
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "/pin" in r.getMessage()]
+    assert len(warnings) == 1  # logged once, counted every time
+    hh.ctrl.action_status = 200  # the rollout finished
+    now[0] += 61
+    await one(3)
+    assert hh.ctrl.paths().count("/pin") == 3
+    assert hh.metric("kvgate_kvcache_actions_total", {"action": "pin", "result": "ok"}) == 1
+    assert hh.metric("kvgate_kvcache_action_supported", {"action": "pin"}) == 1
+    await one(4)
+    assert hh.ctrl.paths().count("/pin") == 4

@@ -46,7 +46,7 @@ from kvgate.filters.kvcache.lmcache_client import LMCacheClient, LookupResult, T
 from kvgate.filters.kvcache.metrics import KVCacheMetrics
 from kvgate.filters.kvcache.resilience import CircuitBreaker, RetryPolicy, Sleep, retry_call
 from kvgate.filters.kvcache.signals import LoadSignals, ProcessSignals
-from kvgate.filters.kvcache.strategy import StrategyExecutor, make_decision
+from kvgate.filters.kvcache.strategy import UNSUPPORTED_BACKOFF_MAX, StrategyExecutor, make_decision
 from kvgate.filters.kvcache.tokens import TokenCache
 from kvgate.routing.prefix import ColdPlacement, choose_prefix_endpoint
 from kvgate.runtime import Runtime
@@ -129,6 +129,8 @@ class KVCacheFilter(HttpFilter):
             self._manage_call,
             on_result=lambda action, result: self.metrics.actions.labels(action, result).inc(),
             on_unsupported=self._action_unsupported,
+            on_supported=self._action_supported,
+            clock=clock,
         )
         cs = config.cache_strategy
         self._strategy_active = bool(
@@ -486,18 +488,34 @@ class KVCacheFilter(HttpFilter):
         if self._bad_count == 1 or self._bad_count % 100 == 0:  # logged, but not once per request
             log.warning("[kvcache] %s answered with a malformed body: refused (%d so far)", call, self._bad_count)
 
-    def _action_unsupported(self, action: str, exc: NotSupportedError) -> None:
+    def _action_unsupported(self, action: str, exc: NotSupportedError, strikes: int, backoff: float) -> None:
         self.metrics.action_supported.labels(action).set(0)
+        self.metrics.action_unsupported.labels(action).inc()
+        if strikes > 1:  # logged once per outage; re-probes are counted
+            log.debug(
+                "[kvcache] /%s still answers %d (re-probe %d); next re-probe in %.0fs",
+                action,
+                exc.status,
+                strikes - 1,
+                backoff,
+            )
+            return
         hint = " (LMCache 0.5.6 has no /evict route; /clear is the closest)" if action == "evict" else ""
         log.warning(
             "[kvcache] controller %s answered %d for /%s: route not supported%s; "
-            "'%s' actions are disabled until restart",
+            "'%s' actions are skipped and re-probed after a back-off (%.0fs, doubling up to %.0fs)",
             self.lmcache.log_url,
             exc.status,
             action,
             hint,
             action,
+            backoff,
+            UNSUPPORTED_BACKOFF_MAX,
         )
+
+    def _action_supported(self, action: str) -> None:
+        self.metrics.action_supported.labels(action).set(1)
+        log.warning("[kvcache] controller answers /%s again: '%s' actions re-enabled", action, action)
 
     def snapshot(self) -> dict[str, Any]:
         """Debug view (no prompt text)."""

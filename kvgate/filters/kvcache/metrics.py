@@ -77,6 +77,12 @@ class KVCacheMetrics:
             ["action"],
             registry=r,
         )
+        self.action_unsupported = Counter(
+            p + "action_unsupported",
+            "404/405 answers from an action's route (the first disables it; each re-probe that fails counts too)",
+            ["action"],
+            registry=r,
+        )
         self.breaker_state = Gauge(
             p + "breaker_state", "Circuit breaker state (0 closed, 1 open, 2 half-open)", ["breaker"], registry=r
         )
