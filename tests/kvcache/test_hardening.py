@@ -7,8 +7,9 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from kvgate.filters.kvcache.config import KVCacheConfig
+from kvgate.filters.kvcache.config import DEFAULT_HOT_MAX_KEYS, KVCacheConfig
 from kvgate.filters.kvcache.filter import KVCacheFilter
+from kvgate.filters.kvcache.hotstats import KEY_BYTES, STAMP_BYTES, HotStats
 from kvgate.filters.kvcache.signals import StaticSignals
 from kvgate.filters.kvcache.tokens import TokenCache
 from kvgate.redact import redact_url, redact_userinfo
@@ -178,3 +179,46 @@ async def test_pin_404_is_reprobed_after_backoff_against_a_real_controller(
     assert hh.metric("kvgate_kvcache_action_supported", {"action": "pin"}) == 1
     await one(4)
     assert hh.ctrl.paths().count("/pin") == 4
+
+
+# ---------------------------------------------------------------- 6b: hot map bounded, only with pinning, measured
+
+
+async def test_hot_map_not_kept_without_pinning(hh: Harness) -> None:
+    flt = await hh.make()  # routing only: no pin configured
+    for i in range(300):
+        await flt.decode(make_ctx({"model": "m", "prompt": f"distinct prompt {i}"}))
+    assert len(flt.hot) == 0 and flt.hot.approx_bytes == 0
+    assert hh.metric("kvgate_kvcache_hot_keys") == 0
+
+
+async def test_hot_map_has_a_default_key_cap_a_byte_budget_and_size_gauges(hh: Harness) -> None:
+    pin = {"enable_pinning": True, "hot_content_threshold": 2, "pin_instance_id": "engine-a"}
+    flt = await hh.make(cache_strategy=pin)
+    assert flt.hot.max_keys == DEFAULT_HOT_MAX_KEYS  # hot_max_keys 0 no longer means unbounded
+    assert flt.hot.max_bytes == 16 * 1024 * 1024
+    flt = await hh.make(cache_strategy=pin, hot_max_bytes=50 * KEY_BYTES)
+    for i in range(300):
+        await flt.decode(make_ctx({"model": "m", "prompt": f"distinct prompt {i}"}))
+    assert 0 < len(flt.hot) <= 50 and flt.hot.approx_bytes <= 50 * KEY_BYTES
+    assert hh.metric("kvgate_kvcache_hot_keys") == len(flt.hot)
+    assert hh.metric("kvgate_kvcache_hot_bytes") == flt.hot.approx_bytes > 0
+
+
+def test_hot_map_byte_estimate_follows_trims_and_evictions() -> None:
+    now = [0.0]
+    h = HotStats(
+        window=10.0, max_records=3, max_keys=0, clock=lambda: now[0], max_bytes=5 * KEY_BYTES + 40 * STAMP_BYTES
+    )
+    for i in range(20):
+        for _ in range(i % 5 + 1):  # up to 5 records per key, at most 3 kept
+            h.record(f"k{i}")
+        now[0] += 1.0
+
+    def recount() -> int:
+        return len(h._data) * KEY_BYTES + sum(len(d) for d in h._data.values()) * STAMP_BYTES
+
+    assert h.approx_bytes == recount() and h.approx_bytes <= h.max_bytes
+    now[0] += 100
+    h.sweep()
+    assert len(h) == 0 and h.approx_bytes == 0

@@ -3,7 +3,7 @@
 Decode path (synchronous, always ``CONTINUE``, errors never reach the client):
 
 1. extract model / prompt (Pixiu rules, :mod:`.extract`); no prompt → done;
-2. record the request key in the hot map;
+2. record the request key in the hot map (only when pinning is configured: hotness feeds nothing else);
 3. routing lookup — only with ``token_cache.enabled`` and only if the tokens are already cached
    (Pixiu's rule, kept by default: the *first* request for a prompt is never routed; its background
    job tokenizes it so the next identical request can be). With ``tokenize_on_miss: true`` a miss
@@ -106,7 +106,9 @@ class KVCacheFilter(HttpFilter):
         self.lmcache = LMCacheClient(factory, config.lmcache_endpoint, config.request_timeout, bad)
         self.tokenizer = TokenizerClient(factory, config.vllm_endpoint, config.request_timeout, bad)
         self.token_cache = TokenCache(max(0, config.token_cache.max_size), config.token_cache.ttl, clock)
-        self.hot = HotStats(config.hot_window, config.hot_max_records, config.hot_max_keys, clock)
+        self.hot = HotStats(
+            config.hot_window, config.hot_max_records, config.hot_key_cap(), clock, max_bytes=config.hot_max_bytes
+        )
         r = config.retry
         self.retry = RetryPolicy(r.max_attempts, r.base_backoff, r.max_backoff, r.jitter)
         cb = config.circuit_breaker
@@ -224,7 +226,10 @@ class KVCacheFilter(HttpFilter):
         if req is None:
             return
         key = req.key
-        self.hot.record(key)
+        if self.cfg.pin_active:  # hotness only feeds the pin decision: no map without pinning
+            self.hot.record(key)
+            self.metrics.hot_keys.set(len(self.hot))
+            self.metrics.hot_bytes.set(self.hot.approx_bytes)
         lookup = await self._route(ctx, req, key)
         if self.cold is not None and PREFERRED_ENDPOINT_PARAM not in ctx.params:
             self._place_cold(ctx)

@@ -86,6 +86,8 @@ class KVCacheMetrics:
         self.breaker_state = Gauge(
             p + "breaker_state", "Circuit breaker state (0 closed, 1 open, 2 half-open)", ["breaker"], registry=r
         )
+        self.hot_keys = Gauge(p + "hot_keys", "Keys in the hot map (kept only when pinning is on)", registry=r)
+        self.hot_bytes = Gauge(p + "hot_bytes", "Estimated bytes held by the hot map", registry=r)
         self.background_queue_depth = Gauge(p + "background_queue_depth", "Background jobs waiting", registry=r)
         self.background_running = Gauge(p + "background_running", "Background jobs executing", registry=r)
         self.background_jobs = Counter(
