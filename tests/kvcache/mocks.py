@@ -75,6 +75,9 @@ class MockController(_Served):
     action_status: int = 200
     evict_route: bool = True
     lookup_raw: bytes | None = None  # answer /lookup with these exact bytes (status 200)
+    lookup_delay: float = 0.0  # seconds each /lookup takes
+    in_flight: int = 0
+    max_in_flight: int = 0  # most /lookup requests served at once
     calls: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     release: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -84,6 +87,16 @@ class MockController(_Served):
     async def _lookup(self, request: Request, send: Send) -> None:
         body = await request.json()
         self.calls.append(("/lookup", body))
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            await self._lookup_answer(body, send)
+        finally:
+            self.in_flight -= 1
+
+    async def _lookup_answer(self, body: dict[str, Any], send: Send) -> None:
+        if self.lookup_delay:
+            await asyncio.sleep(self.lookup_delay)
         if self.hang:
             await self.release.wait()
         if self.lookup_status != 200:

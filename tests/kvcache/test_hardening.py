@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 
 import pytest
 
+from kvgate.chain import PREFERRED_ENDPOINT_PARAM, RequestContext
 from kvgate.filters.kvcache.config import DEFAULT_HOT_MAX_KEYS, KVCacheConfig
+from kvgate.filters.kvcache.extract import prompt_key
 from kvgate.filters.kvcache.filter import KVCacheFilter
 from kvgate.filters.kvcache.hotstats import KEY_BYTES, STAMP_BYTES, HotStats
+from kvgate.filters.kvcache.lmcache_client import LMCacheClient, TokenizerClient
+from kvgate.filters.kvcache.pool import IdleCappedConnector, PoolLimits, make_session
+from kvgate.filters.kvcache.resilience import BreakerState
 from kvgate.filters.kvcache.signals import StaticSignals
 from kvgate.filters.kvcache.tokens import TokenCache
 from kvgate.redact import redact_url, redact_userinfo
-from tests.kvcache.mocks import MockController, dead_url
+from tests.kvcache.mocks import MockController, dead_url, word_tokens
 from tests.kvcache.test_filter_integration import Harness, make_ctx, wait_for
 
 
@@ -222,3 +228,55 @@ def test_hot_map_byte_estimate_follows_trims_and_evictions() -> None:
     now[0] += 100
     h.sweep()
     assert len(h) == 0 and h.approx_bytes == 0
+
+
+# ---------------------------------------------------------------- 4: Pixiu's pool keys; a pool wait is no failure
+
+
+async def _concurrent_routing(hh: Harness, flt: KVCacheFilter, n: int) -> list[RequestContext]:
+    body = {"model": "m", "prompt": "a prompt whose tokens are cached"}
+    key = prompt_key("m", body["prompt"])
+    flt.token_cache.put(key, word_tokens(body["prompt"]))
+    ctxs = [make_ctx(body) for _ in range(n)]
+    await asyncio.gather(*(flt.decode(c) for c in ctxs))
+    return ctxs
+
+
+async def test_many_concurrent_lookups_to_a_slow_controller_do_not_open_the_breaker(hh: Harness) -> None:
+    """72 concurrent routing lookups, 500 ms controller: the old hidden 64-per-host cap made 8 of them wait for a
+    connection, time out and open the lookup breaker for everyone. Default now: no per-host cap (Go's default)."""
+    hh.ctrl.lookup_delay = 0.5
+    flt = await hh.make(lookup_routing_timeout="900ms")
+    ctxs = await _concurrent_routing(hh, flt, 72)
+    assert flt.breakers["lookup"].state == BreakerState.CLOSED and flt.breakers["lookup"].failure_count == 0
+    assert hh.ctrl.max_in_flight == 72
+    assert sum(PREFERRED_ENDPOINT_PARAM in c.params for c in ctxs) == 72
+
+
+async def test_max_conns_per_host_is_honoured_and_a_pool_wait_is_not_a_controller_failure(hh: Harness) -> None:
+    hh.ctrl.hang = True  # the 4 calls holding the connections never get an answer
+    flt = await hh.make(max_conns_per_host=4, lookup_routing_timeout="300ms")
+    await _concurrent_routing(hh, flt, 20)
+    assert hh.ctrl.max_in_flight == 4  # the key is honoured
+    assert hh.metric("kvgate_kvcache_routing_lookups_total", {"outcome": "pool_wait"}) == 16
+    assert hh.metric("kvgate_kvcache_routing_lookups_total", {"outcome": "timeout"}) == 4
+    lookup = flt.breakers["lookup"]
+    assert lookup.failure_count == 4 and lookup.state == BreakerState.CLOSED  # only calls that reached it count
+
+
+async def test_max_idle_conns_caps_idle_keepalive_connections(hh: Harness) -> None:
+    hh.ctrl.lookup_delay = 0.05
+    # (limits, idle connections left): 10 controller + 4 tokenizer connections were opened each time
+    cases = ((PoolLimits(max_idle_conns_per_host=2), 4), (PoolLimits(max_idle_conns=3), 3), (PoolLimits(), 14))
+    for limits, expected in cases:
+        session = make_session(limits)
+        try:
+            client = LMCacheClient(lambda s=session: s, hh.ctrl.url, 2.0)
+            await asyncio.gather(*(client.lookup([1, 2, 3]) for _ in range(10)))
+            tok = TokenizerClient(lambda s=session: s, hh.vllm.url, 2.0)
+            await asyncio.gather(*(tok.tokenize({"prompt": "a b"}) for _ in range(4)))
+            connector = session.connector
+            assert isinstance(connector, IdleCappedConnector)
+            assert connector.idle_count() == expected
+        finally:
+            await session.close()

@@ -99,7 +99,7 @@ class KVCacheConfig(_Section):
     hot_window: Duration = 0.0
     hot_max_records: int = 0
     hot_max_keys: int = 0
-    # Accepted for compatibility; kvgate uses the runtime's shared aiohttp pool instead.
+    # The filter's own connection pool (kvgate/filters/kvcache/pool.py); 0 = no limit / no cap.
     max_idle_conns: int = 0
     max_idle_conns_per_host: int = 0
     max_conns_per_host: int = 0
@@ -200,6 +200,9 @@ class KVCacheConfig(_Section):
             raise ConfigError("max_background_tasks", "[kvcache] max_background_tasks must be >= 1")
         if self.background_queue_size < 1:
             raise ConfigError("background_queue_size", "[kvcache] background_queue_size must be >= 1")
+        for key in ("max_conns_per_host", "max_idle_conns", "max_idle_conns_per_host"):
+            if getattr(self, key) < 0:
+                raise ConfigError(key, f"[kvcache] {key} must be >= 0")
         if self.min_match_tokens < 0:
             raise ConfigError("min_match_tokens", "[kvcache] min_match_tokens must be >= 0")
         if not 0 <= self.min_match_ratio <= 1:

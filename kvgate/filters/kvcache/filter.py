@@ -39,11 +39,12 @@ import aiohttp
 from kvgate.chain import PREFERRED_ENDPOINT_PARAM, FilterStatus, HttpFilter, RequestContext
 from kvgate.config import unknown_keys
 from kvgate.filters.kvcache.config import KVCacheConfig
-from kvgate.filters.kvcache.errors import CircuitOpenError, DecodeError, KVCacheError, NotSupportedError
+from kvgate.filters.kvcache.errors import CircuitOpenError, DecodeError, KVCacheError, NotSupportedError, PoolTimeout
 from kvgate.filters.kvcache.extract import Extracted, ExtractError, extract
 from kvgate.filters.kvcache.hotstats import HotStats
 from kvgate.filters.kvcache.lmcache_client import LMCacheClient, LookupResult, TokenizerClient
 from kvgate.filters.kvcache.metrics import KVCacheMetrics
+from kvgate.filters.kvcache.pool import HostSlots, PoolLimits, make_session
 from kvgate.filters.kvcache.resilience import CircuitBreaker, RetryPolicy, Sleep, retry_call
 from kvgate.filters.kvcache.signals import LoadSignals, ProcessSignals
 from kvgate.filters.kvcache.strategy import UNSUPPORTED_BACKOFF_MAX, StrategyExecutor, make_decision
@@ -101,10 +102,14 @@ class KVCacheFilter(HttpFilter):
         self.metrics = KVCacheMetrics.for_registry(runtime.metrics.registry)
         self.signals: LoadSignals = signals or ProcessSignals()
         self._sleep = sleep
-        factory = session_factory or runtime.aux_session
+        # One pool for the controller and tokenizer calls, built from Pixiu's keys (see .pool).
+        self.pool_limits = PoolLimits(config.max_conns_per_host, config.max_idle_conns, config.max_idle_conns_per_host)
+        self.slots = HostSlots(config.max_conns_per_host)
+        self._own_session: aiohttp.ClientSession | None = None
+        factory = session_factory or self._session
         bad = self._bad_response
-        self.lmcache = LMCacheClient(factory, config.lmcache_endpoint, config.request_timeout, bad)
-        self.tokenizer = TokenizerClient(factory, config.vllm_endpoint, config.request_timeout, bad)
+        self.lmcache = LMCacheClient(factory, config.lmcache_endpoint, config.request_timeout, bad, self.slots)
+        self.tokenizer = TokenizerClient(factory, config.vllm_endpoint, config.request_timeout, bad, self.slots)
         self.token_cache = TokenCache(max(0, config.token_cache.max_size), config.token_cache.ttl, clock)
         self.hot = HotStats(
             config.hot_window, config.hot_max_records, config.hot_key_cap(), clock, max_bytes=config.hot_max_bytes
@@ -148,6 +153,7 @@ class KVCacheFilter(HttpFilter):
         self._running = 0
         self._dropped = 0
         self._bad_count = 0
+        self._pool_waits = 0
         tc = config.token_cache
         if config.enabled and tc.enabled and tc.max_size == 0:
             bound = f"only its ttl ({tc.ttl:g}s) bounds it" if tc.ttl > 0 else "it grows without bound"
@@ -174,8 +180,14 @@ class KVCacheFilter(HttpFilter):
             for i in range(self.cfg.max_background_tasks)
         ]
 
+    def _session(self) -> aiohttp.ClientSession:
+        """The filter's own client session (created on first use, inside the event loop)."""
+        if self._own_session is None or self._own_session.closed:
+            self._own_session = make_session(self.pool_limits)
+        return self._own_session
+
     async def close(self) -> None:
-        """Cancel the workers and drop queued jobs; shared resources (the aiohttp session) stay open."""
+        """Cancel the workers, drop queued jobs and close the filter's own client session."""
         self._closed = True
         for t in self._workers:
             t.cancel()
@@ -188,6 +200,8 @@ class KVCacheFilter(HttpFilter):
                 self._queue.get_nowait()
         self._pending.clear()
         self.metrics.background_queue_depth.set(0)
+        if self._own_session is not None and not self._own_session.closed:
+            await self._own_session.close()
 
     @property
     def queue_depth(self) -> int:
@@ -270,6 +284,9 @@ class KVCacheFilter(HttpFilter):
                 )
         except CircuitOpenError:
             outcome = "breaker_open"
+        except PoolTimeout:
+            outcome = "pool_wait"  # max_conns_per_host saturated: not a controller failure
+            self._pool_wait_logged()
         except TimeoutError:
             outcome = "timeout"
             log.debug("[kvcache] routing lookup failed: timed out after %.0fms", (time.perf_counter() - t0) * 1e3)
@@ -486,6 +503,15 @@ class KVCacheFilter(HttpFilter):
         log.warning(
             "[kvcache] %s circuit breaker -> %s (failures=%d)", breaker.name, breaker.state.name, breaker.failure_count
         )
+
+    def _pool_wait_logged(self) -> None:
+        self._pool_waits += 1
+        if self._pool_waits == 1 or self._pool_waits % 100 == 0:  # logged, but not once per request
+            log.warning(
+                "[kvcache] routing lookup gave up waiting for a connection (max_conns_per_host=%d; %d so far)",
+                self.cfg.max_conns_per_host,
+                self._pool_waits,
+            )
 
     def _bad_response(self, call: str) -> None:
         self.metrics.bad_responses.labels(call).inc()

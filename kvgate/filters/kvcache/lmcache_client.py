@@ -14,10 +14,12 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import aiohttp
 
 from kvgate.filters.kvcache.errors import CallTimeout, DecodeError, NotSupportedError, StatusError, TransportError
+from kvgate.filters.kvcache.pool import HostSlots
 from kvgate.redact import redact_url, redact_userinfo
 
 SessionFactory = Callable[[], aiohttp.ClientSession]
@@ -87,6 +89,16 @@ def _parse_action(data: Any) -> ActionResult:
     return ActionResult(event_id=str(data.get("event_id", "")), num_tokens=int(n) if finite else 0)
 
 
+def host_key(url: str) -> str:
+    """``host:port`` of ``url`` (the unit of ``max_conns_per_host``); no userinfo."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        return f"{parts.hostname or ''}:{port}"
+    except ValueError:
+        return url
+
+
 def _reject_constant(name: str) -> Any:
     """``json.loads`` hook: ``NaN`` / ``Infinity`` / ``-Infinity`` are not JSON (RFC 8259) and are refused."""
     raise ValueError(f"non-finite number {name} is not valid JSON")
@@ -104,11 +116,14 @@ class _JsonPoster:
         base_url: str,
         default_timeout: float,
         on_bad_response: Callable[[str], None] | None = None,
+        slots: HostSlots | None = None,
     ):
         self._session_factory = session_factory
+        self._slots = slots or HostSlots(0)
         self._on_bad_response = on_bad_response
         self.base_url = base_url.strip().rstrip("/")
         self.log_url = redact_url(self.base_url)  # the only form of the URL that may appear in a log line
+        self.host = host_key(self.base_url)
         self.default_timeout = default_timeout
 
     async def _post(
@@ -116,24 +131,28 @@ class _JsonPoster:
     ) -> R:
         """One POST; the answer is decoded with ``parse``. Any malformed answer is a :class:`DecodeError`."""
         loop = asyncio.get_running_loop()
-        timeout = self.default_timeout if deadline is None else deadline - loop.time()
-        if timeout <= 0:
+        if deadline is None:
+            deadline = loop.time() + self.default_timeout
+        if deadline - loop.time() <= 0:
             raise CallTimeout(f"[kvcache] {what}: deadline exceeded")
-        url = self.base_url + path
-        try:
-            async with self._session_factory().post(
-                url,
-                data=json.dumps(payload, separators=(",", ":")),
-                headers={"Content-Type": "application/json"},
-                timeout=aiohttp.ClientTimeout(total=timeout),
-            ) as resp:
-                body = await resp.read()
-                status = resp.status
-        except TimeoutError as exc:
-            raise CallTimeout(f"[kvcache] call {what}: timed out after {timeout:.3f}s") from exc
-        except (aiohttp.ClientError, OSError) as exc:
-            detail = redact_userinfo(str(exc)).replace(self.base_url, self.log_url)
-            raise TransportError(f"[kvcache] call {what}: {type(exc).__name__}: {detail}") from exc
+        async with self._slots.slot(self.host, deadline):  # PoolTimeout: waited for a slot, nothing sent
+            timeout = deadline - loop.time()  # what the pool wait left of the deadline
+            if timeout <= 0:
+                raise CallTimeout(f"[kvcache] {what}: deadline exceeded")
+            try:
+                async with self._session_factory().post(
+                    self.base_url + path,
+                    data=json.dumps(payload, separators=(",", ":")),
+                    headers={"Content-Type": "application/json"},
+                    timeout=aiohttp.ClientTimeout(total=timeout),
+                ) as resp:
+                    body = await resp.read()
+                    status = resp.status
+            except TimeoutError as exc:
+                raise CallTimeout(f"[kvcache] call {what}: timed out after {timeout:.3f}s") from exc
+            except (aiohttp.ClientError, OSError) as exc:
+                detail = redact_userinfo(str(exc)).replace(self.base_url, self.log_url)
+                raise TransportError(f"[kvcache] call {what}: {type(exc).__name__}: {detail}") from exc
         text = body.decode("utf-8", "replace")
         if status in (404, 405):
             raise NotSupportedError(what, status, text)

@@ -18,6 +18,7 @@ LOOKUP_OUTCOMES = (
     "no_match",
     "error",
     "bad_response",
+    "pool_wait",
     "breaker_open",
     "timeout",
     "disabled",

@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from kvgate.filters.kvcache.errors import CallTimeout, CircuitOpenError, UpstreamCallError
+from kvgate.filters.kvcache.errors import CallTimeout, CircuitOpenError, PoolTimeout, UpstreamCallError
 
 T = TypeVar("T")
 
@@ -96,13 +96,20 @@ class CircuitBreaker:
         if self.failure_count >= self.failure_threshold:
             self._set(BreakerState.OPEN)
 
+    def _give_back_trial(self) -> None:
+        """Not an upstream verdict (shutdown, client gone, pool wait): give the trial slot back, or a half-open
+        breaker whose trials all ended that way would never close again."""
+        if self.state == BreakerState.HALF_OPEN and self.half_open_calls > 0:
+            self.half_open_calls -= 1
+
     async def call(self, fn: Callable[[], Awaitable[T]], *, deadline: float | None = None) -> T:
         """Run ``fn`` through the breaker.
 
         Counted as failure: retryable :class:`UpstreamCallError` (transport, timeout, 5xx, 408/429,
         bad JSON), or a cancellation at/after ``deadline`` (loop time: the caller's cap fired, i.e. the
         upstream was too slow). A non-retryable 4xx proves the upstream is alive: counted as success.
-        Other cancellations (shutdown) are not counted.
+        Other cancellations (shutdown) are not counted, nor is :class:`PoolTimeout` (the call waited for a
+        local connection slot and never reached the upstream).
         """
         if not self.allow():
             raise CircuitOpenError(self.name)
@@ -111,10 +118,11 @@ class CircuitBreaker:
         except asyncio.CancelledError:
             if deadline is not None and asyncio.get_running_loop().time() >= deadline - 0.002:
                 self.record_failure()
-            elif self.state == BreakerState.HALF_OPEN and self.half_open_calls > 0:
-                # Not an upstream verdict (shutdown, client gone): give the trial slot back, or a
-                # half-open breaker whose trials were all cancelled would never close again.
-                self.half_open_calls -= 1
+            else:
+                self._give_back_trial()
+            raise
+        except PoolTimeout:
+            self._give_back_trial()
             raise
         except UpstreamCallError as exc:
             if exc.retryable:
