@@ -5,21 +5,25 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
 from kvgate.chain import PREFERRED_ENDPOINT_PARAM, RequestContext
+from kvgate.config import parse_config
 from kvgate.filters.kvcache.config import DEFAULT_HOT_MAX_KEYS, KVCacheConfig
 from kvgate.filters.kvcache.extract import prompt_key
 from kvgate.filters.kvcache.filter import KVCacheFilter
 from kvgate.filters.kvcache.hotstats import KEY_BYTES, STAMP_BYTES, HotStats
 from kvgate.filters.kvcache.lmcache_client import LMCacheClient, TokenizerClient
 from kvgate.filters.kvcache.pool import IdleCappedConnector, PoolLimits, make_session
+from kvgate.filters.kvcache.ratelog import LogLimiter
 from kvgate.filters.kvcache.resilience import BreakerState
 from kvgate.filters.kvcache.signals import StaticSignals
 from kvgate.filters.kvcache.tokens import TokenCache
 from kvgate.redact import redact_url, redact_userinfo
-from tests.kvcache.mocks import MockController, dead_url, word_tokens
+from kvgate.runtime import Runtime
+from tests.kvcache.mocks import MockController, MockVLLM, dead_url, word_tokens
 from tests.kvcache.test_filter_integration import Harness, make_ctx, wait_for
 
 
@@ -280,3 +284,94 @@ async def test_max_idle_conns_caps_idle_keepalive_connections(hh: Harness) -> No
             assert connector.idle_count() == expected
         finally:
             await session.close()
+
+
+# ---------------------------------------------------------------- 6c: tokenizer fallback, rate-limited warnings
+
+
+def _cluster_config(ports: list[int]) -> Any:
+    return parse_config(
+        {
+            "listeners": [
+                {
+                    "name": "l",
+                    "address": {"socket_address": {"address": "127.0.0.1", "port": 18888}},
+                    "filter_chains": {
+                        "filters": [
+                            {
+                                "name": "dgp.filter.httpconnectionmanager",
+                                "config": {
+                                    "route_config": {
+                                        "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "llm"}}]
+                                    },
+                                    "http_filters": [],
+                                },
+                            }
+                        ]
+                    },
+                }
+            ],
+            "clusters": [
+                {
+                    "name": "llm",
+                    "endpoints": [
+                        {"id": f"engine-{'ab'[i]}", "socket_address": {"address": "127.0.0.1", "port": port}}
+                        for i, port in enumerate(ports)
+                    ],
+                }
+            ],
+        }
+    )
+
+
+async def test_tokenizer_falls_back_to_another_engine_of_the_cluster(
+    hh: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The configured vllm_endpoint (engine-a) is dead; engine-b of the same cluster tokenizes instead."""
+    dead = dead_url()
+    live = await MockVLLM().start()
+    try:
+        await hh.runtime.close()
+        hh.runtime = Runtime(_cluster_config([int(dead.rsplit(":", 1)[1]), int(live.url.rsplit(":", 1)[1])]))
+        hh.ctrl.layout = {"engine-b": ("LocalCPUBackend", 256)}
+        caplog.set_level(logging.WARNING, logger="kvgate.filters.kvcache")
+        flt = await hh.make(vllm_endpoint=dead)
+        body = {"model": "m", "prompt": "the quick brown fox jumps"}
+        for i in range(5):
+            await flt.decode(make_ctx({"model": "m", "prompt": f"warm up prompt {i}"}))
+        await flt.decode(make_ctx(body))
+        await wait_for(lambda: hh.metric("kvgate_kvcache_tokenize_calls_total", {"result": "ok"}) == 6)
+        assert hh.metric("kvgate_kvcache_tokenize_calls_total", {"result": "error"}) == 0
+        assert hh.metric("kvgate_kvcache_tokenize_fallbacks_total") == 6
+        assert len(live.requests) == 6
+        ctx = make_ctx(body)
+        await flt.decode(ctx)
+        assert ctx.params[PREFERRED_ENDPOINT_PARAM] == "engine-b"  # KV routing keeps working
+        assert sum("tokenized by" in r.getMessage() for r in caplog.records) == 1  # rate-limited
+        assert hh.metric("kvgate_kvcache_log_suppressed_total", {"event": "tokenize_fallback"}) == 5
+    finally:
+        await live.stop()
+
+
+async def test_tokenizer_failure_warning_is_rate_limited_and_counted(
+    hh: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    flt = await hh.make(vllm_endpoint=dead_url())  # the Harness cluster's endpoints are dead too
+    caplog.set_level(logging.WARNING, logger="kvgate.filters.kvcache")
+    for i in range(40):
+        await flt.decode(make_ctx({"model": "m", "prompt": f"prompt number {i}"}))
+    await wait_for(lambda: hh.metric("kvgate_kvcache_background_jobs_total", {"result": "error"}) == 40)
+    assert sum("tokenize failed" in r.getMessage() for r in caplog.records) == 1
+    assert hh.metric("kvgate_kvcache_log_suppressed_total", {"event": "tokenize_failed"}) == 39
+    assert hh.metric("kvgate_kvcache_tokenize_calls_total", {"result": "error"}) == 40
+
+
+def test_log_limiter_once_per_interval() -> None:
+    now = [0.0]
+    seen: list[str] = []
+    lim = LogLimiter(30.0, clock=lambda: now[0], on_suppressed=seen.append)
+    assert lim.allow("x") == 0 and lim.allow("x") is None and lim.allow("y") == 0
+    now[0] = 29.9
+    assert lim.allow("x") is None
+    now[0] = 30.0
+    assert lim.allow("x") == 2 and seen == ["x", "x"]

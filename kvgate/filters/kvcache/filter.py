@@ -45,6 +45,8 @@ from kvgate.filters.kvcache.hotstats import HotStats
 from kvgate.filters.kvcache.lmcache_client import LMCacheClient, LookupResult, TokenizerClient
 from kvgate.filters.kvcache.metrics import KVCacheMetrics
 from kvgate.filters.kvcache.pool import HostSlots, PoolLimits, make_session
+from kvgate.filters.kvcache.ratelog import LogLimiter
+from kvgate.filters.kvcache.remote_tokenizer import RemoteTokenizer
 from kvgate.filters.kvcache.resilience import CircuitBreaker, RetryPolicy, Sleep, retry_call
 from kvgate.filters.kvcache.signals import LoadSignals, ProcessSignals
 from kvgate.filters.kvcache.strategy import UNSUPPORTED_BACKOFF_MAX, StrategyExecutor, make_decision
@@ -67,6 +69,7 @@ class _Job:
     lookup: LookupResult | None
     timeout: float
     enqueued: float
+    cluster: str = ""  # the route's cluster: its other engines can tokenize when vllm_endpoint fails
 
 
 LMCACHE_CHUNK_TOKENS = 256  # the controller's hard-coded lookup granularity
@@ -109,7 +112,13 @@ class KVCacheFilter(HttpFilter):
         factory = session_factory or self._session
         bad = self._bad_response
         self.lmcache = LMCacheClient(factory, config.lmcache_endpoint, config.request_timeout, bad, self.slots)
-        self.tokenizer = TokenizerClient(factory, config.vllm_endpoint, config.request_timeout, bad, self.slots)
+        self.logs = LogLimiter(clock=clock, on_suppressed=lambda event: self.metrics.log_suppressed.labels(event).inc())
+        self.tokenizer = RemoteTokenizer(
+            TokenizerClient(factory, config.vllm_endpoint, config.request_timeout, bad, self.slots),
+            lambda url: TokenizerClient(factory, url, config.request_timeout, bad, self.slots),
+            clock=clock,
+            on_fallback=self._tokenize_fallback,
+        )
         self.token_cache = TokenCache(max(0, config.token_cache.max_size), config.token_cache.ttl, clock)
         self.hot = HotStats(
             config.hot_window, config.hot_max_records, config.hot_key_cap(), clock, max_bytes=config.hot_max_bytes
@@ -223,7 +232,7 @@ class KVCacheFilter(HttpFilter):
             raise
         except Exception as exc:  # never reaches the client
             self.metrics.errors.inc()
-            log.warning("[kvcache] unexpected decode error: %s: %s", type(exc).__name__, exc)
+            self._warn("decode_error", "[kvcache] unexpected decode error: %s: %s", type(exc).__name__, exc)
         finally:
             self.metrics.routing_added_latency.observe(time.perf_counter() - started)
         return FilterStatus.CONTINUE
@@ -232,7 +241,8 @@ class KVCacheFilter(HttpFilter):
         try:
             req = extract(ctx.json(), self.cfg.default_model)
         except ValueError as exc:  # includes ExtractError
-            log.warning(
+            self._warn(
+                "parse_body",
                 "[kvcache] parse request body failed: %s",
                 exc if isinstance(exc, ExtractError) else f"invalid JSON ({len(ctx.body)} bytes)",
             )
@@ -247,7 +257,7 @@ class KVCacheFilter(HttpFilter):
         lookup = await self._route(ctx, req, key)
         if self.cold is not None and PREFERRED_ENDPOINT_PARAM not in ctx.params:
             self._place_cold(ctx)
-        self._enqueue(req, key, lookup, self.cfg.effective_timeout(ctx.timeout))
+        self._enqueue(req, key, lookup, self.cfg.effective_timeout(ctx.timeout), ctx.cluster_name)
 
     async def _route(self, ctx: RequestContext, req: Extracted, key: str) -> LookupResult | None:
         m = self.metrics
@@ -261,7 +271,7 @@ class KVCacheFilter(HttpFilter):
         if tokens is None:
             m.token_cache_misses.inc()
             if self.cfg.tokenize_on_miss and _may_fill_a_chunk(req):
-                tokens = await self._tokenize_within(req, key, deadline)
+                tokens = await self._tokenize_within(req, key, deadline, ctx.cluster_name)
             if tokens is None:
                 m.routing_lookups.labels("no_tokens").inc()
                 log.debug("[kvcache] routing lookup skipped: token cache miss (key=%s)", key[:12])
@@ -309,7 +319,7 @@ class KVCacheFilter(HttpFilter):
         )
         return lookup
 
-    async def _tokenize_within(self, req: Extracted, key: str, deadline: float) -> list[int] | None:
+    async def _tokenize_within(self, req: Extracted, key: str, deadline: float, cluster: str) -> list[int] | None:
         """``tokenize_on_miss``: tokenize on the request path, bounded by the routing deadline."""
         breaker = self.breakers["tokenize_routing"]
         if not breaker.would_allow():
@@ -318,7 +328,10 @@ class KVCacheFilter(HttpFilter):
         body = req.tokenize_request()
         try:
             async with asyncio.timeout_at(deadline):
-                tokens = await breaker.call(lambda: self.tokenizer.tokenize(body, deadline=deadline), deadline=deadline)
+                tokens = await breaker.call(
+                    lambda: self.tokenizer.tokenize(body, deadline=deadline, fallbacks=self._fallbacks(cluster)),
+                    deadline=deadline,
+                )
         except (TimeoutError, KVCacheError) as exc:
             self.metrics.tokenize_calls.labels("error").inc()
             log.debug(
@@ -373,7 +386,9 @@ class KVCacheFilter(HttpFilter):
 
     # ------------------------------------------------------------------ background
 
-    def _enqueue(self, req: Extracted, key: str, lookup: LookupResult | None, timeout: float) -> None:
+    def _enqueue(
+        self, req: Extracted, key: str, lookup: LookupResult | None, timeout: float, cluster: str = ""
+    ) -> None:
         if self._closed:
             return
         needs_tokens = self.cfg.token_cache.enabled and self.token_cache.get(key, count=False) is None
@@ -386,7 +401,7 @@ class KVCacheFilter(HttpFilter):
             m.background_jobs.labels("coalesced").inc()
             return
         try:
-            self._queue.put_nowait(_Job(key, req, lookup, timeout, asyncio.get_running_loop().time()))
+            self._queue.put_nowait(_Job(key, req, lookup, timeout, asyncio.get_running_loop().time(), cluster))
         except asyncio.QueueFull:
             m.background_dropped.inc()
             m.background_jobs.labels("dropped").inc()
@@ -431,7 +446,7 @@ class KVCacheFilter(HttpFilter):
                     result = "error"  # already logged with its step
                 except Exception as exc:
                     result = "error"
-                    log.warning("[kvcache] background job failed: %s: %s", type(exc).__name__, exc)
+                    self._warn("job_failed", "[kvcache] background job failed: %s: %s", type(exc).__name__, exc)
                 finally:
                     self._running -= 1
                     m.background_running.set(self._running)
@@ -455,7 +470,7 @@ class KVCacheFilter(HttpFilter):
             try:
                 lookup = await self._manage_call(lambda: self.lmcache.lookup(tokens, deadline=deadline), deadline)
             except KVCacheError as exc:
-                log.warning("[kvcache] lookup failed: %s", exc)
+                self._warn("lookup_failed", "[kvcache] lookup failed: %s", exc)
                 raise
             finally:
                 self.metrics.lookup_latency.labels("background").observe(time.perf_counter() - t0)
@@ -469,20 +484,25 @@ class KVCacheFilter(HttpFilter):
         try:
             await self.executor.execute(decision, tokens, lookup, deadline)
         except KVCacheError as exc:
-            log.warning("[kvcache] execute strategy failed: %s", exc)
+            self._warn("execute_failed", "[kvcache] execute strategy failed: %s", exc)
             raise
 
     async def _tokenize(self, job: _Job, deadline: float) -> list[int]:
         t0 = time.perf_counter()
         body = job.request.tokenize_request()
         try:
+            fallbacks = self._fallbacks(job.cluster)
             tokens = await self.breakers["tokenize"].call(
-                lambda: self.tokenizer.tokenize(body, deadline=deadline), deadline=deadline
+                lambda: self.tokenizer.tokenize(body, deadline=deadline, fallbacks=fallbacks), deadline=deadline
             )
         except KVCacheError as exc:
             self.metrics.tokenize_calls.labels("error").inc()
-            log.warning(
-                "[kvcache] tokenize failed: %s (key=%s, prompt_chars=%d)", exc, job.key[:12], len(job.request.prompt)
+            self._warn(
+                "tokenize_failed",
+                "[kvcache] tokenize failed: %s (key=%s, prompt_chars=%d)",
+                exc,
+                job.key[:12],
+                len(job.request.prompt),
             )
             raise
         finally:
@@ -502,6 +522,34 @@ class KVCacheFilter(HttpFilter):
         self.metrics.breaker_state.labels(breaker.name).set(int(breaker.state))
         log.warning(
             "[kvcache] %s circuit breaker -> %s (failures=%d)", breaker.name, breaker.state.name, breaker.failure_count
+        )
+
+    def _warn(self, event: str, msg: str, *args: object) -> None:
+        """A WARNING at most once per interval per ``event``; the rest are counted (``log_suppressed_total``)."""
+        suppressed = self.logs.allow(event)
+        if suppressed is None:
+            return
+        if suppressed:
+            msg += " (%d more like this suppressed)"
+            args = (*args, suppressed)
+        log.warning(msg, *args)
+
+    def _fallbacks(self, cluster_name: str) -> list[str]:
+        """Base URLs of the healthy endpoints of ``cluster_name`` (they serve the same model as vllm_endpoint)."""
+        cluster = self.runtime.clusters.get(cluster_name) if cluster_name else None
+        if cluster is None:
+            return []
+        return [ep.base_url for ep in cluster.healthy_endpoints()]
+
+    def _tokenize_fallback(self, url: str, exc: Exception | None) -> None:
+        self.metrics.tokenize_fallbacks.inc()
+        why = f"failed: {exc}" if exc is not None else "is cooling down after a failure"
+        self._warn(
+            "tokenize_fallback",
+            "[kvcache] tokenized by %s: vllm_endpoint %s %s",
+            url,
+            self.tokenizer.primary.log_url,
+            why,
         )
 
     def _pool_wait_logged(self) -> None:

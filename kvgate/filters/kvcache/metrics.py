@@ -110,6 +110,17 @@ class KVCacheMetrics:
             ["call"],
             registry=r,
         )
+        self.tokenize_fallbacks = Counter(
+            p + "tokenize_fallbacks",
+            "Tokenizations served by another engine of the route's cluster because vllm_endpoint failed",
+            registry=r,
+        )
+        self.log_suppressed = Counter(
+            p + "log_suppressed",
+            "WARNING lines suppressed by the once-per-interval rate limit, by event",
+            ["event"],
+            registry=r,
+        )
         self.errors = Counter(p + "decode_errors", "Unexpected errors swallowed on the decode path", registry=r)
         for outcome in LOOKUP_OUTCOMES:
             self.routing_lookups.labels(outcome)
