@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
-from kvgate.chain import PREFERRED_ENDPOINT_PARAM, RequestContext
+from kvgate.chain import JSON_OFFLOAD_BYTES, PREFERRED_ENDPOINT_PARAM, FilterStatus, RequestContext
 from kvgate.config import parse_config
 from kvgate.filters.kvcache.config import DEFAULT_HOT_MAX_KEYS, KVCacheConfig
-from kvgate.filters.kvcache.extract import prompt_key
+from kvgate.filters.kvcache.extract import extract, prompt_key
 from kvgate.filters.kvcache.filter import KVCacheFilter
 from kvgate.filters.kvcache.hotstats import KEY_BYTES, STAMP_BYTES, HotStats
 from kvgate.filters.kvcache.lmcache_client import LMCacheClient, TokenizerClient
@@ -375,3 +376,58 @@ def test_log_limiter_once_per_interval() -> None:
     assert lim.allow("x") is None
     now[0] = 30.0
     assert lim.allow("x") == 2 and seen == ["x", "x"]
+
+
+# ---------------------------------------------------------------- 14: large bodies are handled off the event loop
+
+
+def _big_chat(n_bytes: int) -> dict[str, Any]:
+    text = "lorem ipsum dolor sit amet " * 40
+    return {"model": "m", "messages": [{"role": "user", "content": text}] * (n_bytes // len(text) + 1)}
+
+
+async def _loop_turns_during(coro: Any) -> tuple[int, Any]:
+    """How many times another task got the loop while ``coro`` ran (0 = it blocked the loop throughout)."""
+    turns = 0
+    stop = False
+
+    async def other_stream() -> None:
+        nonlocal turns
+        while not stop:
+            turns += 1
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(other_stream())
+    await asyncio.sleep(0)
+    before = turns
+    try:
+        result = await coro
+    finally:
+        stop = True
+        await task
+    return turns - before, result
+
+
+async def test_large_body_parse_and_key_do_not_block_the_loop(hh: Harness) -> None:
+    flt = await hh.make()
+    big = make_ctx(_big_chat(1024 * 1024))
+    assert len(big.body) > JSON_OFFLOAD_BYTES
+    turns, status = await _loop_turns_during(flt.decode(big))
+    assert status == FilterStatus.CONTINUE and turns > 0  # main: parse + canonical JSON + SHA-256 inline (0 turns)
+    inline = extract(json.loads(big.body), "")
+    assert inline is not None  # the key computed off the loop is the inline one: its tokens get cached
+    await wait_for(lambda: flt.token_cache.get(inline.key, count=False) is not None)
+    small = make_ctx({"model": "m", "prompt": "short"})
+    turns, _ = await _loop_turns_during(flt.decode(small))
+    assert turns == 0  # below the threshold the work stays inline (cheaper than a thread hop)
+
+
+async def test_request_context_json_async_offloads_large_bodies() -> None:
+    ctx = make_ctx(_big_chat(1024 * 1024))
+    turns, data = await _loop_turns_during(ctx.json_async())
+    assert turns > 0 and data is ctx.json()  # parsed once, shared with every later ctx.json()
+    bad = make_ctx(b"[" * (JSON_OFFLOAD_BYTES + 1))  # deep nesting: RecursionError inside json → ValueError
+    with pytest.raises(ValueError):
+        await bad.json_async()
+    with pytest.raises(ValueError):
+        bad.json()

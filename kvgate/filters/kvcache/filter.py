@@ -36,7 +36,7 @@ from typing import Any, TypeVar
 
 import aiohttp
 
-from kvgate.chain import PREFERRED_ENDPOINT_PARAM, FilterStatus, HttpFilter, RequestContext
+from kvgate.chain import JSON_OFFLOAD_BYTES, PREFERRED_ENDPOINT_PARAM, FilterStatus, HttpFilter, RequestContext
 from kvgate.config import unknown_keys
 from kvgate.filters.kvcache.config import KVCacheConfig
 from kvgate.filters.kvcache.errors import CircuitOpenError, DecodeError, KVCacheError, NotSupportedError, PoolTimeout
@@ -85,6 +85,21 @@ def _may_fill_a_chunk(req: Extracted) -> bool:
     text = req.engine_text if req.kind == "prompt" else req.prompt
     extra = _TEMPLATE_TOKENS_PER_MESSAGE * (len(req.messages) + 1) if req.kind == "chat" else 2
     return len(text.encode("utf-8")) + extra >= LMCACHE_CHUNK_TOKENS
+
+
+def _extract_and_key(data: Any, default_model: str) -> tuple[Extracted, str] | None:
+    req = extract(data, default_model)
+    return None if req is None else (req, req.key)
+
+
+async def read_request(ctx: RequestContext, default_model: str) -> tuple[Extracted, str] | None:
+    """Parse, extract and key the request. Above ``JSON_OFFLOAD_BYTES`` the parse and the canonical-JSON +
+    SHA-256 key run on worker threads, so a large body does not stall every other stream on the loop.
+    Raises ``ValueError`` (malformed JSON, :class:`ExtractError`)."""
+    data = await ctx.json_async()
+    if len(ctx.body) > JSON_OFFLOAD_BYTES:
+        return await asyncio.to_thread(_extract_and_key, data, default_model)
+    return _extract_and_key(data, default_model)
 
 
 class KVCacheFilter(HttpFilter):
@@ -239,7 +254,7 @@ class KVCacheFilter(HttpFilter):
 
     async def _decode(self, ctx: RequestContext) -> None:
         try:
-            req = extract(ctx.json(), self.cfg.default_model)
+            parsed = await read_request(ctx, self.cfg.default_model)
         except ValueError as exc:  # includes ExtractError
             self._warn(
                 "parse_body",
@@ -247,9 +262,9 @@ class KVCacheFilter(HttpFilter):
                 exc if isinstance(exc, ExtractError) else f"invalid JSON ({len(ctx.body)} bytes)",
             )
             return
-        if req is None:
+        if parsed is None:
             return
-        key = req.key
+        req, key = parsed
         if self.cfg.pin_active:  # hotness only feeds the pin decision: no map without pinning
             self.hot.record(key)
             self.metrics.hot_keys.set(len(self.hot))
