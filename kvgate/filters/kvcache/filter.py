@@ -39,18 +39,19 @@ import aiohttp
 from kvgate.chain import JSON_OFFLOAD_BYTES, PREFERRED_ENDPOINT_PARAM, FilterStatus, HttpFilter, RequestContext
 from kvgate.config import unknown_keys
 from kvgate.filters.kvcache.config import KVCacheConfig
-from kvgate.filters.kvcache.errors import CircuitOpenError, DecodeError, KVCacheError, NotSupportedError, PoolTimeout
+from kvgate.filters.kvcache.errors import CircuitOpenError, DecodeError, KVCacheError, PoolTimeout
+from kvgate.filters.kvcache.events import FilterEvents
 from kvgate.filters.kvcache.extract import Extracted, ExtractError, extract
 from kvgate.filters.kvcache.hotstats import HotStats
 from kvgate.filters.kvcache.lmcache_client import LMCacheClient, LookupResult, TokenizerClient
 from kvgate.filters.kvcache.metrics import KVCacheMetrics
 from kvgate.filters.kvcache.pool import HostSlots, PoolLimits, make_session
-from kvgate.filters.kvcache.ratelog import LogLimiter
 from kvgate.filters.kvcache.remote_tokenizer import RemoteTokenizer
 from kvgate.filters.kvcache.resilience import CircuitBreaker, RetryPolicy, Sleep, retry_call
 from kvgate.filters.kvcache.signals import LoadSignals, ProcessSignals
-from kvgate.filters.kvcache.strategy import UNSUPPORTED_BACKOFF_MAX, StrategyExecutor, make_decision
+from kvgate.filters.kvcache.strategy import StrategyExecutor, make_decision
 from kvgate.filters.kvcache.tokens import TokenCache
+from kvgate.redact import redact_url
 from kvgate.routing.prefix import ColdPlacement, choose_prefix_endpoint
 from kvgate.runtime import Runtime
 
@@ -125,14 +126,19 @@ class KVCacheFilter(HttpFilter):
         self.slots = HostSlots(config.max_conns_per_host)
         self._own_session: aiohttp.ClientSession | None = None
         factory = session_factory or self._session
-        bad = self._bad_response
+        self.events = FilterEvents(
+            self.metrics,
+            controller_url=redact_url(config.lmcache_endpoint),
+            tokenizer_url=redact_url(config.vllm_endpoint),
+            clock=clock,
+        )
+        bad = self.events.bad_response
         self.lmcache = LMCacheClient(factory, config.lmcache_endpoint, config.request_timeout, bad, self.slots)
-        self.logs = LogLimiter(clock=clock, on_suppressed=lambda event: self.metrics.log_suppressed.labels(event).inc())
         self.tokenizer = RemoteTokenizer(
             TokenizerClient(factory, config.vllm_endpoint, config.request_timeout, bad, self.slots),
             lambda url: TokenizerClient(factory, url, config.request_timeout, bad, self.slots),
             clock=clock,
-            on_fallback=self._tokenize_fallback,
+            on_fallback=self.events.tokenize_fallback,
         )
         self.token_cache = TokenCache(max(0, config.token_cache.max_size), config.token_cache.ttl, clock)
         self.hot = HotStats(
@@ -148,7 +154,7 @@ class KVCacheFilter(HttpFilter):
                 cb.recovery_timeout,
                 cb.half_open_max_calls,
                 clock,
-                on_change=self._breaker_changed,
+                on_change=self.events.breaker_changed,
             )
             for name in BREAKERS
         }
@@ -159,8 +165,8 @@ class KVCacheFilter(HttpFilter):
             self.lmcache,
             self._manage_call,
             on_result=lambda action, result: self.metrics.actions.labels(action, result).inc(),
-            on_unsupported=self._action_unsupported,
-            on_supported=self._action_supported,
+            on_unsupported=self.events.action_unsupported,
+            on_supported=self.events.action_supported,
             clock=clock,
         )
         cs = config.cache_strategy
@@ -176,8 +182,6 @@ class KVCacheFilter(HttpFilter):
         self._closed = False
         self._running = 0
         self._dropped = 0
-        self._bad_count = 0
-        self._pool_waits = 0
         tc = config.token_cache
         if config.enabled and tc.enabled and tc.max_size == 0:
             bound = f"only its ttl ({tc.ttl:g}s) bounds it" if tc.ttl > 0 else "it grows without bound"
@@ -247,7 +251,7 @@ class KVCacheFilter(HttpFilter):
             raise
         except Exception as exc:  # never reaches the client
             self.metrics.errors.inc()
-            self._warn("decode_error", "[kvcache] unexpected decode error: %s: %s", type(exc).__name__, exc)
+            self.events.warn("decode_error", "[kvcache] unexpected decode error: %s: %s", type(exc).__name__, exc)
         finally:
             self.metrics.routing_added_latency.observe(time.perf_counter() - started)
         return FilterStatus.CONTINUE
@@ -256,7 +260,7 @@ class KVCacheFilter(HttpFilter):
         try:
             parsed = await read_request(ctx, self.cfg.default_model)
         except ValueError as exc:  # includes ExtractError
-            self._warn(
+            self.events.warn(
                 "parse_body",
                 "[kvcache] parse request body failed: %s",
                 exc if isinstance(exc, ExtractError) else f"invalid JSON ({len(ctx.body)} bytes)",
@@ -311,7 +315,7 @@ class KVCacheFilter(HttpFilter):
             outcome = "breaker_open"
         except PoolTimeout:
             outcome = "pool_wait"  # max_conns_per_host saturated: not a controller failure
-            self._pool_wait_logged()
+            self.events.pool_wait(self.cfg.max_conns_per_host)
         except TimeoutError:
             outcome = "timeout"
             log.debug("[kvcache] routing lookup failed: timed out after %.0fms", (time.perf_counter() - t0) * 1e3)
@@ -461,7 +465,7 @@ class KVCacheFilter(HttpFilter):
                     result = "error"  # already logged with its step
                 except Exception as exc:
                     result = "error"
-                    self._warn("job_failed", "[kvcache] background job failed: %s: %s", type(exc).__name__, exc)
+                    self.events.warn("job_failed", "[kvcache] background job failed: %s: %s", type(exc).__name__, exc)
                 finally:
                     self._running -= 1
                     m.background_running.set(self._running)
@@ -485,7 +489,7 @@ class KVCacheFilter(HttpFilter):
             try:
                 lookup = await self._manage_call(lambda: self.lmcache.lookup(tokens, deadline=deadline), deadline)
             except KVCacheError as exc:
-                self._warn("lookup_failed", "[kvcache] lookup failed: %s", exc)
+                self.events.warn("lookup_failed", "[kvcache] lookup failed: %s", exc)
                 raise
             finally:
                 self.metrics.lookup_latency.labels("background").observe(time.perf_counter() - t0)
@@ -499,7 +503,7 @@ class KVCacheFilter(HttpFilter):
         try:
             await self.executor.execute(decision, tokens, lookup, deadline)
         except KVCacheError as exc:
-            self._warn("execute_failed", "[kvcache] execute strategy failed: %s", exc)
+            self.events.warn("execute_failed", "[kvcache] execute strategy failed: %s", exc)
             raise
 
     async def _tokenize(self, job: _Job, deadline: float) -> list[int]:
@@ -512,7 +516,7 @@ class KVCacheFilter(HttpFilter):
             )
         except KVCacheError as exc:
             self.metrics.tokenize_calls.labels("error").inc()
-            self._warn(
+            self.events.warn(
                 "tokenize_failed",
                 "[kvcache] tokenize failed: %s (key=%s, prompt_chars=%d)",
                 exc,
@@ -533,83 +537,12 @@ class KVCacheFilter(HttpFilter):
 
     # ------------------------------------------------------------------ callbacks
 
-    def _breaker_changed(self, breaker: CircuitBreaker) -> None:
-        self.metrics.breaker_state.labels(breaker.name).set(int(breaker.state))
-        log.warning(
-            "[kvcache] %s circuit breaker -> %s (failures=%d)", breaker.name, breaker.state.name, breaker.failure_count
-        )
-
-    def _warn(self, event: str, msg: str, *args: object) -> None:
-        """A WARNING at most once per interval per ``event``; the rest are counted (``log_suppressed_total``)."""
-        suppressed = self.logs.allow(event)
-        if suppressed is None:
-            return
-        if suppressed:
-            msg += " (%d more like this suppressed)"
-            args = (*args, suppressed)
-        log.warning(msg, *args)
-
     def _fallbacks(self, cluster_name: str) -> list[str]:
         """Base URLs of the healthy endpoints of ``cluster_name`` (they serve the same model as vllm_endpoint)."""
         cluster = self.runtime.clusters.get(cluster_name) if cluster_name else None
         if cluster is None:
             return []
         return [ep.base_url for ep in cluster.healthy_endpoints()]
-
-    def _tokenize_fallback(self, url: str, exc: Exception | None) -> None:
-        self.metrics.tokenize_fallbacks.inc()
-        why = f"failed: {exc}" if exc is not None else "is cooling down after a failure"
-        self._warn(
-            "tokenize_fallback",
-            "[kvcache] tokenized by %s: vllm_endpoint %s %s",
-            url,
-            self.tokenizer.primary.log_url,
-            why,
-        )
-
-    def _pool_wait_logged(self) -> None:
-        self._pool_waits += 1
-        if self._pool_waits == 1 or self._pool_waits % 100 == 0:  # logged, but not once per request
-            log.warning(
-                "[kvcache] routing lookup gave up waiting for a connection (max_conns_per_host=%d; %d so far)",
-                self.cfg.max_conns_per_host,
-                self._pool_waits,
-            )
-
-    def _bad_response(self, call: str) -> None:
-        self.metrics.bad_responses.labels(call).inc()
-        self._bad_count += 1
-        if self._bad_count == 1 or self._bad_count % 100 == 0:  # logged, but not once per request
-            log.warning("[kvcache] %s answered with a malformed body: refused (%d so far)", call, self._bad_count)
-
-    def _action_unsupported(self, action: str, exc: NotSupportedError, strikes: int, backoff: float) -> None:
-        self.metrics.action_supported.labels(action).set(0)
-        self.metrics.action_unsupported.labels(action).inc()
-        if strikes > 1:  # logged once per outage; re-probes are counted
-            log.debug(
-                "[kvcache] /%s still answers %d (re-probe %d); next re-probe in %.0fs",
-                action,
-                exc.status,
-                strikes - 1,
-                backoff,
-            )
-            return
-        hint = " (LMCache 0.5.6 has no /evict route; /clear is the closest)" if action == "evict" else ""
-        log.warning(
-            "[kvcache] controller %s answered %d for /%s: route not supported%s; "
-            "'%s' actions are skipped and re-probed after a back-off (%.0fs, doubling up to %.0fs)",
-            self.lmcache.log_url,
-            exc.status,
-            action,
-            hint,
-            action,
-            backoff,
-            UNSUPPORTED_BACKOFF_MAX,
-        )
-
-    def _action_supported(self, action: str) -> None:
-        self.metrics.action_supported.labels(action).set(1)
-        log.warning("[kvcache] controller answers /%s again: '%s' actions re-enabled", action, action)
 
     def snapshot(self) -> dict[str, Any]:
         """Debug view (no prompt text)."""
