@@ -27,11 +27,9 @@ does not cancel an already-queued job; it is bounded by the deadline and the poo
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import aiohttp
@@ -43,6 +41,7 @@ from kvgate.filters.kvcache.errors import CircuitOpenError, DecodeError, KVCache
 from kvgate.filters.kvcache.events import FilterEvents
 from kvgate.filters.kvcache.extract import Extracted, ExtractError, extract
 from kvgate.filters.kvcache.hotstats import HotStats
+from kvgate.filters.kvcache.jobs import Job, JobPool
 from kvgate.filters.kvcache.lmcache_client import LMCacheClient, LookupResult, TokenizerClient
 from kvgate.filters.kvcache.metrics import KVCacheMetrics
 from kvgate.filters.kvcache.pool import HostSlots, PoolLimits, make_session
@@ -61,16 +60,6 @@ T = TypeVar("T")
 # tokenize_routing: request-path tokenizes (tokenize_on_miss), cut by the routing cap; kept apart from the
 # background "tokenize" breaker so slow routing tokenizes cannot stop the background work that fills the cache.
 BREAKERS = ("tokenize", "tokenize_routing", "lookup", "manage")
-
-
-@dataclass(slots=True)
-class _Job:
-    key: str
-    request: Extracted
-    lookup: LookupResult | None
-    timeout: float
-    enqueued: float
-    cluster: str = ""  # the route's cluster: its other engines can tokenize when vllm_endpoint fails
 
 
 LMCACHE_CHUNK_TOKENS = 256  # the controller's hard-coded lookup granularity
@@ -176,12 +165,9 @@ class KVCacheFilter(HttpFilter):
             or (cs.enable_pinning and cs.hot_content_threshold > 0)
         )
         self.cold = ColdPlacement() if config.cold_placement == "lru" else None
-        self._queue: asyncio.Queue[_Job] | None = None
-        self._pending: set[str] = set()
-        self._workers: list[asyncio.Task[None]] = []
-        self._closed = False
-        self._running = 0
-        self._dropped = 0
+        self.jobs = JobPool(
+            config.max_background_tasks, config.background_queue_size, self._run_job, self.metrics, self.events
+        )
         tc = config.token_cache
         if config.enabled and tc.enabled and tc.max_size == 0:
             bound = f"only its ttl ({tc.ttl:g}s) bounds it" if tc.ttl > 0 else "it grows without bound"
@@ -197,16 +183,8 @@ class KVCacheFilter(HttpFilter):
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        self._ensure_workers()
-
-    def _ensure_workers(self) -> None:
-        if self._workers or self._closed or not self.cfg.enabled:
-            return
-        self._queue = asyncio.Queue(maxsize=self.cfg.background_queue_size)
-        self._workers = [
-            asyncio.create_task(self._worker(), name=f"kvcache-worker-{i}")
-            for i in range(self.cfg.max_background_tasks)
-        ]
+        if self.cfg.enabled:
+            self.jobs.start()
 
     def _session(self) -> aiohttp.ClientSession:
         """The filter's own client session (created on first use, inside the event loop)."""
@@ -216,28 +194,17 @@ class KVCacheFilter(HttpFilter):
 
     async def close(self) -> None:
         """Cancel the workers, drop queued jobs and close the filter's own client session."""
-        self._closed = True
-        for t in self._workers:
-            t.cancel()
-        for t in self._workers:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
-        self._workers.clear()
-        if self._queue is not None:
-            while not self._queue.empty():
-                self._queue.get_nowait()
-        self._pending.clear()
-        self.metrics.background_queue_depth.set(0)
+        await self.jobs.close()
         if self._own_session is not None and not self._own_session.closed:
             await self._own_session.close()
 
     @property
     def queue_depth(self) -> int:
-        return self._queue.qsize() if self._queue is not None else 0
+        return self.jobs.queue_depth
 
     @property
     def worker_count(self) -> int:
-        return len(self._workers)
+        return self.jobs.worker_count
 
     # ------------------------------------------------------------------ decode path
 
@@ -408,73 +375,14 @@ class KVCacheFilter(HttpFilter):
     def _enqueue(
         self, req: Extracted, key: str, lookup: LookupResult | None, timeout: float, cluster: str = ""
     ) -> None:
-        if self._closed:
+        if self.jobs.closed:
             return
         needs_tokens = self.cfg.token_cache.enabled and self.token_cache.get(key, count=False) is None
         if not (needs_tokens or self._strategy_active):
             return  # nothing a job could do
-        self._ensure_workers()
-        assert self._queue is not None
-        m = self.metrics
-        if key in self._pending:
-            m.background_jobs.labels("coalesced").inc()
-            return
-        try:
-            self._queue.put_nowait(_Job(key, req, lookup, timeout, asyncio.get_running_loop().time(), cluster))
-        except asyncio.QueueFull:
-            m.background_dropped.inc()
-            m.background_jobs.labels("dropped").inc()
-            self._dropped += 1
-            if self._dropped == 1 or self._dropped % 100 == 0:  # logged, but not once per request
-                log.warning(
-                    "[kvcache] background queue full (%d): job dropped (%d dropped so far)",
-                    self.cfg.background_queue_size,
-                    self._dropped,
-                )
-            return
-        self._pending.add(key)
-        m.background_queue_depth.set(self._queue.qsize())
+        self.jobs.submit(Job(key, req, lookup, timeout, asyncio.get_running_loop().time(), cluster))
 
-    async def _worker(self) -> None:
-        assert self._queue is not None
-        queue = self._queue
-        loop = asyncio.get_running_loop()
-        m = self.metrics
-        while True:
-            job = await queue.get()
-            m.background_queue_depth.set(queue.qsize())
-            result = "done"
-            try:
-                if loop.time() - job.enqueued > job.timeout:
-                    result = "expired"
-                    log.debug(
-                        "[kvcache] background job expired in the queue after %.3fs (key=%s)",
-                        loop.time() - job.enqueued,
-                        job.key[:12],
-                    )
-                    continue
-                self._running += 1
-                m.background_running.set(self._running)
-                try:
-                    async with asyncio.timeout(job.timeout):
-                        await self._run_job(job, loop.time() + job.timeout)
-                except TimeoutError:
-                    result = "timeout"
-                    log.debug("[kvcache] background job timed out after %.3fs (key=%s)", job.timeout, job.key[:12])
-                except KVCacheError:
-                    result = "error"  # already logged with its step
-                except Exception as exc:
-                    result = "error"
-                    self.events.warn("job_failed", "[kvcache] background job failed: %s: %s", type(exc).__name__, exc)
-                finally:
-                    self._running -= 1
-                    m.background_running.set(self._running)
-            finally:
-                self._pending.discard(job.key)
-                queue.task_done()
-                m.background_jobs.labels(result).inc()
-
-    async def _run_job(self, job: _Job, deadline: float) -> None:
+    async def _run_job(self, job: Job, deadline: float) -> None:
         tokens = self.token_cache.get(job.key, count=False)
         if tokens is None:
             tokens = await self._tokenize(job, deadline)
@@ -506,7 +414,7 @@ class KVCacheFilter(HttpFilter):
             self.events.warn("execute_failed", "[kvcache] execute strategy failed: %s", exc)
             raise
 
-    async def _tokenize(self, job: _Job, deadline: float) -> list[int]:
+    async def _tokenize(self, job: Job, deadline: float) -> list[int]:
         t0 = time.perf_counter()
         body = job.request.tokenize_request()
         try:
@@ -551,7 +459,7 @@ class KVCacheFilter(HttpFilter):
             "hot_keys": len(self.hot),
             "breakers": {n: b.state.name for n, b in self.breakers.items()},
             "queue_depth": self.queue_depth,
-            "running": self._running,
-            "pending_keys": len(self._pending),
+            "running": self.jobs.running,
+            "pending_keys": self.jobs.pending_keys,
             "unsupported_actions": sorted(self.executor.unsupported),
         }
