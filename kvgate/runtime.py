@@ -17,10 +17,15 @@ class Runtime:
         self._aux: aiohttp.ClientSession | None = None
 
     def aux_session(self) -> aiohttp.ClientSession:
-        """A pooled client for auxiliary calls (health checks, tokenizer, controller). Lazily created."""
+        """A pooled client for the active health checks. Lazily created.
+
+        No connection cap: one probe per endpoint per interval needs none, and a hidden per-host cap made
+        queued calls time out. The kvcache filter builds its own pool from its ``max_conns_per_host`` /
+        ``max_idle_conns`` keys (``kvgate.filters.kvcache.pool``).
+        """
         if self._aux is None or self._aux.closed:
             self._aux = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=256, limit_per_host=64, ttl_dns_cache=300),
+                connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300),
                 auto_decompress=True,
             )
         return self._aux

@@ -7,7 +7,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvgate.asgi import Request, Router, Send, send_json
+from kvgate.asgi import Request, Router, Send, send_json, send_response
 from kvgate.serving import ServerHandle, start_server
 
 
@@ -74,6 +74,10 @@ class MockController(_Served):
     lookup_status: int = 200
     action_status: int = 200
     evict_route: bool = True
+    lookup_raw: bytes | None = None  # answer /lookup with these exact bytes (status 200)
+    lookup_delay: float = 0.0  # seconds each /lookup takes
+    in_flight: int = 0
+    max_in_flight: int = 0  # most /lookup requests served at once
     calls: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     release: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -83,10 +87,23 @@ class MockController(_Served):
     async def _lookup(self, request: Request, send: Send) -> None:
         body = await request.json()
         self.calls.append(("/lookup", body))
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            await self._lookup_answer(body, send)
+        finally:
+            self.in_flight -= 1
+
+    async def _lookup_answer(self, body: dict[str, Any], send: Send) -> None:
+        if self.lookup_delay:
+            await asyncio.sleep(self.lookup_delay)
         if self.hang:
             await self.release.wait()
         if self.lookup_status != 200:
             await send_json(send, self.lookup_status, {"detail": "boom"})
+            return
+        if self.lookup_raw is not None:
+            await send_response(send, 200, self.lookup_raw)
             return
         if self.array_shape:
             layout: dict[str, Any] = {k: [loc, n] for k, (loc, n) in self.layout.items()}

@@ -10,20 +10,36 @@ from kvgate.filters.kvcache.strategy import StrategyExecutor, make_decision, res
 
 
 def test_layout_info_both_shapes() -> None:
-    real = parse_lookup({"event_id": "Lookup1", "layout_info": {"instA": ["LocalCPUBackend", 512],
-                                                                 "instB": ["LocalCPUBackend", 768]}})
-    mock = parse_lookup({"event_id": "e", "layout_info": {"instA": {"0": "LocalCPUBackend", "1": 512},
-                                                          "instB": {"0": "LocalCPUBackend", "1": 768}}})
-    assert real.layout == mock.layout == {"instA": InstanceMatch("LocalCPUBackend", 512),
-                                          "instB": InstanceMatch("LocalCPUBackend", 768)}
+    real = parse_lookup(
+        {"event_id": "Lookup1", "layout_info": {"instA": ["LocalCPUBackend", 512], "instB": ["LocalCPUBackend", 768]}}
+    )
+    mock = parse_lookup(
+        {
+            "event_id": "e",
+            "layout_info": {"instA": {"0": "LocalCPUBackend", "1": 512}, "instB": {"0": "LocalCPUBackend", "1": 768}},
+        }
+    )
+    assert (
+        real.layout
+        == mock.layout
+        == {"instA": InstanceMatch("LocalCPUBackend", 512), "instB": InstanceMatch("LocalCPUBackend", 768)}
+    )
     assert real.matches == {"instA": 512, "instB": 768}
     assert real.best() == ("instB", InstanceMatch("LocalCPUBackend", 768))
     assert parse_lookup({"event_id": "e", "layout_info": {}}).layout == {}
     assert parse_lookup({"event_id": "e"}).layout == {}
 
 
-@pytest.mark.parametrize("bad", [{"layout_info": []}, {"layout_info": {"a": "x"}}, {"layout_info": {"a": ["x"]}},
-                                 {"layout_info": {"a": ["x", "y"]}}, [1]])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"layout_info": []},
+        {"layout_info": {"a": "x"}},
+        {"layout_info": {"a": ["x"]}},
+        {"layout_info": {"a": ["x", "y"]}},
+        [1],
+    ],
+)
 def test_layout_info_bad_shapes(bad: object) -> None:
     with pytest.raises(DecodeError):
         parse_lookup(bad)
@@ -35,21 +51,31 @@ def cs(**kw: object) -> CacheStrategyConfig:
 
 def test_decision_rules() -> None:
     all_on = dict(enable_compression=True, enable_pinning=True, enable_eviction=True)
-    d = make_decision(cs(**all_on, load_threshold=0.7, memory_threshold=0.8, hot_content_threshold=2),
-                      LoadSnapshot(0.7, 0.8), hot=True)
+    d = make_decision(
+        cs(**all_on, load_threshold=0.7, memory_threshold=0.8, hot_content_threshold=2),
+        LoadSnapshot(0.7, 0.8),
+        hot=True,
+    )
     assert d.actions() == ["compress", "pin", "evict"] and d.reason == "hot_content"
-    d = make_decision(cs(**all_on, load_threshold=0.7, memory_threshold=0.8, hot_content_threshold=2),
-                      LoadSnapshot(0.69, 0.79), hot=False)
+    d = make_decision(
+        cs(**all_on, load_threshold=0.7, memory_threshold=0.8, hot_content_threshold=2),
+        LoadSnapshot(0.69, 0.79),
+        hot=False,
+    )
     assert not d and d.actions() == []
     # Pixiu's TestCacheStrategyMakeDecision
-    d = make_decision(cs(enable_pinning=True, enable_eviction=True, load_threshold=0, memory_threshold=1e-7,
-                         hot_content_threshold=2), LoadSnapshot(0.5, 0.1), hot=True)
+    d = make_decision(
+        cs(enable_pinning=True, enable_eviction=True, load_threshold=0, memory_threshold=1e-7, hot_content_threshold=2),
+        LoadSnapshot(0.5, 0.1),
+        hot=True,
+    )
     assert d.pin and d.evict and not d.compress and d.reason == "hot_content"
 
 
 def test_zero_thresholds_disable() -> None:
-    d = make_decision(cs(enable_compression=True, enable_pinning=True, enable_eviction=True),
-                      LoadSnapshot(1.0, 1.0), hot=True)
+    d = make_decision(
+        cs(enable_compression=True, enable_pinning=True, enable_eviction=True), LoadSnapshot(1.0, 1.0), hot=True
+    )
     assert not d
     d = make_decision(cs(load_threshold=0.1, memory_threshold=0.1, hot_content_threshold=1), LoadSnapshot(1, 1), True)
     assert not d  # enable_* flags off
@@ -92,9 +118,19 @@ async def _direct(fn):  # type: ignore[no-untyped-def]
     return await fn()
 
 
-CFG = dict(enable_compression=True, enable_pinning=True, enable_eviction=True, load_threshold=0.5,
-           memory_threshold=0.5, hot_content_threshold=1, pin_instance_id="p", pin_location="LP",
-           compress_instance_id="c", compress_location="LC", evict_instance_id="e")
+CFG = dict(
+    enable_compression=True,
+    enable_pinning=True,
+    enable_eviction=True,
+    load_threshold=0.5,
+    memory_threshold=0.5,
+    hot_content_threshold=1,
+    pin_instance_id="p",
+    pin_location="LP",
+    compress_instance_id="c",
+    compress_location="LC",
+    evict_instance_id="e",
+)
 
 
 async def test_execute_order_and_stop_on_first_error() -> None:
@@ -112,30 +148,63 @@ async def test_execute_order_and_stop_on_first_error() -> None:
     assert [c[0] for c in client.calls] == ["compress"] and results == [("compress", "error")]
 
 
-async def test_unsupported_reported_once_and_not_called_again() -> None:
+async def test_unsupported_reported_once_then_reprobed_after_backoff() -> None:
+    """Issue 10 item 13: a 404 used to disable the action until restart; now it is re-probed after a back-off."""
     cfg = cs(**CFG)
     d = make_decision(cfg, LoadSnapshot(1, 1), True)
     client = FakeClient({"evict": NotSupportedError("evict", 404, "Not Found")})
-    reported: list[str] = []
-    ex = StrategyExecutor(cfg, client, _direct, on_unsupported=lambda a, e: reported.append(a))  # type: ignore[arg-type]
+    reported: list[tuple[str, int, float]] = []
+    back: list[str] = []
+    now = [0.0]
+    ex = StrategyExecutor(
+        cfg,
+        client,  # type: ignore[arg-type]
+        _direct,
+        on_unsupported=lambda a, e, n, b: reported.append((a, n, b)),
+        on_supported=back.append,
+        clock=lambda: now[0],
+    )
     for _ in range(3):
         out = await ex.execute(d, [1], None)
         assert out[-1] == ("evict", "unsupported")
-    assert reported == ["evict"]
-    assert [c[0] for c in client.calls].count("evict") == 1
+    assert reported == [("evict", 1, 30.0)] and ex.unsupported == {"evict"}
+    assert [c[0] for c in client.calls].count("evict") == 1  # skipped inside the back-off
+    now[0] = 30.0
+    await ex.execute(d, [1], None)  # re-probe: still 404 → back-off doubles
+    assert reported[-1] == ("evict", 2, 60.0)
+    assert [c[0] for c in client.calls].count("evict") == 2
+    now[0] = 60.0
+    await ex.execute(d, [1], None)
+    assert [c[0] for c in client.calls].count("evict") == 2  # 30 + 60 > 60: still waiting
+    for strikes in range(3, 12):  # the back-off is capped
+        now[0] = ex._disabled["evict"].retry_at
+        await ex.execute(d, [1], None)
+        assert reported[-1][1] == strikes
+    assert reported[-1][2] == 1800.0
+    client.fail.pop("evict")  # the route is back (e.g. the rollout finished)
+    now[0] = ex._disabled["evict"].retry_at
+    out = await ex.execute(d, [1], None)
+    assert out[-1] == ("evict", "ok") and back == ["evict"] and ex.unsupported == set()
+    assert (await ex.execute(d, [1], None))[-1] == ("evict", "ok")
 
 
 def test_signals() -> None:
     proc = iter([0.0, 1.0, 1.5])
     wall = iter([0.0, 1.0, 2.0])
-    s = ProcessSignals(process_clock=lambda: next(proc), wall_clock=lambda: next(wall), cpu_count=2,
-                       rss=lambda: 300, memory_limit=1000)
+    s = ProcessSignals(
+        process_clock=lambda: next(proc), wall_clock=lambda: next(wall), cpu_count=2, rss=lambda: 300, memory_limit=1000
+    )
     first = s.sample()
     assert first.cpu_usage == 0.0 and first.memory_usage == pytest.approx(0.3)  # first sample → 0
     assert s.sample().cpu_usage == pytest.approx(0.5)  # 1 cpu-s over 1 s × 2 cpus
     assert s.sample().cpu_usage == pytest.approx(0.25)
-    s = ProcessSignals(process_clock=lambda: 0.0, wall_clock=iter([0.0, 1.0]).__next__, cpu_count=1,
-                       rss=lambda: 5000, memory_limit=1000)
+    s = ProcessSignals(
+        process_clock=lambda: 0.0,
+        wall_clock=iter([0.0, 1.0]).__next__,
+        cpu_count=1,
+        rss=lambda: 5000,
+        memory_limit=1000,
+    )
     s.sample()
     snap = s.sample()
     assert snap.cpu_usage == 0.0 and snap.memory_usage == 1.0  # clamped

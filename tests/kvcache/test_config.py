@@ -44,9 +44,14 @@ def test_defaults() -> None:
 
 
 def test_non_positive_values_get_defaults_and_set_values_are_kept() -> None:
-    c = load(request_timeout="0s", lookup_routing_timeout="-5ms", hot_max_keys=-3, hot_max_records=0,
-             retry={"max_attempts": -1, "base_backoff": "0s", "max_backoff": "-1s"},
-             circuit_breaker={"failure_threshold": 0, "recovery_timeout": "0s", "half_open_max_calls": -2})
+    c = load(
+        request_timeout="0s",
+        lookup_routing_timeout="-5ms",
+        hot_max_keys=-3,
+        hot_max_records=0,
+        retry={"max_attempts": -1, "base_backoff": "0s", "max_backoff": "-1s"},
+        circuit_breaker={"failure_threshold": 0, "recovery_timeout": "0s", "half_open_max_calls": -2},
+    )
     assert (c.request_timeout, c.lookup_routing_timeout, c.hot_max_keys, c.hot_max_records) == (2.0, 0.05, 0, 300)
     assert (c.retry.max_attempts, c.retry.base_backoff, c.retry.max_backoff) == (3, 0.1, 2.0)
     assert c.circuit_breaker.failure_threshold == 5
@@ -63,22 +68,46 @@ def test_trailing_slash_trimmed() -> None:
 @pytest.mark.parametrize(
     ("data", "path", "message"),
     [
-        ({"enabled": True, "lmcache_endpoint": "x"}, "vllm_endpoint",
-         "[kvcache] vllm_endpoint is required when enabled"),
-        ({"enabled": True, "vllm_endpoint": "  ", "lmcache_endpoint": ""}, "vllm_endpoint",
-         "[kvcache] vllm_endpoint is required when enabled"),
-        ({"enabled": True, "vllm_endpoint": "x"}, "lmcache_endpoint",
-         "[kvcache] lmcache_endpoint is required when enabled"),
-        ({**BASE, "token_cache": {"max_size": -1}}, "token_cache.max_size",
-         "[kvcache] token_cache.max_size must be >= 0"),
-        ({**BASE, "cache_strategy": {"memory_threshold": 1.5, "load_threshold": 2}}, "cache_strategy.memory_threshold",
-         "[kvcache] cache_strategy.memory_threshold must be between 0 and 1"),
-        ({**BASE, "cache_strategy": {"memory_threshold": -0.1}}, "cache_strategy.memory_threshold",
-         "[kvcache] cache_strategy.memory_threshold must be between 0 and 1"),
-        ({**BASE, "cache_strategy": {"load_threshold": 1.01}}, "cache_strategy.load_threshold",
-         "[kvcache] cache_strategy.load_threshold must be between 0 and 1"),
-        ({**BASE, "cache_strategy": {"hot_content_threshold": -1}}, "cache_strategy.hot_content_threshold",
-         "[kvcache] cache_strategy.hot_content_threshold must be >= 0"),
+        (
+            {"enabled": True, "lmcache_endpoint": "x"},
+            "vllm_endpoint",
+            "[kvcache] vllm_endpoint is required when enabled",
+        ),
+        (
+            {"enabled": True, "vllm_endpoint": "  ", "lmcache_endpoint": ""},
+            "vllm_endpoint",
+            "[kvcache] vllm_endpoint is required when enabled",
+        ),
+        (
+            {"enabled": True, "vllm_endpoint": "x"},
+            "lmcache_endpoint",
+            "[kvcache] lmcache_endpoint is required when enabled",
+        ),
+        (
+            {**BASE, "token_cache": {"max_size": -1}},
+            "token_cache.max_size",
+            "[kvcache] token_cache.max_size must be >= 0",
+        ),
+        (
+            {**BASE, "cache_strategy": {"memory_threshold": 1.5, "load_threshold": 2}},
+            "cache_strategy.memory_threshold",
+            "[kvcache] cache_strategy.memory_threshold must be between 0 and 1",
+        ),
+        (
+            {**BASE, "cache_strategy": {"memory_threshold": -0.1}},
+            "cache_strategy.memory_threshold",
+            "[kvcache] cache_strategy.memory_threshold must be between 0 and 1",
+        ),
+        (
+            {**BASE, "cache_strategy": {"load_threshold": 1.01}},
+            "cache_strategy.load_threshold",
+            "[kvcache] cache_strategy.load_threshold must be between 0 and 1",
+        ),
+        (
+            {**BASE, "cache_strategy": {"hot_content_threshold": -1}},
+            "cache_strategy.hot_content_threshold",
+            "[kvcache] cache_strategy.hot_content_threshold must be >= 0",
+        ),
         ({**BASE, "max_background_tasks": 0}, "max_background_tasks", "[kvcache] max_background_tasks must be >= 1"),
         ({**BASE, "background_queue_size": 0}, "background_queue_size", "[kvcache] background_queue_size must be >= 1"),
         ({**BASE, "min_match_tokens": -1}, "min_match_tokens", "[kvcache] min_match_tokens must be >= 0"),
@@ -96,8 +125,9 @@ def test_boundaries_are_closed_intervals() -> None:
 
 
 def test_disabled_skips_validation() -> None:
-    c = KVCacheConfig.model_validate({"enabled": False, "token_cache": {"max_size": -5},
-                                      "cache_strategy": {"load_threshold": 9}})
+    c = KVCacheConfig.model_validate(
+        {"enabled": False, "token_cache": {"max_size": -5}, "cache_strategy": {"load_threshold": 9}}
+    )
     assert c.enabled is False
     assert c.request_timeout == 2.0  # defaults still applied
     assert KVCacheConfig.model_validate({}).enabled is False
@@ -127,7 +157,11 @@ def test_seed_config_filter_block_loads() -> None:
     assert s.enable_compression and s.enable_pinning and s.enable_eviction
     assert (s.load_threshold, s.memory_threshold, s.hot_content_threshold) == (0.7, 0.85, 10)
     assert (s.pin_instance_id, s.pin_location, s.compress_method, s.evict_instance_id) == (
-        "vllm-instance-1", "LocalCPUBackend", "zstd", "vllm-instance-1")
+        "vllm-instance-1",
+        "LocalCPUBackend",
+        "zstd",
+        "vllm-instance-1",
+    )
     assert c.model_extra == {}  # every seed key is a known key
 
 
@@ -148,11 +182,17 @@ def test_kvgate_routing_keys_validated() -> None:
     base = {"enabled": True, "vllm_endpoint": "http://127.0.0.1:1", "lmcache_endpoint": "http://127.0.0.1:2"}
     cfg = KVCacheConfig.model_validate(base)
     assert (cfg.tokenize_on_miss, cfg.cold_placement, cfg.min_match_ratio, cfg.max_imbalance_abs) == (
-        False, "lb", 0.0, 0)
-    for key, bad, msg in [("cold_placement", "random", "cold_placement must be 'lb' or 'lru'"),
-                          ("min_match_ratio", 1.5, "min_match_ratio must be between 0 and 1"),
-                          ("max_imbalance_abs", -1, "max_imbalance_abs must be >= 0"),
-                          ("max_imbalance_rel", 0.5, "max_imbalance_rel must be >= 1")]:
+        False,
+        "lb",
+        0.0,
+        0,
+    )
+    for key, bad, msg in [
+        ("cold_placement", "random", "cold_placement must be 'lb' or 'lru'"),
+        ("min_match_ratio", 1.5, "min_match_ratio must be between 0 and 1"),
+        ("max_imbalance_abs", -1, "max_imbalance_abs must be >= 0"),
+        ("max_imbalance_rel", 0.5, "max_imbalance_rel must be >= 1"),
+    ]:
         with _pytest.raises((_CE, ValueError)) as ei:
             KVCacheConfig.model_validate({**base, key: bad})
         assert msg in str(ei.value)

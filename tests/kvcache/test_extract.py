@@ -24,10 +24,21 @@ from kvgate.filters.kvcache.extract import (
         ({"model": 7, "prompt": "x"}, "", "x"),
         ({"prompt": 42}, "", ""),
         ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "there"}]}, "", "hi\nthere"),
-        ({"prompt": "", "messages": [{"role": "system", "content": "hi"}, "junk", {"role": "user", "content": "x"}]},
-         "", "hi\nx"),
-        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "u"}}]},
-                       {"role": "user", "content": "text"}]}, "", "text"),
+        (
+            {"prompt": "", "messages": [{"role": "system", "content": "hi"}, "junk", {"role": "user", "content": "x"}]},
+            "",
+            "hi\nx",
+        ),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "u"}}]},
+                    {"role": "user", "content": "text"},
+                ]
+            },
+            "",
+            "text",
+        ),
         ({"messages": [{"role": "user", "content": [{"type": "text", "text": "only multimodal"}]}]}, "", ""),
         ({"prompt": "   ", "messages": [{"role": "user", "content": "ignored"}]}, "", ""),
         ({}, "", ""),

@@ -342,6 +342,31 @@ def test_completion_with_surrounding_whitespace_routes(fleet: RealFleet, gateway
     assert r3.status == 200 and r3.kvcache.startswith("routed;") and r3.endpoint == holder.instance_id, r3
 
 
+def test_request_without_model_tokenized_as_the_engine_sees_it(fleet: RealFleet) -> None:
+    """Issue 10 item 6: ``default_model`` used to be sent to ``/tokenize`` when the client omitted ``model``; vLLM
+    answered 404 for the unknown name, so such requests were never routed. The body forwarded to the engine has no
+    ``model`` either, so ``/tokenize`` now gets none."""
+    need_two_live_engines(fleet)
+    gw = GatewayThread(gateway_config(fleet, {"default_model": "not-the-served-model"})).start()
+    try:
+        prompt = code_prompt("gwnomodel")
+        url = f"{gw.url}/v1/completions"
+        r1 = post(url, {"prompt": prompt, "max_tokens": 4, "temperature": 0})
+        assert r1.status == 200, r1
+        holder = engine_by_id(fleet, r1.endpoint)
+        ids = real.tokenize(holder.url, prompt)
+        real.wait_for_lookup(fleet.controller_url, ids, holder.instance_id, full_chunks(len(ids)), timeout=30)
+        r2 = post(url, {"prompt": prompt, "max_tokens": 4, "temperature": 0})
+        assert r2.status == 200, r2
+        assert r2.kvcache.startswith("routed;"), r2
+        assert r2.endpoint == holder.instance_id, r2
+        m = gw.metrics()
+        assert sample(m, "kvgate_kvcache_tokenize_calls_total", result="error") == 0
+        assert sample(m, "kvgate_kvcache_tokenize_calls_total", result="ok") >= 1
+    finally:
+        gw.stop()
+
+
 # -- cache management against the real controller and workers -------------------------------------------------------
 def _evict_calls(fleet: RealFleet) -> int:
     return Path(fleet.controller.log).read_text(errors="replace").count("POST /evict")  # type: ignore[union-attr]

@@ -7,7 +7,8 @@ Unknown keys are accepted (Pixiu ignores them) and logged by the filter factory.
 
 Keys we add (not in Pixiu): ``max_background_tasks``, ``background_queue_size``,
 ``min_match_tokens``, ``tokenize_on_miss``, ``max_imbalance_abs``, ``max_imbalance_rel``,
-``cold_placement``, ``min_match_ratio`` and ``retry.jitter``.
+``cold_placement``, ``min_match_ratio``, ``hot_max_bytes`` and ``retry.jitter``. ``hot_max_keys: 0`` means
+``DEFAULT_HOT_MAX_KEYS`` here (Pixiu: unlimited), see :meth:`KVCacheConfig.hot_key_cap`.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ DEFAULT_RECOVERY_TIMEOUT = 10.0
 DEFAULT_HALF_OPEN_MAX_CALLS = 2
 DEFAULT_MAX_BACKGROUND_TASKS = 8
 DEFAULT_BACKGROUND_QUEUE_SIZE = 1024
+DEFAULT_HOT_MAX_KEYS = 10_000  # used when hot_max_keys is 0 (Pixiu: unlimited)
+DEFAULT_HOT_MAX_BYTES = 16 * 1024 * 1024  # estimated bytes of the hot map (about 16k single-request keys)
 
 
 class _Section(BaseModel):
@@ -96,7 +99,7 @@ class KVCacheConfig(_Section):
     hot_window: Duration = 0.0
     hot_max_records: int = 0
     hot_max_keys: int = 0
-    # Accepted for compatibility; kvgate uses the runtime's shared aiohttp pool instead.
+    # The filter's own connection pool (kvgate/filters/kvcache/pool.py); 0 = no limit / no cap.
     max_idle_conns: int = 0
     max_idle_conns_per_host: int = 0
     max_conns_per_host: int = 0
@@ -120,6 +123,8 @@ class KVCacheConfig(_Section):
     cold_placement: str = "lb"
     # Route only when the match covers at least this fraction of the prompt (0 = off, Pixiu).
     min_match_ratio: float = 0.0
+    # Byte budget of the hot map (estimated; 0 = none). The map is only kept when pinning is on.
+    hot_max_bytes: int = DEFAULT_HOT_MAX_BYTES
 
     @model_validator(mode="after")
     def _apply(self) -> KVCacheConfig:
@@ -169,20 +174,23 @@ class KVCacheConfig(_Section):
             raise ConfigError("token_cache.max_size", "[kvcache] token_cache.max_size must be >= 0")
         cs = self.cache_strategy
         if not 0 <= cs.memory_threshold <= 1:
-            raise ConfigError("cache_strategy.memory_threshold",
-                              "[kvcache] cache_strategy.memory_threshold must be between 0 and 1")
+            raise ConfigError(
+                "cache_strategy.memory_threshold", "[kvcache] cache_strategy.memory_threshold must be between 0 and 1"
+            )
         if not 0 <= cs.load_threshold <= 1:
-            raise ConfigError("cache_strategy.load_threshold",
-                              "[kvcache] cache_strategy.load_threshold must be between 0 and 1")
+            raise ConfigError(
+                "cache_strategy.load_threshold", "[kvcache] cache_strategy.load_threshold must be between 0 and 1"
+            )
         if cs.hot_content_threshold < 0:
-            raise ConfigError("cache_strategy.hot_content_threshold",
-                              "[kvcache] cache_strategy.hot_content_threshold must be >= 0")
+            raise ConfigError(
+                "cache_strategy.hot_content_threshold", "[kvcache] cache_strategy.hot_content_threshold must be >= 0"
+            )
         # Checks 7-9 cannot fail after apply_defaults (kept for fidelity).
         if self.retry.max_attempts < 0:
             raise ConfigError("retry.max_attempts", "[kvcache] retry.max_attempts must be >= 0")
         if self.retry.base_backoff < 0 or self.retry.max_backoff < 0:
             raise ConfigError("retry", "[kvcache] retry backoff durations must be >= 0")
-        for key in ("hot_window", "hot_max_records", "hot_max_keys"):
+        for key in ("hot_window", "hot_max_records", "hot_max_keys", "hot_max_bytes"):
             if getattr(self, key) < 0:
                 raise ConfigError(key, f"[kvcache] {key} must be >= 0")
         # kvgate's own keys.
@@ -192,6 +200,9 @@ class KVCacheConfig(_Section):
             raise ConfigError("max_background_tasks", "[kvcache] max_background_tasks must be >= 1")
         if self.background_queue_size < 1:
             raise ConfigError("background_queue_size", "[kvcache] background_queue_size must be >= 1")
+        for key in ("max_conns_per_host", "max_idle_conns", "max_idle_conns_per_host"):
+            if getattr(self, key) < 0:
+                raise ConfigError(key, f"[kvcache] {key} must be >= 0")
         if self.min_match_tokens < 0:
             raise ConfigError("min_match_tokens", "[kvcache] min_match_tokens must be >= 0")
         if not 0 <= self.min_match_ratio <= 1:
@@ -202,6 +213,16 @@ class KVCacheConfig(_Section):
             raise ConfigError("max_imbalance_abs", "[kvcache] max_imbalance_abs must be >= 0")
         if self.max_imbalance_rel < 1:
             raise ConfigError("max_imbalance_rel", "[kvcache] max_imbalance_rel must be >= 1")
+
+    def hot_key_cap(self) -> int:
+        """The hot map's key cap: ``hot_max_keys``, or ``DEFAULT_HOT_MAX_KEYS`` when it is 0 (never unbounded)."""
+        return self.hot_max_keys if self.hot_max_keys > 0 else DEFAULT_HOT_MAX_KEYS
+
+    @property
+    def pin_active(self) -> bool:
+        """Pinning can fire, so request hotness must be recorded."""
+        cs = self.cache_strategy
+        return cs.enable_pinning and cs.hot_content_threshold > 0
 
     def effective_timeout(self, hcm_timeout: float) -> float:
         """Pixiu's ``effectiveTimeout``: request_timeout, lowered to the HCM timeout if smaller; <= 0 → 2s."""

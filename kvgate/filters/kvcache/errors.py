@@ -17,6 +17,13 @@ class CircuitOpenError(KVCacheError):
         self.breaker = breaker
 
 
+class PoolTimeout(KVCacheError, TimeoutError):
+    """The deadline passed while waiting for a connection slot (``max_conns_per_host``): nothing was sent.
+
+    A local queueing verdict, not an upstream failure: breakers do not count it and it is not retried.
+    """
+
+
 class UpstreamCallError(KVCacheError):
     """An HTTP call to vLLM or the LMCache controller failed."""
 

@@ -9,7 +9,8 @@ Extraction is Pixiu's exactly:
 * the result is stripped.
 
 What differs from Pixiu (defect fixes): the ``/tokenize`` body is *built* (``{model, prompt}`` or
-``{model, messages, add_generation_prompt: true}``), never the client's raw body, and for prompt
+``{model, messages, add_generation_prompt: true}``), never the client's raw body; its ``model`` is the
+client's (omitted when the client sent none: ``default_model`` only names the cache key); and for prompt
 requests it carries the prompt **exactly as the engine will see it** (not stripped: a leading space
 changes every token id, and so every LMCache chunk hash); the cache key covers that exact text; and
 the cache key of a chat request covers every message's role and content (canonical JSON), not the
@@ -38,6 +39,10 @@ class Extracted:
     messages: tuple[Any, ...] = ()
     tools: Any = None
     engine_prompt: str | None = None  # prompt requests: the exact text the engine tokenizes
+    # The ``model`` the engine will see: the client's own string, "" when it sent none. The proxy forwards
+    # the body unchanged, so ``default_model`` (part of the key) must not reach ``/tokenize``: vLLM answers
+    # 404 for a model name it does not serve, and without ``model`` it uses the one it serves.
+    engine_model: str = ""
 
     @property
     def key(self) -> str:
@@ -50,15 +55,14 @@ class Extracted:
         """The JSON body for vLLM ``POST /tokenize`` (``TokenizeCompletionRequest`` / ``TokenizeChatRequest``)."""
         body: dict[str, Any]
         if self.kind == "prompt":
-            body = {"model": self.model, "prompt": self.engine_text}
+            body = {"model": self.engine_model, "prompt": self.engine_text}
         else:
-            body = {"model": self.model, "messages": list(self.messages), "add_generation_prompt": True}
+            body = {"model": self.engine_model, "messages": list(self.messages), "add_generation_prompt": True}
             if self.tools is not None:
                 body["tools"] = self.tools
-        if not self.model:
+        if not self.engine_model:
             body.pop("model")
         return body
-
 
     @property
     def engine_text(self) -> str:
@@ -118,6 +122,7 @@ def extract(data: Any, default_model: str = "") -> Extracted | None:
     model, prompt = extract_prompt_and_model(data)
     if not prompt:
         return None
+    engine_model = model
     if not model:
         model = default_model
     assert isinstance(data, dict)
@@ -127,10 +132,14 @@ def extract(data: Any, default_model: str = "") -> Extracted | None:
         if isinstance(raw_prompt, list) and len(raw_prompt) == 1 and isinstance(raw_prompt[0], str):
             raw_prompt = raw_prompt[0]
         engine_prompt = raw_prompt if isinstance(raw_prompt, str) else _prompt_text(raw_prompt)
-        return Extracted(model=model, prompt=prompt, kind="prompt", engine_prompt=engine_prompt)
+        return Extracted(
+            model=model, prompt=prompt, kind="prompt", engine_prompt=engine_prompt, engine_model=engine_model
+        )
     messages = data.get("messages")
     tools = data.get("tools") if isinstance(data.get("tools"), list) else None
-    return Extracted(model=model, prompt=prompt, kind="chat", messages=tuple(messages or ()), tools=tools)
+    return Extracted(
+        model=model, prompt=prompt, kind="chat", messages=tuple(messages or ()), tools=tools, engine_model=engine_model
+    )
 
 
 def parse_body(body: bytes) -> Any:

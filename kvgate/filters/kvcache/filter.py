@@ -3,7 +3,7 @@
 Decode path (synchronous, always ``CONTINUE``, errors never reach the client):
 
 1. extract model / prompt (Pixiu rules, :mod:`.extract`); no prompt → done;
-2. record the request key in the hot map;
+2. record the request key in the hot map (only when pinning is configured: hotness feeds nothing else);
 3. routing lookup — only with ``token_cache.enabled`` and only if the tokens are already cached
    (Pixiu's rule, kept by default: the *first* request for a prompt is never routed; its background
    job tokenizes it so the next identical request can be). With ``tokenize_on_miss: true`` a miss
@@ -27,27 +27,30 @@ does not cancel an already-queued job; it is bounded by the deadline and the poo
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import aiohttp
 
-from kvgate.chain import PREFERRED_ENDPOINT_PARAM, FilterStatus, HttpFilter, RequestContext
+from kvgate.chain import JSON_OFFLOAD_BYTES, PREFERRED_ENDPOINT_PARAM, FilterStatus, HttpFilter, RequestContext
 from kvgate.config import unknown_keys
 from kvgate.filters.kvcache.config import KVCacheConfig
-from kvgate.filters.kvcache.errors import CircuitOpenError, KVCacheError, NotSupportedError
+from kvgate.filters.kvcache.errors import CircuitOpenError, DecodeError, KVCacheError, PoolTimeout
+from kvgate.filters.kvcache.events import FilterEvents
 from kvgate.filters.kvcache.extract import Extracted, ExtractError, extract
 from kvgate.filters.kvcache.hotstats import HotStats
+from kvgate.filters.kvcache.jobs import Job, JobPool
 from kvgate.filters.kvcache.lmcache_client import LMCacheClient, LookupResult, TokenizerClient
 from kvgate.filters.kvcache.metrics import KVCacheMetrics
+from kvgate.filters.kvcache.pool import HostSlots, PoolLimits, make_session
+from kvgate.filters.kvcache.remote_tokenizer import RemoteTokenizer
 from kvgate.filters.kvcache.resilience import CircuitBreaker, RetryPolicy, Sleep, retry_call
 from kvgate.filters.kvcache.signals import LoadSignals, ProcessSignals
 from kvgate.filters.kvcache.strategy import StrategyExecutor, make_decision
 from kvgate.filters.kvcache.tokens import TokenCache
+from kvgate.redact import redact_url
 from kvgate.routing.prefix import ColdPlacement, choose_prefix_endpoint
 from kvgate.runtime import Runtime
 
@@ -57,15 +60,6 @@ T = TypeVar("T")
 # tokenize_routing: request-path tokenizes (tokenize_on_miss), cut by the routing cap; kept apart from the
 # background "tokenize" breaker so slow routing tokenizes cannot stop the background work that fills the cache.
 BREAKERS = ("tokenize", "tokenize_routing", "lookup", "manage")
-
-
-@dataclass(slots=True)
-class _Job:
-    key: str
-    request: Extracted
-    lookup: LookupResult | None
-    timeout: float
-    enqueued: float
 
 
 LMCACHE_CHUNK_TOKENS = 256  # the controller's hard-coded lookup granularity
@@ -83,37 +77,86 @@ def _may_fill_a_chunk(req: Extracted) -> bool:
     return len(text.encode("utf-8")) + extra >= LMCACHE_CHUNK_TOKENS
 
 
+def _extract_and_key(data: Any, default_model: str) -> tuple[Extracted, str] | None:
+    req = extract(data, default_model)
+    return None if req is None else (req, req.key)
+
+
+async def read_request(ctx: RequestContext, default_model: str) -> tuple[Extracted, str] | None:
+    """Parse, extract and key the request. Above ``JSON_OFFLOAD_BYTES`` the parse and the canonical-JSON +
+    SHA-256 key run on worker threads, so a large body does not stall every other stream on the loop.
+    Raises ``ValueError`` (malformed JSON, :class:`ExtractError`)."""
+    data = await ctx.json_async()
+    if len(ctx.body) > JSON_OFFLOAD_BYTES:
+        return await asyncio.to_thread(_extract_and_key, data, default_model)
+    return _extract_and_key(data, default_model)
+
+
 class KVCacheFilter(HttpFilter):
     """See the module docstring. Long-lived: one instance per listener."""
 
-    def __init__(self, config: KVCacheConfig, runtime: Runtime, *, signals: LoadSignals | None = None,
-                 clock: Callable[[], float] = time.monotonic,
-                 session_factory: Callable[[], aiohttp.ClientSession] | None = None,
-                 sleep: Sleep = asyncio.sleep):
+    def __init__(
+        self,
+        config: KVCacheConfig,
+        runtime: Runtime,
+        *,
+        signals: LoadSignals | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        session_factory: Callable[[], aiohttp.ClientSession] | None = None,
+        sleep: Sleep = asyncio.sleep,
+    ):
         self.cfg = config
         self.runtime = runtime
         self.metrics = KVCacheMetrics.for_registry(runtime.metrics.registry)
         self.signals: LoadSignals = signals or ProcessSignals()
         self._sleep = sleep
-        factory = session_factory or runtime.aux_session
-        self.lmcache = LMCacheClient(factory, config.lmcache_endpoint, config.request_timeout)
-        self.tokenizer = TokenizerClient(factory, config.vllm_endpoint, config.request_timeout)
+        # One pool for the controller and tokenizer calls, built from Pixiu's keys (see .pool).
+        self.pool_limits = PoolLimits(config.max_conns_per_host, config.max_idle_conns, config.max_idle_conns_per_host)
+        self.slots = HostSlots(config.max_conns_per_host)
+        self._own_session: aiohttp.ClientSession | None = None
+        factory = session_factory or self._session
+        self.events = FilterEvents(
+            self.metrics,
+            controller_url=redact_url(config.lmcache_endpoint),
+            tokenizer_url=redact_url(config.vllm_endpoint),
+            clock=clock,
+        )
+        bad = self.events.bad_response
+        self.lmcache = LMCacheClient(factory, config.lmcache_endpoint, config.request_timeout, bad, self.slots)
+        self.tokenizer = RemoteTokenizer(
+            TokenizerClient(factory, config.vllm_endpoint, config.request_timeout, bad, self.slots),
+            lambda url: TokenizerClient(factory, url, config.request_timeout, bad, self.slots),
+            clock=clock,
+            on_fallback=self.events.tokenize_fallback,
+        )
         self.token_cache = TokenCache(max(0, config.token_cache.max_size), config.token_cache.ttl, clock)
-        self.hot = HotStats(config.hot_window, config.hot_max_records, config.hot_max_keys, clock)
+        self.hot = HotStats(
+            config.hot_window, config.hot_max_records, config.hot_key_cap(), clock, max_bytes=config.hot_max_bytes
+        )
         r = config.retry
         self.retry = RetryPolicy(r.max_attempts, r.base_backoff, r.max_backoff, r.jitter)
         cb = config.circuit_breaker
         self.breakers = {
-            name: CircuitBreaker(name, cb.failure_threshold, cb.recovery_timeout, cb.half_open_max_calls, clock,
-                                 on_change=self._breaker_changed)
+            name: CircuitBreaker(
+                name,
+                cb.failure_threshold,
+                cb.recovery_timeout,
+                cb.half_open_max_calls,
+                clock,
+                on_change=self.events.breaker_changed,
+            )
             for name in BREAKERS
         }
         for name in BREAKERS:
             self.metrics.breaker_state.labels(name).set(0)
         self.executor = StrategyExecutor(
-            config.cache_strategy, self.lmcache, self._manage_call,
+            config.cache_strategy,
+            self.lmcache,
+            self._manage_call,
             on_result=lambda action, result: self.metrics.actions.labels(action, result).inc(),
-            on_unsupported=self._action_unsupported,
+            on_unsupported=self.events.action_unsupported,
+            on_supported=self.events.action_supported,
+            clock=clock,
         )
         cs = config.cache_strategy
         self._strategy_active = bool(
@@ -122,16 +165,17 @@ class KVCacheFilter(HttpFilter):
             or (cs.enable_pinning and cs.hot_content_threshold > 0)
         )
         self.cold = ColdPlacement() if config.cold_placement == "lru" else None
-        self._queue: asyncio.Queue[_Job] | None = None
-        self._pending: set[str] = set()
-        self._workers: list[asyncio.Task[None]] = []
-        self._closed = False
-        self._running = 0
-        self._dropped = 0
-        if config.enabled and config.token_cache.enabled and config.token_cache.max_size == 0 and \
-                config.token_cache.ttl == 0:
-            log.warning("[kvcache] token_cache has neither max_size nor ttl: it grows without bound "
-                        "(set token_cache.max_size, e.g. 8192, and a ttl)")
+        self.jobs = JobPool(
+            config.max_background_tasks, config.background_queue_size, self._run_job, self.metrics, self.events
+        )
+        tc = config.token_cache
+        if config.enabled and tc.enabled and tc.max_size == 0:
+            bound = f"only its ttl ({tc.ttl:g}s) bounds it" if tc.ttl > 0 else "it grows without bound"
+            log.warning(
+                "[kvcache] token_cache.max_size is 0: the token cache has no size bound, %s "
+                "(set token_cache.max_size, e.g. 8192)",
+                bound,
+            )
         extra = unknown_keys(config)
         if extra:
             log.warning("[kvcache] ignoring unknown config keys: %s", ", ".join(extra))
@@ -139,37 +183,28 @@ class KVCacheFilter(HttpFilter):
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        self._ensure_workers()
+        if self.cfg.enabled:
+            self.jobs.start()
 
-    def _ensure_workers(self) -> None:
-        if self._workers or self._closed or not self.cfg.enabled:
-            return
-        self._queue = asyncio.Queue(maxsize=self.cfg.background_queue_size)
-        self._workers = [asyncio.create_task(self._worker(), name=f"kvcache-worker-{i}")
-                         for i in range(self.cfg.max_background_tasks)]
+    def _session(self) -> aiohttp.ClientSession:
+        """The filter's own client session (created on first use, inside the event loop)."""
+        if self._own_session is None or self._own_session.closed:
+            self._own_session = make_session(self.pool_limits)
+        return self._own_session
 
     async def close(self) -> None:
-        """Cancel the workers and drop queued jobs; shared resources (the aiohttp session) stay open."""
-        self._closed = True
-        for t in self._workers:
-            t.cancel()
-        for t in self._workers:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
-        self._workers.clear()
-        if self._queue is not None:
-            while not self._queue.empty():
-                self._queue.get_nowait()
-        self._pending.clear()
-        self.metrics.background_queue_depth.set(0)
+        """Cancel the workers, drop queued jobs and close the filter's own client session."""
+        await self.jobs.close()
+        if self._own_session is not None and not self._own_session.closed:
+            await self._own_session.close()
 
     @property
     def queue_depth(self) -> int:
-        return self._queue.qsize() if self._queue is not None else 0
+        return self.jobs.queue_depth
 
     @property
     def worker_count(self) -> int:
-        return len(self._workers)
+        return self.jobs.worker_count
 
     # ------------------------------------------------------------------ decode path
 
@@ -183,26 +218,32 @@ class KVCacheFilter(HttpFilter):
             raise
         except Exception as exc:  # never reaches the client
             self.metrics.errors.inc()
-            log.warning("[kvcache] unexpected decode error: %s: %s", type(exc).__name__, exc)
+            self.events.warn("decode_error", "[kvcache] unexpected decode error: %s: %s", type(exc).__name__, exc)
         finally:
             self.metrics.routing_added_latency.observe(time.perf_counter() - started)
         return FilterStatus.CONTINUE
 
     async def _decode(self, ctx: RequestContext) -> None:
         try:
-            req = extract(ctx.json(), self.cfg.default_model)
+            parsed = await read_request(ctx, self.cfg.default_model)
         except ValueError as exc:  # includes ExtractError
-            log.warning("[kvcache] parse request body failed: %s", exc if isinstance(exc, ExtractError) else
-                        f"invalid JSON ({len(ctx.body)} bytes)")
+            self.events.warn(
+                "parse_body",
+                "[kvcache] parse request body failed: %s",
+                exc if isinstance(exc, ExtractError) else f"invalid JSON ({len(ctx.body)} bytes)",
+            )
             return
-        if req is None:
+        if parsed is None:
             return
-        key = req.key
-        self.hot.record(key)
+        req, key = parsed
+        if self.cfg.pin_active:  # hotness only feeds the pin decision: no map without pinning
+            self.hot.record(key)
+            self.metrics.hot_keys.set(len(self.hot))
+            self.metrics.hot_bytes.set(self.hot.approx_bytes)
         lookup = await self._route(ctx, req, key)
         if self.cold is not None and PREFERRED_ENDPOINT_PARAM not in ctx.params:
             self._place_cold(ctx)
-        self._enqueue(req, key, lookup, self.cfg.effective_timeout(ctx.timeout))
+        self._enqueue(req, key, lookup, self.cfg.effective_timeout(ctx.timeout), ctx.cluster_name)
 
     async def _route(self, ctx: RequestContext, req: Extracted, key: str) -> LookupResult | None:
         m = self.metrics
@@ -216,7 +257,7 @@ class KVCacheFilter(HttpFilter):
         if tokens is None:
             m.token_cache_misses.inc()
             if self.cfg.tokenize_on_miss and _may_fill_a_chunk(req):
-                tokens = await self._tokenize_within(req, key, deadline)
+                tokens = await self._tokenize_within(req, key, deadline, ctx.cluster_name)
             if tokens is None:
                 m.routing_lookups.labels("no_tokens").inc()
                 log.debug("[kvcache] routing lookup skipped: token cache miss (key=%s)", key[:12])
@@ -233,12 +274,21 @@ class KVCacheFilter(HttpFilter):
             async with asyncio.timeout_at(deadline):
                 lookup = await retry_call(
                     lambda: breaker.call(lambda: self.lmcache.lookup(tokens, deadline=deadline), deadline=deadline),
-                    self.retry, deadline=deadline, sleep=self._sleep)
+                    self.retry,
+                    deadline=deadline,
+                    sleep=self._sleep,
+                )
         except CircuitOpenError:
             outcome = "breaker_open"
+        except PoolTimeout:
+            outcome = "pool_wait"  # max_conns_per_host saturated: not a controller failure
+            self.events.pool_wait(self.cfg.max_conns_per_host)
         except TimeoutError:
             outcome = "timeout"
             log.debug("[kvcache] routing lookup failed: timed out after %.0fms", (time.perf_counter() - t0) * 1e3)
+        except DecodeError as exc:
+            outcome = "bad_response"
+            log.debug("[kvcache] routing lookup failed: %s", exc)
         except KVCacheError as exc:
             outcome = "error"
             log.debug("[kvcache] routing lookup failed: %s", exc)
@@ -250,11 +300,12 @@ class KVCacheFilter(HttpFilter):
         outcome = self._apply_choice(ctx, lookup, len(tokens))
         m.routing_lookups.labels(outcome).inc()
         # Decision label for clients and benchmarks: which instance was preferred and why.
-        ctx.response_headers.append((b"x-kvgate-kvcache", f"{outcome};lookup_ms={(time.perf_counter() - t0) * 1e3:.1f}"
-                                     .encode()))
+        ctx.response_headers.append(
+            (b"x-kvgate-kvcache", f"{outcome};lookup_ms={(time.perf_counter() - t0) * 1e3:.1f}".encode())
+        )
         return lookup
 
-    async def _tokenize_within(self, req: Extracted, key: str, deadline: float) -> list[int] | None:
+    async def _tokenize_within(self, req: Extracted, key: str, deadline: float, cluster: str) -> list[int] | None:
         """``tokenize_on_miss``: tokenize on the request path, bounded by the routing deadline."""
         breaker = self.breakers["tokenize_routing"]
         if not breaker.would_allow():
@@ -263,12 +314,18 @@ class KVCacheFilter(HttpFilter):
         body = req.tokenize_request()
         try:
             async with asyncio.timeout_at(deadline):
-                tokens = await breaker.call(lambda: self.tokenizer.tokenize(body, deadline=deadline),
-                                            deadline=deadline)
+                tokens = await breaker.call(
+                    lambda: self.tokenizer.tokenize(body, deadline=deadline, fallbacks=self._fallbacks(cluster)),
+                    deadline=deadline,
+                )
         except (TimeoutError, KVCacheError) as exc:
             self.metrics.tokenize_calls.labels("error").inc()
-            log.debug("[kvcache] routing tokenize failed: %s (key=%s, prompt_chars=%d)",
-                      type(exc).__name__, key[:12], len(req.prompt))
+            log.debug(
+                "[kvcache] routing tokenize failed: %s (key=%s, prompt_chars=%d)",
+                type(exc).__name__,
+                key[:12],
+                len(req.prompt),
+            )
             return None
         finally:
             self.metrics.tokenize_latency.observe(time.perf_counter() - t0)
@@ -295,85 +352,37 @@ class KVCacheFilter(HttpFilter):
             log.debug("[kvcache] routing lookup returned empty instance")
             return "empty"
         cluster = self.runtime.clusters.get(ctx.cluster_name) if ctx.cluster_name else None
-        choice = choose_prefix_endpoint(lookup.matches, cluster.endpoints if cluster is not None else None,
-                                        min_match_tokens=self.cfg.min_match_tokens,
-                                        max_imbalance_abs=self.cfg.max_imbalance_abs,
-                                        max_imbalance_rel=self.cfg.max_imbalance_rel,
-                                        min_match_ratio=self.cfg.min_match_ratio, num_tokens=num_tokens)
+        choice = choose_prefix_endpoint(
+            lookup.matches,
+            cluster.endpoints if cluster is not None else None,
+            min_match_tokens=self.cfg.min_match_tokens,
+            max_imbalance_abs=self.cfg.max_imbalance_abs,
+            max_imbalance_rel=self.cfg.max_imbalance_rel,
+            min_match_ratio=self.cfg.min_match_ratio,
+            num_tokens=num_tokens,
+        )
         for reason, n in choice.rejected.items():
             self.metrics.routing_rejected.labels(reason).inc(n)
         if choice.endpoint_id is None:
             log.debug("[kvcache] routing lookup found no eligible instance (rejected: %s)", dict(choice.rejected))
             return "no_match"
         ctx.params[PREFERRED_ENDPOINT_PARAM] = choice.endpoint_id
-        log.debug("[kvcache] routing preferred endpoint set: %s (%d tokens)", choice.endpoint_id,
-                  choice.matched_tokens)
+        log.debug("[kvcache] routing preferred endpoint set: %s (%d tokens)", choice.endpoint_id, choice.matched_tokens)
         return "routed"
 
     # ------------------------------------------------------------------ background
 
-    def _enqueue(self, req: Extracted, key: str, lookup: LookupResult | None, timeout: float) -> None:
-        if self._closed:
+    def _enqueue(
+        self, req: Extracted, key: str, lookup: LookupResult | None, timeout: float, cluster: str = ""
+    ) -> None:
+        if self.jobs.closed:
             return
         needs_tokens = self.cfg.token_cache.enabled and self.token_cache.get(key, count=False) is None
         if not (needs_tokens or self._strategy_active):
             return  # nothing a job could do
-        self._ensure_workers()
-        assert self._queue is not None
-        m = self.metrics
-        if key in self._pending:
-            m.background_jobs.labels("coalesced").inc()
-            return
-        try:
-            self._queue.put_nowait(_Job(key, req, lookup, timeout, asyncio.get_running_loop().time()))
-        except asyncio.QueueFull:
-            m.background_dropped.inc()
-            m.background_jobs.labels("dropped").inc()
-            self._dropped += 1
-            if self._dropped == 1 or self._dropped % 100 == 0:  # logged, but not once per request
-                log.warning("[kvcache] background queue full (%d): job dropped (%d dropped so far)",
-                            self.cfg.background_queue_size, self._dropped)
-            return
-        self._pending.add(key)
-        m.background_queue_depth.set(self._queue.qsize())
+        self.jobs.submit(Job(key, req, lookup, timeout, asyncio.get_running_loop().time(), cluster))
 
-    async def _worker(self) -> None:
-        assert self._queue is not None
-        queue = self._queue
-        loop = asyncio.get_running_loop()
-        m = self.metrics
-        while True:
-            job = await queue.get()
-            m.background_queue_depth.set(queue.qsize())
-            result = "done"
-            try:
-                if loop.time() - job.enqueued > job.timeout:
-                    result = "expired"
-                    log.debug("[kvcache] background job expired in the queue after %.3fs (key=%s)",
-                              loop.time() - job.enqueued, job.key[:12])
-                    continue
-                self._running += 1
-                m.background_running.set(self._running)
-                try:
-                    async with asyncio.timeout(job.timeout):
-                        await self._run_job(job, loop.time() + job.timeout)
-                except TimeoutError:
-                    result = "timeout"
-                    log.debug("[kvcache] background job timed out after %.3fs (key=%s)", job.timeout, job.key[:12])
-                except KVCacheError:
-                    result = "error"  # already logged with its step
-                except Exception as exc:
-                    result = "error"
-                    log.warning("[kvcache] background job failed: %s: %s", type(exc).__name__, exc)
-                finally:
-                    self._running -= 1
-                    m.background_running.set(self._running)
-            finally:
-                self._pending.discard(job.key)
-                queue.task_done()
-                m.background_jobs.labels(result).inc()
-
-    async def _run_job(self, job: _Job, deadline: float) -> None:
+    async def _run_job(self, job: Job, deadline: float) -> None:
         tokens = self.token_cache.get(job.key, count=False)
         if tokens is None:
             tokens = await self._tokenize(job, deadline)
@@ -388,30 +397,40 @@ class KVCacheFilter(HttpFilter):
             try:
                 lookup = await self._manage_call(lambda: self.lmcache.lookup(tokens, deadline=deadline), deadline)
             except KVCacheError as exc:
-                log.warning("[kvcache] lookup failed: %s", exc)
+                self.events.warn("lookup_failed", "[kvcache] lookup failed: %s", exc)
                 raise
             finally:
                 self.metrics.lookup_latency.labels("background").observe(time.perf_counter() - t0)
-        decision = make_decision(self.cfg.cache_strategy, self.signals.sample(),
-                                 self.hot.is_hot(job.key, self.cfg.cache_strategy.hot_content_threshold))
+        decision = make_decision(
+            self.cfg.cache_strategy,
+            self.signals.sample(),
+            self.hot.is_hot(job.key, self.cfg.cache_strategy.hot_content_threshold),
+        )
         if not decision:
             return
         try:
             await self.executor.execute(decision, tokens, lookup, deadline)
         except KVCacheError as exc:
-            log.warning("[kvcache] execute strategy failed: %s", exc)
+            self.events.warn("execute_failed", "[kvcache] execute strategy failed: %s", exc)
             raise
 
-    async def _tokenize(self, job: _Job, deadline: float) -> list[int]:
+    async def _tokenize(self, job: Job, deadline: float) -> list[int]:
         t0 = time.perf_counter()
         body = job.request.tokenize_request()
         try:
+            fallbacks = self._fallbacks(job.cluster)
             tokens = await self.breakers["tokenize"].call(
-                lambda: self.tokenizer.tokenize(body, deadline=deadline), deadline=deadline)
+                lambda: self.tokenizer.tokenize(body, deadline=deadline, fallbacks=fallbacks), deadline=deadline
+            )
         except KVCacheError as exc:
             self.metrics.tokenize_calls.labels("error").inc()
-            log.warning("[kvcache] tokenize failed: %s (key=%s, prompt_chars=%d)", exc, job.key[:12],
-                        len(job.request.prompt))
+            self.events.warn(
+                "tokenize_failed",
+                "[kvcache] tokenize failed: %s (key=%s, prompt_chars=%d)",
+                exc,
+                job.key[:12],
+                len(job.request.prompt),
+            )
             raise
         finally:
             self.metrics.tokenize_latency.observe(time.perf_counter() - t0)
@@ -420,21 +439,18 @@ class KVCacheFilter(HttpFilter):
 
     async def _manage_call(self, fn: Callable[[], Awaitable[T]], deadline: float | None = None) -> T:
         breaker = self.breakers["manage"]
-        return await retry_call(lambda: breaker.call(fn, deadline=deadline), self.retry, deadline=deadline,
-                                sleep=self._sleep)
+        return await retry_call(
+            lambda: breaker.call(fn, deadline=deadline), self.retry, deadline=deadline, sleep=self._sleep
+        )
 
     # ------------------------------------------------------------------ callbacks
 
-    def _breaker_changed(self, breaker: CircuitBreaker) -> None:
-        self.metrics.breaker_state.labels(breaker.name).set(int(breaker.state))
-        log.warning("[kvcache] %s circuit breaker -> %s (failures=%d)", breaker.name, breaker.state.name,
-                    breaker.failure_count)
-
-    def _action_unsupported(self, action: str, exc: NotSupportedError) -> None:
-        self.metrics.action_supported.labels(action).set(0)
-        hint = " (LMCache 0.5.6 has no /evict route; /clear is the closest)" if action == "evict" else ""
-        log.warning("[kvcache] controller %s answered %d for /%s: route not supported%s; "
-                    "'%s' actions are disabled until restart", self.lmcache.base_url, exc.status, action, hint, action)
+    def _fallbacks(self, cluster_name: str) -> list[str]:
+        """Base URLs of the healthy endpoints of ``cluster_name`` (they serve the same model as vllm_endpoint)."""
+        cluster = self.runtime.clusters.get(cluster_name) if cluster_name else None
+        if cluster is None:
+            return []
+        return [ep.base_url for ep in cluster.healthy_endpoints()]
 
     def snapshot(self) -> dict[str, Any]:
         """Debug view (no prompt text)."""
@@ -443,7 +459,7 @@ class KVCacheFilter(HttpFilter):
             "hot_keys": len(self.hot),
             "breakers": {n: b.state.name for n, b in self.breakers.items()},
             "queue_depth": self.queue_depth,
-            "running": self._running,
-            "pending_keys": len(self._pending),
+            "running": self.jobs.running,
+            "pending_keys": self.jobs.pending_keys,
             "unsupported_actions": sorted(self.executor.unsupported),
         }

@@ -10,15 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import aiohttp
 
 from kvgate.filters.kvcache.errors import CallTimeout, DecodeError, NotSupportedError, StatusError, TransportError
+from kvgate.filters.kvcache.pool import HostSlots
+from kvgate.redact import redact_url, redact_userinfo
 
 SessionFactory = Callable[[], aiohttp.ClientSession]
+R = TypeVar("R")
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,8 +64,8 @@ def parse_layout_value(value: Any) -> InstanceMatch:
         loc, end = value.get("0", ""), value["1"]
     else:
         raise DecodeError(f"[kvcache] decode lookup response: unexpected layout_info value {value!r:.80}")
-    if isinstance(end, bool) or not isinstance(end, int | float):
-        raise DecodeError(f"[kvcache] decode lookup response: matched tokens is not a number: {end!r:.40}")
+    if isinstance(end, bool) or not isinstance(end, int | float) or not math.isfinite(end):
+        raise DecodeError(f"[kvcache] decode lookup response: matched tokens is not a finite number: {end!r:.40}")
     return InstanceMatch(location=str(loc) if loc is not None else "", matched_tokens=int(end))
 
 
@@ -80,71 +85,126 @@ def _parse_action(data: Any) -> ActionResult:
     if not isinstance(data, dict):
         raise DecodeError("[kvcache] decode controller response: not a JSON object")
     n = data.get("num_tokens", 0)
-    return ActionResult(event_id=str(data.get("event_id", "")), num_tokens=int(n) if isinstance(n, int | float) else 0)
+    finite = isinstance(n, int | float) and not isinstance(n, bool) and math.isfinite(n)
+    return ActionResult(event_id=str(data.get("event_id", "")), num_tokens=int(n) if finite else 0)
+
+
+def host_key(url: str) -> str:
+    """``host:port`` of ``url`` (the unit of ``max_conns_per_host``); no userinfo."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        return f"{parts.hostname or ''}:{port}"
+    except ValueError:
+        return url
+
+
+def _reject_constant(name: str) -> Any:
+    """``json.loads`` hook: ``NaN`` / ``Infinity`` / ``-Infinity`` are not JSON (RFC 8259) and are refused."""
+    raise ValueError(f"non-finite number {name} is not valid JSON")
+
+
+def loads_strict(body: bytes) -> Any:
+    """``json.loads`` that refuses ``NaN`` / ``Infinity`` (a ``ValueError``, like any malformed JSON)."""
+    return json.loads(body, parse_constant=_reject_constant)
 
 
 class _JsonPoster:
-    def __init__(self, session_factory: SessionFactory, base_url: str, default_timeout: float):
+    def __init__(
+        self,
+        session_factory: SessionFactory,
+        base_url: str,
+        default_timeout: float,
+        on_bad_response: Callable[[str], None] | None = None,
+        slots: HostSlots | None = None,
+    ):
         self._session_factory = session_factory
+        self._slots = slots or HostSlots(0)
+        self._on_bad_response = on_bad_response
         self.base_url = base_url.strip().rstrip("/")
+        self.log_url = redact_url(self.base_url)  # the only form of the URL that may appear in a log line
+        self.host = host_key(self.base_url)
         self.default_timeout = default_timeout
 
-    async def _post(self, path: str, payload: Mapping[str, Any], what: str, deadline: float | None) -> Any:
+    async def _post(
+        self, path: str, payload: Mapping[str, Any], what: str, deadline: float | None, parse: Callable[[Any], R]
+    ) -> R:
+        """One POST; the answer is decoded with ``parse``. Any malformed answer is a :class:`DecodeError`."""
         loop = asyncio.get_running_loop()
-        timeout = self.default_timeout if deadline is None else deadline - loop.time()
-        if timeout <= 0:
+        if deadline is None:
+            deadline = loop.time() + self.default_timeout
+        if deadline - loop.time() <= 0:
             raise CallTimeout(f"[kvcache] {what}: deadline exceeded")
-        url = self.base_url + path
-        try:
-            async with self._session_factory().post(
-                url, data=json.dumps(payload, separators=(",", ":")),
-                headers={"Content-Type": "application/json"},
-                timeout=aiohttp.ClientTimeout(total=timeout),
-            ) as resp:
-                body = await resp.read()
-                status = resp.status
-        except TimeoutError as exc:
-            raise CallTimeout(f"[kvcache] call {what}: timed out after {timeout:.3f}s") from exc
-        except (aiohttp.ClientError, OSError) as exc:
-            raise TransportError(f"[kvcache] call {what}: {type(exc).__name__}: {exc}") from exc
+        async with self._slots.slot(self.host, deadline):  # PoolTimeout: waited for a slot, nothing sent
+            timeout = deadline - loop.time()  # what the pool wait left of the deadline
+            if timeout <= 0:
+                raise CallTimeout(f"[kvcache] {what}: deadline exceeded")
+            try:
+                async with self._session_factory().post(
+                    self.base_url + path,
+                    data=json.dumps(payload, separators=(",", ":")),
+                    headers={"Content-Type": "application/json"},
+                    timeout=aiohttp.ClientTimeout(total=timeout),
+                ) as resp:
+                    body = await resp.read()
+                    status = resp.status
+            except TimeoutError as exc:
+                raise CallTimeout(f"[kvcache] call {what}: timed out after {timeout:.3f}s") from exc
+            except (aiohttp.ClientError, OSError) as exc:
+                detail = redact_userinfo(str(exc)).replace(self.base_url, self.log_url)
+                raise TransportError(f"[kvcache] call {what}: {type(exc).__name__}: {detail}") from exc
         text = body.decode("utf-8", "replace")
         if status in (404, 405):
             raise NotSupportedError(what, status, text)
         if not 200 <= status < 300:
             raise StatusError(what, status, text)
         try:
-            return json.loads(body)
-        except ValueError as exc:
-            raise DecodeError(f"[kvcache] decode {what} response: {exc}") from None
+            return parse(loads_strict(body))
+        except DecodeError:
+            self._bad_response(what)
+            raise
+        except (ValueError, TypeError, OverflowError, RecursionError) as exc:
+            # ValueError includes malformed JSON, NaN/Infinity and int(float('nan')); OverflowError: int(1e999).
+            self._bad_response(what)
+            raise DecodeError(f"[kvcache] decode {what} response: {type(exc).__name__}: {exc}") from None
+
+    def _bad_response(self, what: str) -> None:
+        if self._on_bad_response is not None:
+            self._on_bad_response(what)
 
 
 class LMCacheClient(_JsonPoster):
     """The LMCache controller HTTP API (single attempts)."""
 
     async def lookup(self, tokens: Sequence[int], *, deadline: float | None = None) -> LookupResult:
-        return parse_lookup(await self._post("/lookup", {"tokens": list(tokens)}, "lookup", deadline))
+        return await self._post("/lookup", {"tokens": list(tokens)}, "lookup", deadline, parse_lookup)
 
-    async def pin(self, tokens: Sequence[int], instance_id: str, location: str, *,
-                  deadline: float | None = None) -> ActionResult:
+    async def pin(
+        self, tokens: Sequence[int], instance_id: str, location: str, *, deadline: float | None = None
+    ) -> ActionResult:
         payload = {"tokens": list(tokens), "instance_id": instance_id, "location": location}
-        return _parse_action(await self._post("/pin", payload, "pin", deadline))
+        return await self._post("/pin", payload, "pin", deadline, _parse_action)
 
-    async def compress(self, tokens: Sequence[int], instance_id: str, location: str, method: str, *,
-                       deadline: float | None = None) -> ActionResult:
+    async def compress(
+        self, tokens: Sequence[int], instance_id: str, location: str, method: str, *, deadline: float | None = None
+    ) -> ActionResult:
         payload = {"tokens": list(tokens), "instance_id": instance_id, "location": location, "method": method}
-        return _parse_action(await self._post("/compress", payload, "compress", deadline))
+        return await self._post("/compress", payload, "compress", deadline, _parse_action)
 
     async def evict(self, tokens: Sequence[int], instance_id: str, *, deadline: float | None = None) -> ActionResult:
         payload = {"tokens": list(tokens), "instance_id": instance_id}
-        return _parse_action(await self._post("/evict", payload, "evict", deadline))
+        return await self._post("/evict", payload, "evict", deadline, _parse_action)
 
 
 class TokenizerClient(_JsonPoster):
     """vLLM ``POST {vllm_endpoint}/tokenize``; only ``tokens`` of the response is used."""
 
     async def tokenize(self, request: Mapping[str, Any], *, deadline: float | None = None) -> list[int]:
-        data = await self._post("/tokenize", request, "tokenize", deadline)
-        tokens = data.get("tokens") if isinstance(data, dict) else None
-        if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
-            raise DecodeError("[kvcache] decode tokenize response: 'tokens' is not a list of integers")
-        return tokens
+        return await self._post("/tokenize", request, "tokenize", deadline, parse_tokens)
+
+
+def parse_tokens(data: Any) -> list[int]:
+    tokens = data.get("tokens") if isinstance(data, dict) else None
+    if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+        raise DecodeError("[kvcache] decode tokenize response: 'tokens' is not a list of integers")
+    return tokens

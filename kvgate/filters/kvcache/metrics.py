@@ -11,7 +11,18 @@ import weakref
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 PREFIX = "kvgate_kvcache_"
-LOOKUP_OUTCOMES = ("routed", "no_tokens", "empty", "no_match", "error", "breaker_open", "timeout", "disabled")
+LOOKUP_OUTCOMES = (
+    "routed",
+    "no_tokens",
+    "empty",
+    "no_match",
+    "error",
+    "bad_response",
+    "pool_wait",
+    "breaker_open",
+    "timeout",
+    "disabled",
+)
 FAST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 _BY_REGISTRY: weakref.WeakKeyDictionary[CollectorRegistry, KVCacheMetrics] = weakref.WeakKeyDictionary()
@@ -24,40 +35,92 @@ class KVCacheMetrics:
         self.token_cache_hits = Counter(p + "token_cache_hits", "Token-cache hits (routing path)", registry=r)
         self.token_cache_misses = Counter(p + "token_cache_misses", "Token-cache misses (routing path)", registry=r)
         self.token_cache_size = Gauge(p + "token_cache_size", "Entries in the token cache", registry=r)
-        self.lookup_latency = Histogram(p + "lookup_latency_seconds", "LMCache /lookup latency by phase",
-                                        ["phase"], buckets=FAST_BUCKETS, registry=r)
+        self.lookup_latency = Histogram(
+            p + "lookup_latency_seconds",
+            "LMCache /lookup latency by phase",
+            ["phase"],
+            buckets=FAST_BUCKETS,
+            registry=r,
+        )
         self.routing_lookups = Counter(
-            p + "routing_lookups", "Synchronous routing decisions by outcome: " + ", ".join(LOOKUP_OUTCOMES),
-            ["outcome"], registry=r)
+            p + "routing_lookups",
+            "Synchronous routing decisions by outcome: " + ", ".join(LOOKUP_OUTCOMES),
+            ["outcome"],
+            registry=r,
+        )
         self.routing_rejected = Counter(
             p + "routing_candidates_rejected",
             "Lookup instances not eligible for routing: unknown_instance, unhealthy, below_min_match",
-            ["reason"], registry=r)
-        self.routing_added_latency = Histogram(p + "routing_added_latency_seconds",
-                                               "Time the decode step added to a request", buckets=FAST_BUCKETS,
-                                               registry=r)
-        self.tokenize_latency = Histogram(p + "tokenize_latency_seconds", "vLLM /tokenize latency",
-                                          buckets=FAST_BUCKETS, registry=r)
-        self.tokenize_calls = Counter(p + "tokenize_calls", "vLLM /tokenize calls by result (ok, error)",
-                                      ["result"], registry=r)
+            ["reason"],
+            registry=r,
+        )
+        self.routing_added_latency = Histogram(
+            p + "routing_added_latency_seconds",
+            "Time the decode step added to a request",
+            buckets=FAST_BUCKETS,
+            registry=r,
+        )
+        self.tokenize_latency = Histogram(
+            p + "tokenize_latency_seconds", "vLLM /tokenize latency", buckets=FAST_BUCKETS, registry=r
+        )
+        self.tokenize_calls = Counter(
+            p + "tokenize_calls", "vLLM /tokenize calls by result (ok, error)", ["result"], registry=r
+        )
         self.actions = Counter(
             p + "actions",
             "Cache actions by type and result (ok, error, timeout, breaker_open, unsupported, no_target)",
-            ["action", "result"], registry=r)
-        self.action_supported = Gauge(p + "action_supported",
-                                      "0 once the controller answered 404/405 for the action's route", ["action"],
-                                      registry=r)
-        self.breaker_state = Gauge(p + "breaker_state", "Circuit breaker state (0 closed, 1 open, 2 half-open)",
-                                   ["breaker"], registry=r)
+            ["action", "result"],
+            registry=r,
+        )
+        self.action_supported = Gauge(
+            p + "action_supported",
+            "0 once the controller answered 404/405 for the action's route",
+            ["action"],
+            registry=r,
+        )
+        self.action_unsupported = Counter(
+            p + "action_unsupported",
+            "404/405 answers from an action's route (the first disables it; each re-probe that fails counts too)",
+            ["action"],
+            registry=r,
+        )
+        self.breaker_state = Gauge(
+            p + "breaker_state", "Circuit breaker state (0 closed, 1 open, 2 half-open)", ["breaker"], registry=r
+        )
+        self.hot_keys = Gauge(p + "hot_keys", "Keys in the hot map (kept only when pinning is on)", registry=r)
+        self.hot_bytes = Gauge(p + "hot_bytes", "Estimated bytes held by the hot map", registry=r)
         self.background_queue_depth = Gauge(p + "background_queue_depth", "Background jobs waiting", registry=r)
         self.background_running = Gauge(p + "background_running", "Background jobs executing", registry=r)
         self.background_jobs = Counter(
             p + "background_jobs",
-            "Background jobs by result (done, error, timeout, expired, coalesced, dropped)", ["result"], registry=r)
-        self.background_dropped = Counter(p + "background_dropped", "Background jobs dropped (queue full)",
-                                          registry=r)
-        self.cold_placements = Counter(p + "cold_placements", "Requests without a usable cached prefix placed by "
-                                       "cold_placement=lru", ["endpoint"], registry=r)
+            "Background jobs by result (done, error, timeout, expired, coalesced, dropped)",
+            ["result"],
+            registry=r,
+        )
+        self.background_dropped = Counter(p + "background_dropped", "Background jobs dropped (queue full)", registry=r)
+        self.cold_placements = Counter(
+            p + "cold_placements",
+            "Requests without a usable cached prefix placed by cold_placement=lru",
+            ["endpoint"],
+            registry=r,
+        )
+        self.bad_responses = Counter(
+            p + "bad_responses",
+            "Upstream answers refused as malformed (bad JSON, NaN/Infinity, wrong shape) by call",
+            ["call"],
+            registry=r,
+        )
+        self.tokenize_fallbacks = Counter(
+            p + "tokenize_fallbacks",
+            "Tokenizations served by another engine of the route's cluster because vllm_endpoint failed",
+            registry=r,
+        )
+        self.log_suppressed = Counter(
+            p + "log_suppressed",
+            "WARNING lines suppressed by the once-per-interval rate limit, by event",
+            ["event"],
+            registry=r,
+        )
         self.errors = Counter(p + "decode_errors", "Unexpected errors swallowed on the decode path", registry=r)
         for outcome in LOOKUP_OUTCOMES:
             self.routing_lookups.labels(outcome)

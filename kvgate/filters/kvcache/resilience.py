@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from kvgate.filters.kvcache.errors import CallTimeout, CircuitOpenError, UpstreamCallError
+from kvgate.filters.kvcache.errors import CallTimeout, CircuitOpenError, PoolTimeout, UpstreamCallError
 
 T = TypeVar("T")
 
@@ -35,9 +35,15 @@ class BreakerState(enum.IntEnum):
 
 
 class CircuitBreaker:
-    def __init__(self, name: str, failure_threshold: int = 5, recovery_timeout: float = 10.0,
-                 half_open_max_calls: int = 2, clock: Callable[[], float] = time.monotonic,
-                 on_change: Callable[[CircuitBreaker], None] | None = None):
+    def __init__(
+        self,
+        name: str,
+        failure_threshold: int = 5,
+        recovery_timeout: float = 10.0,
+        half_open_max_calls: int = 2,
+        clock: Callable[[], float] = time.monotonic,
+        on_change: Callable[[CircuitBreaker], None] | None = None,
+    ):
         self.name = name
         self.failure_threshold = max(1, failure_threshold)
         self.recovery_timeout = recovery_timeout
@@ -90,13 +96,20 @@ class CircuitBreaker:
         if self.failure_count >= self.failure_threshold:
             self._set(BreakerState.OPEN)
 
+    def _give_back_trial(self) -> None:
+        """Not an upstream verdict (shutdown, client gone, pool wait): give the trial slot back, or a half-open
+        breaker whose trials all ended that way would never close again."""
+        if self.state == BreakerState.HALF_OPEN and self.half_open_calls > 0:
+            self.half_open_calls -= 1
+
     async def call(self, fn: Callable[[], Awaitable[T]], *, deadline: float | None = None) -> T:
         """Run ``fn`` through the breaker.
 
         Counted as failure: retryable :class:`UpstreamCallError` (transport, timeout, 5xx, 408/429,
         bad JSON), or a cancellation at/after ``deadline`` (loop time: the caller's cap fired, i.e. the
         upstream was too slow). A non-retryable 4xx proves the upstream is alive: counted as success.
-        Other cancellations (shutdown) are not counted.
+        Other cancellations (shutdown) are not counted, nor is :class:`PoolTimeout` (the call waited for a
+        local connection slot and never reached the upstream).
         """
         if not self.allow():
             raise CircuitOpenError(self.name)
@@ -105,10 +118,11 @@ class CircuitBreaker:
         except asyncio.CancelledError:
             if deadline is not None and asyncio.get_running_loop().time() >= deadline - 0.002:
                 self.record_failure()
-            elif self.state == BreakerState.HALF_OPEN and self.half_open_calls > 0:
-                # Not an upstream verdict (shutdown, client gone): give the trial slot back, or a
-                # half-open breaker whose trials were all cancelled would never close again.
-                self.half_open_calls -= 1
+            else:
+                self._give_back_trial()
+            raise
+        except PoolTimeout:
+            self._give_back_trial()
             raise
         except UpstreamCallError as exc:
             if exc.retryable:
@@ -132,7 +146,7 @@ class RetryPolicy:
 
     def backoff(self, n: int, rng: random.Random | None = None) -> float:
         """Wait after failed attempt ``n`` (0-based): ``min(base × 2**n, max)``; jitter scales it by [0.5, 1)."""
-        delay = min(self.base_backoff * (2 ** n), self.max_backoff)
+        delay = min(self.base_backoff * (2**n), self.max_backoff)
         if self.jitter:
             delay *= 0.5 + 0.5 * (rng or random).random()
         return delay
@@ -141,9 +155,15 @@ class RetryPolicy:
 Sleep = Callable[[float], Awaitable[None]]
 
 
-async def retry_call(fn: Callable[[], Awaitable[T]], policy: RetryPolicy, *, deadline: float | None = None,
-                     sleep: Sleep = asyncio.sleep, rng: random.Random | None = None,
-                     on_retry: Callable[[int, BaseException, float], None] | None = None) -> T:
+async def retry_call(
+    fn: Callable[[], Awaitable[T]],
+    policy: RetryPolicy,
+    *,
+    deadline: float | None = None,
+    sleep: Sleep = asyncio.sleep,
+    rng: random.Random | None = None,
+    on_retry: Callable[[int, BaseException, float], None] | None = None,
+) -> T:
     """Call ``fn`` up to ``policy.max_attempts`` times (``deadline`` in loop time).
 
     Raises the last error. No sleep after the last attempt; if the next backoff would end past the

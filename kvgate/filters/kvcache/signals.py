@@ -77,9 +77,15 @@ def memory_limit_bytes() -> int:
 class ProcessSignals:
     """Load of the current process (see module docstring)."""
 
-    def __init__(self, *, process_clock: Callable[[], float] = time.process_time,
-                 wall_clock: Callable[[], float] = time.monotonic, cpu_count: int | None = None,
-                 rss: Callable[[], int] = read_rss_bytes, memory_limit: int | None = None):
+    def __init__(
+        self,
+        *,
+        process_clock: Callable[[], float] = time.process_time,
+        wall_clock: Callable[[], float] = time.monotonic,
+        cpu_count: int | None = None,
+        rss: Callable[[], int] = read_rss_bytes,
+        memory_limit: int | None = None,
+    ):
         self._proc = process_clock
         self._wall = wall_clock
         self._cpus = max(1, cpu_count or os.cpu_count() or 1)

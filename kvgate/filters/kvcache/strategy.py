@@ -11,12 +11,16 @@ configured ``*_instance_id`` / ``*_location`` / ``compress_method`` (sent verbat
 instance id is left empty we use the instance with the longest lookup match (and its location)
 instead of sending "" — and skip the action if there is no such instance.
 
-A 404/405 answer (e.g. ``/evict``, which real LMCache 0.5.6 does not serve) marks the action
-unsupported: it is reported once through ``on_unsupported`` and not called again.
+A 404/405 answer (e.g. ``/evict``, which real LMCache 0.5.6 does not serve, or a proxy in front of the
+controller during a rollout) marks the action unsupported for a back-off: it is skipped (result
+``unsupported``) until ``UNSUPPORTED_BACKOFF_BASE`` seconds have passed, then the next decision re-probes it;
+each further 404/405 doubles the back-off up to ``UNSUPPORTED_BACKOFF_MAX``. A successful re-probe clears it.
+Every 404/405 goes to ``on_unsupported(action, exc, strikes, backoff)``; ``strikes == 1`` is the first one.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
@@ -26,6 +30,19 @@ from kvgate.filters.kvcache.lmcache_client import ActionResult, LMCacheClient, L
 from kvgate.filters.kvcache.signals import LoadSnapshot
 
 ACTION_ORDER = ("compress", "pin", "evict")
+UNSUPPORTED_BACKOFF_BASE = 30.0  # seconds before the first re-probe of a route that answered 404/405
+UNSUPPORTED_BACKOFF_MAX = 1800.0  # cap of the doubling back-off
+
+
+def unsupported_backoff(strikes: int) -> float:
+    """Back-off after the ``strikes``-th consecutive 404/405 (1-based): 30 s, 60 s, ... capped at 30 min."""
+    return min(UNSUPPORTED_BACKOFF_BASE * 2 ** max(0, strikes - 1), UNSUPPORTED_BACKOFF_MAX)
+
+
+@dataclass(slots=True)
+class _Disabled:
+    retry_at: float
+    strikes: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,22 +91,38 @@ Runner = Callable[[Callable[[], Awaitable[ActionResult]]], Awaitable[ActionResul
 class StrategyExecutor:
     """Runs a :class:`Decision` against the controller. ``run`` applies retry + the management breaker."""
 
-    def __init__(self, cfg: CacheStrategyConfig, client: LMCacheClient, run: Runner,
-                 on_result: Callable[[str, str], None] = lambda action, result: None,
-                 on_unsupported: Callable[[str, NotSupportedError], None] = lambda action, exc: None):
+    def __init__(
+        self,
+        cfg: CacheStrategyConfig,
+        client: LMCacheClient,
+        run: Runner,
+        on_result: Callable[[str, str], None] = lambda action, result: None,
+        on_unsupported: Callable[[str, NotSupportedError, int, float], None] = lambda action, exc, n, b: None,
+        on_supported: Callable[[str], None] = lambda action: None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.cfg = cfg
         self.client = client
         self._run = run
         self._on_result = on_result
         self._on_unsupported = on_unsupported
-        self.unsupported: set[str] = set()
+        self._on_supported = on_supported
+        self._clock = clock
+        self._disabled: dict[str, _Disabled] = {}
 
-    def _call(self, action: str, tokens: Sequence[int], target: Target,
-              deadline: float | None) -> Callable[[], Awaitable[ActionResult]]:
+    @property
+    def unsupported(self) -> set[str]:
+        """Actions whose route answered 404/405 and that have not succeeded since (skipped or re-probing)."""
+        return set(self._disabled)
+
+    def _call(
+        self, action: str, tokens: Sequence[int], target: Target, deadline: float | None
+    ) -> Callable[[], Awaitable[ActionResult]]:
         c, cfg = self.client, self.cfg
         if action == "compress":
-            return lambda: c.compress(tokens, target.instance_id, target.location, cfg.compress_method,
-                                      deadline=deadline)
+            return lambda: c.compress(
+                tokens, target.instance_id, target.location, cfg.compress_method, deadline=deadline
+            )
         if action == "pin":
             return lambda: c.pin(tokens, target.instance_id, target.location, deadline=deadline)
         return lambda: c.evict(tokens, target.instance_id, deadline=deadline)
@@ -102,8 +135,9 @@ class StrategyExecutor:
             return resolve_target(cfg.pin_instance_id, cfg.pin_location, lookup)
         return resolve_target(cfg.evict_instance_id, "", lookup)
 
-    async def execute(self, decision: Decision, tokens: Sequence[int], lookup: LookupResult | None,
-                      deadline: float | None = None) -> list[tuple[str, str]]:
+    async def execute(
+        self, decision: Decision, tokens: Sequence[int], lookup: LookupResult | None, deadline: float | None = None
+    ) -> list[tuple[str, str]]:
         """Execute in order; returns ``[(action, result)]``. Re-raises the first real error (stopping)."""
         done: list[tuple[str, str]] = []
 
@@ -112,7 +146,8 @@ class StrategyExecutor:
             self._on_result(action, result)
 
         for action in decision.actions():
-            if action in self.unsupported:
+            disabled = self._disabled.get(action)
+            if disabled is not None and self._clock() < disabled.retry_at:
                 note(action, "unsupported")
                 continue
             target = self._target(action, lookup)
@@ -122,9 +157,10 @@ class StrategyExecutor:
             try:
                 await self._run(self._call(action, tokens, target, deadline))
             except NotSupportedError as exc:
-                if action not in self.unsupported:
-                    self.unsupported.add(action)
-                    self._on_unsupported(action, exc)
+                strikes = disabled.strikes + 1 if disabled is not None else 1
+                backoff = unsupported_backoff(strikes)
+                self._disabled[action] = _Disabled(self._clock() + backoff, strikes)
+                self._on_unsupported(action, exc, strikes, backoff)
                 note(action, "unsupported")
                 continue
             except CircuitOpenError:
@@ -136,5 +172,8 @@ class StrategyExecutor:
             except Exception:
                 note(action, "error")
                 raise
+            if disabled is not None:
+                del self._disabled[action]
+                self._on_supported(action)
             note(action, "ok")
         return done

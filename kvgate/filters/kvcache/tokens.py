@@ -1,14 +1,17 @@
 """Token cache: a true LRU with ``max_size`` and ``ttl`` (Pixiu evicts an arbitrary entry; we fix that).
 
 Tokens are stored compactly (``array('q')``). ``max_size`` 0 = unbounded, ``ttl`` 0 = no expiry.
-An expired entry is removed when read and counts as a miss. Single-threaded (event loop) use only.
+An expired entry is removed when read (and counts as a miss) and also on every write: ``put`` drops the
+entries whose ttl has passed, oldest write first, so a cache with a ttl but no ``max_size`` stays bounded
+by the write rate × ttl instead of growing with every distinct key ever seen. Amortised O(1) per write.
+Single-threaded (event loop) use only.
 """
 
 from __future__ import annotations
 
 import time
 from array import array
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -33,9 +36,12 @@ class TokenCache:
         self.ttl = ttl
         self._clock = clock
         self._data: OrderedDict[str, tuple[array[int], float]] = OrderedDict()
+        # (expiry, key) in write order; with one ttl for all entries expiry is non-decreasing along it.
+        self._expiry: deque[tuple[float, str]] = deque()
         self.hits = 0
         self.misses = 0
         self.evictions = 0
+        self.expired = 0
 
     def __len__(self) -> int:
         return len(self._data)
@@ -57,16 +63,38 @@ class TokenCache:
 
     def put(self, key: str, tokens: Sequence[int]) -> None:
         """Store (or replace) ``key``; evicts least-recently-used entries beyond ``max_size``."""
-        expires = self._clock() + self.ttl if self.ttl > 0 else float("inf")
+        now = self._clock()
+        if self.ttl > 0:
+            self.purge_expired(now)
+        expires = now + self.ttl if self.ttl > 0 else float("inf")
         self._data[key] = (array("q", tokens), expires)
         self._data.move_to_end(key)
+        if self.ttl > 0:
+            self._expiry.append((expires, key))
+            if len(self._expiry) > 2 * len(self._data) + 64:  # stale marks (rewrites, LRU evictions): compact
+                self._expiry = deque(sorted((exp, k) for k, (_, exp) in self._data.items()))
         if self.max_size > 0:
             while len(self._data) > self.max_size:
                 self._data.popitem(last=False)
                 self.evictions += 1
 
+    def purge_expired(self, now: float | None = None) -> int:
+        """Drop every entry whose ttl has passed; returns how many were dropped."""
+        now = self._clock() if now is None else now
+        dropped = 0
+        q = self._expiry
+        while q and q[0][0] <= now:
+            expires, key = q.popleft()
+            item = self._data.get(key)
+            if item is not None and item[1] == expires:  # not rewritten since (a rewrite queued a later expiry)
+                del self._data[key]
+                dropped += 1
+        self.expired += dropped
+        return dropped
+
     def clear(self) -> None:
         self._data.clear()
+        self._expiry.clear()
 
     def stats(self) -> TokenCacheStats:
         return TokenCacheStats(size=len(self._data), hits=self.hits, misses=self.misses)
