@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 
-from kvgate.sim.fleet import Fleet, start_fleet
+from kvgate_sim.fleet import Fleet, start_fleet
 from tests.e2e.test_kvcache_fleet import LONG, gateway, metric, wait_for
 
 

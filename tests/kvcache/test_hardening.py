@@ -416,7 +416,7 @@ async def test_large_body_parse_and_key_do_not_block_the_loop(hh: Harness) -> No
     assert status == FilterStatus.CONTINUE and turns > 0  # main: parse + canonical JSON + SHA-256 inline (0 turns)
     inline = extract(json.loads(big.body), "")
     assert inline is not None  # the key computed off the loop is the inline one: its tokens get cached
-    await wait_for(lambda: flt.token_cache.get(inline.key, count=False) is not None)
+    await wait_for(lambda: flt.token_cache.get(inline.key, count=False) is not None, limit=20.0)
     small = make_ctx({"model": "m", "prompt": "short"})
     turns, _ = await _loop_turns_during(flt.decode(small))
     assert turns == 0  # below the threshold the work stays inline (cheaper than a thread hop)
