@@ -36,6 +36,7 @@ from kvgate.cluster import ClusterState, EndpointState
 from kvgate.config import Duration
 from kvgate.durations import parse_duration
 from kvgate.errors import NoHealthyEndpoint, UpstreamError, UpstreamTimeout
+from kvgate.payload import request_body
 from kvgate.ratelog import RateLimitedLog
 from kvgate.runtime import Runtime
 
@@ -267,7 +268,7 @@ class ProxyFilter(HttpFilter):
                         resp = await self._client().request(
                             ctx.method,
                             url,
-                            data=ctx.body or None,
+                            data=request_body(ctx.body) if ctx.body else None,
                             headers=self._headers(ctx, ep),
                             allow_redirects=False,
                             compress=False,

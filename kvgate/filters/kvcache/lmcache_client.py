@@ -20,6 +20,7 @@ import aiohttp
 
 from kvgate.filters.kvcache.errors import CallTimeout, DecodeError, NotSupportedError, StatusError, TransportError
 from kvgate.filters.kvcache.pool import HostSlots
+from kvgate.payload import request_body
 from kvgate.redact import redact_url, redact_userinfo
 
 SessionFactory = Callable[[], aiohttp.ClientSession]
@@ -142,7 +143,7 @@ class _JsonPoster:
             try:
                 async with self._session_factory().post(
                     self.base_url + path,
-                    data=json.dumps(payload, separators=(",", ":")),
+                    data=request_body(json.dumps(payload, separators=(",", ":")).encode()),
                     headers={"Content-Type": "application/json"},
                     timeout=aiohttp.ClientTimeout(total=timeout),
                 ) as resp:
