@@ -95,7 +95,10 @@ def json_bytes(obj: Any) -> bytes:
 
 
 async def send_response(
-    send: Send, status: int, body: bytes, content_type: bytes = b"application/json",
+    send: Send,
+    status: int,
+    body: bytes,
+    content_type: bytes = b"application/json",
     headers: Iterable[tuple[bytes, bytes]] = (),
 ) -> None:
     hdrs: Headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
@@ -114,7 +117,10 @@ def openai_error(message: str, type_: str, code: int | str | None, param: str | 
 
 
 async def send_stream(
-    send: Send, status: int, chunks: AsyncIterator[bytes], content_type: bytes = b"text/event-stream",
+    send: Send,
+    status: int,
+    chunks: AsyncIterator[bytes],
+    content_type: bytes = b"text/event-stream",
     headers: Iterable[tuple[bytes, bytes]] = (),
 ) -> None:
     hdrs: Headers = [(b"content-type", content_type), (b"cache-control", b"no-cache")]

@@ -65,7 +65,7 @@ async def test_pixiu_sample_scenario_second_request_goes_to_prefix_holder(fleet:
             url = f"{gw.url}/v1/completions"
             first, _ = await post(s, url, {"model": MODEL, "prompt": LONG, "max_tokens": 4})
             # The first request is not routed (Pixiu rule); its background job tokenizes the prompt.
-            await wait_for(lambda: metric(s, gw.admin_url, "kvgate_kvcache_tokenize_calls_total{result=\"ok\"}"))
+            await wait_for(lambda: metric(s, gw.admin_url, 'kvgate_kvcache_tokenize_calls_total{result="ok"}'))
             served = [first]
             for _ in range(3):  # round robin alone would alternate
                 inst, body = await post(s, url, {"model": MODEL, "prompt": LONG, "max_tokens": 4})
@@ -77,8 +77,9 @@ async def test_pixiu_sample_scenario_second_request_goes_to_prefix_holder(fleet:
             async with s.post(url, json={"model": MODEL, "prompt": "short, unseen", "max_tokens": 1}) as r:
                 assert "x-kvgate-kvcache" not in r.headers  # not routed: no tokens cached yet
             routed = await metric(s, gw.admin_url, 'kvgate_kvcache_routing_lookups_total{outcome="routed"}')
-            honored = await metric(s, gw.admin_url, 'kvgate_preferred_endpoint_decisions_total{cluster="sim_fleet",'
-                                                    'outcome="honored"}')
+            honored = await metric(
+                s, gw.admin_url, 'kvgate_preferred_endpoint_decisions_total{cluster="sim_fleet",outcome="honored"}'
+            )
     finally:
         await gw.stop()
     assert served == [first] * 5
@@ -97,16 +98,25 @@ async def test_tokenize_on_miss_routes_the_next_chat_turn(fleet: Fleet) -> None:
                 owners.append(inst)
                 if turn > 0:  # every new turn is a new prompt, routed on its first request
                     assert body["usage"]["prompt_tokens_details"]["cached_tokens"] >= 256
-                msgs = [*msgs, {"role": "assistant", "content": body["choices"][0]["message"]["content"]},
-                        {"role": "user", "content": f"follow-up {turn}"}]
+                msgs = [
+                    *msgs,
+                    {"role": "assistant", "content": body["choices"][0]["message"]["content"]},
+                    {"role": "user", "content": f"follow-up {turn}"},
+                ]
     finally:
         await gw.stop()
     assert len(set(owners)) == 1
 
 
 async def test_pin_compress_evict_reach_the_controller(fleet: Fleet) -> None:
-    kv = {"cache_strategy": {"enable_pinning": True, "hot_content_threshold": 1, "pin_instance_id": "",
-                             "pin_location": "LocalCPUBackend"}}
+    kv = {
+        "cache_strategy": {
+            "enable_pinning": True,
+            "hot_content_threshold": 1,
+            "pin_instance_id": "",
+            "pin_location": "LocalCPUBackend",
+        }
+    }
     gw = await gateway(fleet, kv)
     try:
         async with aiohttp.ClientSession() as s:
@@ -136,9 +146,14 @@ class _Hang:
 async def test_hanging_controller_costs_at_most_the_routing_cap_then_breaker_opens(fleet: Fleet) -> None:
     hang = _Hang()
     ctl = await start_server(hang.router)
-    cfg = fleet.gateway_config(kvcache={"lmcache_endpoint": ctl.url, "lookup_routing_timeout": "100ms",
-                                        "tokenize_on_miss": True,
-                                        "circuit_breaker": {"failure_threshold": 3, "recovery_timeout": "60s"}})
+    cfg = fleet.gateway_config(
+        kvcache={
+            "lmcache_endpoint": ctl.url,
+            "lookup_routing_timeout": "100ms",
+            "tokenize_on_miss": True,
+            "circuit_breaker": {"failure_threshold": 3, "recovery_timeout": "60s"},
+        }
+    )
     gw = await start_gateway(parse_config(cfg), port=0, admin_port=0)
     try:
         async with aiohttp.ClientSession() as s:

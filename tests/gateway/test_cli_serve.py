@@ -34,16 +34,29 @@ async def test_serve_drains_in_flight_stream_on_sigterm(upstreams: Upstreams, tm
     cfg.write_text(yaml.safe_dump(gateway_config([a])))
     env = {**os.environ, "KVGATE_ADMIN_PORT": "0"}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "kvgate.cli", "serve", "-c", str(cfg), "--port", "0", "--log-level", "warning",
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+        sys.executable,
+        "-m",
+        "kvgate.cli",
+        "serve",
+        "-c",
+        str(cfg),
+        "--port",
+        "0",
+        "--log-level",
+        "warning",
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
     try:
         url, admin = await _read_ready(proc)
         assert url.startswith("http://127.0.0.1:") and admin.startswith("http://127.0.0.1:")
         async with aiohttp.ClientSession() as s:
             async with s.get(f"{admin}/readyz") as r:
                 assert r.status == 200
-            async with s.post(f"{url}/v1/completions",
-                              json={"prompt": "x", "stream": True, "x_chunks": 6, "x_gap": 0.2}) as r:
+            async with s.post(
+                f"{url}/v1/completions", json={"prompt": "x", "stream": True, "x_chunks": 6, "x_gap": 0.2}
+            ) as r:
                 first = await r.content.readuntil(b"\n\n")
                 proc.send_signal(signal.SIGTERM)  # mid-stream
                 rest = await asyncio.wait_for(r.read(), 20)
@@ -62,7 +75,8 @@ def test_serve_rejects_an_invalid_config_with_the_key(tmp_path: Path) -> None:
     bad["clusters"][0]["lb_policy"] = "nope"
     cfg = tmp_path / "bad.yaml"
     cfg.write_text(yaml.safe_dump(bad))
-    r = subprocess.run([sys.executable, "-m", "kvgate.cli", "serve", "-c", str(cfg)], capture_output=True,
-                       text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "kvgate.cli", "serve", "-c", str(cfg)], capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 2
     assert "clusters[0].lb_policy" in r.stderr

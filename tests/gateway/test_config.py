@@ -17,11 +17,20 @@ from kvgate.errors import ConfigError
 from kvgate.server import Gateway, redact
 
 SEED = Path(__file__).resolve().parents[2] / "examples" / "pixiu-seed-config.yaml"
-CLUSTERS = [{"name": "vllm_cluster", "lb_policy": "RoundRobin", "endpoints": [
-    {"id": "vllm-instance-1", "socket_address": {"address": "127.0.0.1", "port": 8000},
-     "llm_meta": {"api_key": "sk-live", "retry_policy": {"name": "ExponentialBackoff"}, "fallback": True}},
-    {"id": "vllm-instance-2", "socket_address": {"address": "127.0.0.1", "port": 8001}},
-]}]
+CLUSTERS = [
+    {
+        "name": "vllm_cluster",
+        "lb_policy": "RoundRobin",
+        "endpoints": [
+            {
+                "id": "vllm-instance-1",
+                "socket_address": {"address": "127.0.0.1", "port": 8000},
+                "llm_meta": {"api_key": "sk-live", "retry_policy": {"name": "ExponentialBackoff"}, "fallback": True},
+            },
+            {"id": "vllm-instance-2", "socket_address": {"address": "127.0.0.1", "port": 8001}},
+        ],
+    }
+]
 
 
 def seed_text() -> str:
@@ -58,26 +67,53 @@ def test_static_resources_layout() -> None:
 @pytest.mark.parametrize(
     ("mutate", "path", "reason"),
     [
-        (lambda d: d["listeners"][0]["filter_chains"]["filters"][0]["config"]["http_filters"].insert(
-            0, {"name": "dgp.filter.nope"}),
-         "listeners[0].filter_chains.filters[0].config.http_filters[0].name", "unknown filter 'dgp.filter.nope'"),
-        (lambda d: d["clusters"][0].__setitem__("lb_policy", "fastest"), "clusters[0].lb_policy",
-         "unknown lb_policy 'fastest'"),
-        (lambda d: d["clusters"][0].__setitem__("name", "other"),
-         "listeners[0].filter_chains.filters[0].config.route_config.routes[0].route.cluster",
-         "unknown cluster 'vllm_cluster'"),
-        (lambda d: d["clusters"][0]["endpoints"][1]["socket_address"].__setitem__("port", 70000),
-         "clusters[0].endpoints[1].socket_address.port", "less than or equal to 65535"),
-        (lambda d: d["clusters"][0]["endpoints"][1]["socket_address"].__setitem__("port", "http"),
-         "clusters[0].endpoints[1].socket_address.port", "valid integer"),
-        (lambda d: d["clusters"][0]["endpoints"][1].__setitem__("id", "vllm-instance-1"),
-         "clusters[0].endpoints[1].id", "duplicate endpoint id 'vllm-instance-1'"),
-        (lambda d: d["clusters"][0]["endpoints"][0]["llm_meta"]["retry_policy"].__setitem__("name", "Forever"),
-         "clusters[0].endpoints[0].llm_meta.retry_policy.name", "unknown retry policy 'Forever'"),
-        (lambda d: d["listeners"][0]["filter_chains"]["filters"][0]["config"].__setitem__("timeout", "5 sec"),
-         "listeners[0].filter_chains.filters[0].config.timeout", "invalid duration"),
-        (lambda d: d["listeners"][0]["filter_chains"]["filters"][0]["config"]["http_filters"].pop(),
-         "listeners[0].filter_chains.filters[0].config.http_filters", "no terminal filter"),
+        (
+            lambda d: d["listeners"][0]["filter_chains"]["filters"][0]["config"]["http_filters"].insert(
+                0, {"name": "dgp.filter.nope"}
+            ),
+            "listeners[0].filter_chains.filters[0].config.http_filters[0].name",
+            "unknown filter 'dgp.filter.nope'",
+        ),
+        (
+            lambda d: d["clusters"][0].__setitem__("lb_policy", "fastest"),
+            "clusters[0].lb_policy",
+            "unknown lb_policy 'fastest'",
+        ),
+        (
+            lambda d: d["clusters"][0].__setitem__("name", "other"),
+            "listeners[0].filter_chains.filters[0].config.route_config.routes[0].route.cluster",
+            "unknown cluster 'vllm_cluster'",
+        ),
+        (
+            lambda d: d["clusters"][0]["endpoints"][1]["socket_address"].__setitem__("port", 70000),
+            "clusters[0].endpoints[1].socket_address.port",
+            "less than or equal to 65535",
+        ),
+        (
+            lambda d: d["clusters"][0]["endpoints"][1]["socket_address"].__setitem__("port", "http"),
+            "clusters[0].endpoints[1].socket_address.port",
+            "valid integer",
+        ),
+        (
+            lambda d: d["clusters"][0]["endpoints"][1].__setitem__("id", "vllm-instance-1"),
+            "clusters[0].endpoints[1].id",
+            "duplicate endpoint id 'vllm-instance-1'",
+        ),
+        (
+            lambda d: d["clusters"][0]["endpoints"][0]["llm_meta"]["retry_policy"].__setitem__("name", "Forever"),
+            "clusters[0].endpoints[0].llm_meta.retry_policy.name",
+            "unknown retry policy 'Forever'",
+        ),
+        (
+            lambda d: d["listeners"][0]["filter_chains"]["filters"][0]["config"].__setitem__("timeout", "5 sec"),
+            "listeners[0].filter_chains.filters[0].config.timeout",
+            "invalid duration",
+        ),
+        (
+            lambda d: d["listeners"][0]["filter_chains"]["filters"][0]["config"]["http_filters"].pop(),
+            "listeners[0].filter_chains.filters[0].config.http_filters",
+            "no terminal filter",
+        ),
         (lambda d: d.pop("listeners"), "listeners", "Field required"),
     ],
 )
@@ -101,9 +137,16 @@ def test_kvcache_filter_config_error_names_the_key() -> None:
 
 
 def test_pixiu_lb_names_and_aliases() -> None:
-    for name, canon in [("RoundRobin", "round_robin"), ("Rand", "random"), ("RingHashing", "ring_hash"),
-                        ("MaglevHashing", "maglev"), ("WeightRandom", "weighted_random"),
-                        ("round_robin", "round_robin"), ("random", "random"), ("least_request", "least_request")]:
+    for name, canon in [
+        ("RoundRobin", "round_robin"),
+        ("Rand", "random"),
+        ("RingHashing", "ring_hash"),
+        ("MaglevHashing", "maglev"),
+        ("WeightRandom", "weighted_random"),
+        ("round_robin", "round_robin"),
+        ("random", "random"),
+        ("least_request", "least_request"),
+    ]:
         data = seed_with_clusters()
         data["clusters"][0]["lb_policy"] = name
         assert parse_config(data).clusters[0].lb_policy == canon
@@ -146,8 +189,11 @@ def test_check_config_cli(tmp_path: Path) -> None:
     assert r.returncode == 2
     assert "clusters[0].endpoints[0].socket_address.port" in r.stderr
     (tmp_path / "broken.yaml").write_text("listeners: [\n")
-    r = subprocess.run([sys.executable, "-m", "kvgate.cli", "check-config", str(tmp_path / "broken.yaml")],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "kvgate.cli", "check-config", str(tmp_path / "broken.yaml")],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and "invalid YAML" in r.stderr
 
 
@@ -162,17 +208,20 @@ def test_terminal_filter_must_be_last_and_unique() -> None:
 
 
 def test_redaction_of_url_credentials_keeps_other_keys() -> None:
-    out = redact({"lmcache_endpoint": "http://user:pw@127.0.0.1:9000/x", "token_cache": {"max_size": 5},
-                  "api_key": "sk"})
-    assert out == {"lmcache_endpoint": "http://***@127.0.0.1:9000/x", "token_cache": {"max_size": 5},
-                   "api_key": "***"}
+    out = redact(
+        {"lmcache_endpoint": "http://user:pw@127.0.0.1:9000/x", "token_cache": {"max_size": 5}, "api_key": "sk"}
+    )
+    assert out == {"lmcache_endpoint": "http://***@127.0.0.1:9000/x", "token_cache": {"max_size": 5}, "api_key": "***"}
 
 
-@pytest.mark.parametrize(("hc", "key", "reason"), [
-    ({"interval": "0s"}, "interval", "greater than 0"),
-    ({"timeout": "-1s"}, "timeout", "greater than 0"),
-    ({"path": "health"}, "path", "must start with '/'"),
-])
+@pytest.mark.parametrize(
+    ("hc", "key", "reason"),
+    [
+        ({"interval": "0s"}, "interval", "greater than 0"),
+        ({"timeout": "-1s"}, "timeout", "greater than 0"),
+        ({"path": "health"}, "path", "must start with '/'"),
+    ],
+)
 def test_active_health_check_validation(hc: dict[str, Any], key: str, reason: str) -> None:
     data = seed_with_clusters()
     data["clusters"][0]["health_check"] = hc

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from kvgate_sim.tokenizer import ChatTemplateError, get_tokenizer, render_chat
 from kvgate.tokenization import LocalTokenizer, TokenizationError
+from kvgate_sim.tokenizer import ChatTemplateError, get_tokenizer, render_chat
 
 ASSET = Path(__file__).resolve().parents[2] / "assets" / "tokenizers" / "sim-qwen2.5"
 
