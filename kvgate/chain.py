@@ -1,4 +1,4 @@
-"""HTTP filter chain: the filter registry, the per-request context and the filter interface.
+"""HTTP filter chain: the filter-kind registry, the per-request context and the filter interface.
 
 A filter kind = a typed config model + a factory + ``decode`` (and optionally ``encode``). Filters
 are built once per listener (long-lived state such as caches and breakers lives on the instance)
@@ -12,13 +12,15 @@ import asyncio
 import enum
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from kvgate.errors import ConfigError
+from kvgate.config import config_error_from_validation
+from kvgate.errors import ConfigError, RegistryError
 
 if TYPE_CHECKING:
     from kvgate.runtime import Runtime
@@ -49,7 +51,7 @@ class UpstreamResponse:
 
     status: int
     headers: list[tuple[bytes, bytes]]
-    body: AsyncIterator[bytes]
+    body: AsyncGenerator[bytes, None]  # closed with aclose() when the client goes away
     endpoint_id: str | None = None
     on_close: Callable[[], None] | None = None
 
@@ -154,38 +156,55 @@ _REGISTRY: dict[str, FilterKind[Any]] = {}
 def register_filter(
     name: str, config_model: type[C], *, terminal: bool = False
 ) -> Callable[[FactoryFn[C]], FactoryFn[C]]:
+    """Decorator registering a filter kind (Pixiu's ``filter.RegisterHttpFilter``): a duplicate ``name`` is an error.
+
+    This module knows no concrete filter: the built-in kinds register themselves when :mod:`kvgate.registry`
+    (the plugin index) imports them.
+    """
+
     def deco(fn: FactoryFn[C]) -> FactoryFn[C]:
+        if name in _REGISTRY:
+            raise RegistryError(f"filter kind {name!r} is already registered")
         _REGISTRY[name] = FilterKind(name, config_model, fn, terminal)
         return fn
 
     return deco
 
 
-def _ensure_builtin_filters() -> None:
-    # Importing registers the built-in kinds.
-    import kvgate.filters.kvcache
-    import kvgate.filters.proxy  # noqa: F401
+def unregister_filter(name: str) -> None:
+    """Remove a registered kind (tests and plugins that are unloaded); unknown names are an error."""
+    if _REGISTRY.pop(name, None) is None:
+        raise RegistryError(f"filter kind {name!r} is not registered")
+
+
+@contextmanager
+def registered_filter(
+    name: str, config_model: type[C], factory: FactoryFn[C], *, terminal: bool = False
+) -> Iterator[FilterKind[C]]:
+    """Register a kind for the duration of a ``with`` block (test filters must not leak into the registry)."""
+    register_filter(name, config_model, terminal=terminal)(factory)
+    try:
+        yield _REGISTRY[name]
+    finally:
+        unregister_filter(name)
 
 
 def registered_kinds() -> list[str]:
-    _ensure_builtin_filters()
     return sorted(_REGISTRY)
 
 
 def get_kind(name: str) -> FilterKind[Any] | None:
-    _ensure_builtin_filters()
     return _REGISTRY.get(name)
 
 
 def validate_filter_config(name: str, raw: dict[str, Any] | None, path: str) -> BaseModel:
     """Validate a filter's ``config`` map; errors name ``<path>.config.<key>``."""
-    from kvgate.config import config_error_from_validation
-
     kind = get_kind(name)
     if kind is None:
         raise ConfigError(f"{path}.name", f"unknown filter {name!r} (known: {', '.join(registered_kinds())})")
+    model: type[BaseModel] = kind.config_model
     try:
-        return kind.config_model.model_validate(raw or {})
+        return model.model_validate(raw or {})
     except ValidationError as exc:
         raise config_error_from_validation(exc, prefix=f"{path}.config") from None
     except ConfigError as exc:
@@ -194,7 +213,8 @@ def validate_filter_config(name: str, raw: dict[str, Any] | None, path: str) -> 
 
 def build_filter(name: str, config: BaseModel, runtime: Runtime) -> HttpFilter:
     kind = get_kind(name)
-    assert kind is not None
+    if kind is None:
+        raise RegistryError(f"filter kind {name!r} is not registered")
     flt = kind.factory(config, runtime)
     flt.kind = name
     return flt

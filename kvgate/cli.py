@@ -75,15 +75,15 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     from kvgate.config import load_config
-    from kvgate.server import Gateway
+    from kvgate.registry import check_config
 
     try:
         cfg = load_config(args.file)
-        gw = Gateway(cfg)  # builds and validates every filter config
+        checked = check_config(cfg)  # every filter config and the terminal filter; no runtime is built
     except ConfigError as exc:
         print(f"invalid: {exc}", file=sys.stderr)
         return 2
-    for w in gw.warnings:
+    for w in checked.warnings:
         print(f"warning: {w}")
     n_ep = sum(len(c.endpoints) for c in cfg.clusters)
     print(f"ok: {len(cfg.listeners)} listener(s), {len(cfg.clusters)} cluster(s), {n_ep} endpoint(s)")

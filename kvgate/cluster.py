@@ -6,13 +6,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import aiohttp
 
 from kvgate.config import Cluster, Endpoint
 from kvgate.metrics import Metrics
-from kvgate.routing.balancers import Balancer, RingHash, make_balancer
+from kvgate.routing.balancers import Balancer, make_balancer
 
 log = logging.getLogger("kvgate.cluster")
 
@@ -74,7 +74,7 @@ class ClusterState:
         self.name = config.name
         self.endpoints = [EndpointState(config.name, i, ep) for i, ep in enumerate(config.endpoints)]
         self._by_id = {ep.id: ep for ep in self.endpoints}
-        self.balancer: Balancer = make_balancer(config.lb_policy)
+        self.balancer: Balancer = make_balancer(config.lb_policy, members=[ep.id for ep in self.endpoints])
         self._metrics = metrics
         self._clock = clock
         for ep in self.endpoints:
@@ -90,11 +90,7 @@ class ClusterState:
     def pick(self, key: str | None = None, exclude: set[str] | frozenset[str] = frozenset()) -> EndpointState | None:
         now = self._clock()
         cands = [ep for ep in self.endpoints if ep.id not in exclude and ep.healthy(now)]
-        if isinstance(self.balancer, RingHash):
-            picked = self.balancer.pick_from([e.id for e in self.endpoints], cands, key)
-        else:
-            picked = self.balancer.pick(cands, key)
-        return picked  # type: ignore[return-value]
+        return self.balancer.pick(cands, key)
 
     def _eject(self, ep: EndpointState, base_s: float, reason: str) -> None:
         """Cool ``ep`` down for ``base_s`` × 2^(ejections) (capped), like Envoy's ejection-time multiplier."""
@@ -181,7 +177,7 @@ class ClusterManager:
     def get(self, name: str) -> ClusterState | None:
         return self._clusters.get(name)
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[ClusterState]:
         return iter(self._clusters.values())
 
     async def start_health_checks(

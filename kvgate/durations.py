@@ -6,10 +6,15 @@ import re
 
 _UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 _PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+_NUMBER = re.compile(r"\d+(?:\.\d*)?|\.\d+")
 
 
 def parse_duration(value: object) -> float:
-    """Seconds from a Go duration string, or a bare number of seconds. Raises ``ValueError``."""
+    """Seconds from a Go duration string, or a YAML number (seconds). Raises ``ValueError``.
+
+    Like Go's ``time.ParseDuration``, a string needs a unit on every number ("5" is an error, "5s" is not);
+    only "0" may go without one.
+    """
     if isinstance(value, bool):
         raise ValueError("duration must be a string like '50ms' or '2s'")
     if isinstance(value, int | float):
@@ -31,6 +36,8 @@ def parse_duration(value: object) -> float:
         total += float(m.group(1)) * _UNITS[m.group(2)]
         pos = m.end()
     if pos != len(text) or pos == 0:
+        if _NUMBER.fullmatch(text[pos:]):
+            raise ValueError(f"invalid duration {value!r}: missing unit (Go syntax such as '5s' or '50ms')")
         raise ValueError(f"invalid duration {value!r} (use Go syntax such as '50ms', '2s', '10m')")
     return sign * total
 

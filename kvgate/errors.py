@@ -16,6 +16,41 @@ class ConfigError(KVGateError, ValueError):
         super().__init__(f"{path}: {reason}" if path else reason)
 
 
+class RegistryError(KVGateError, ValueError):
+    """A filter kind registered twice, or used/removed without being registered (a programming error)."""
+
+
+class CallError(KVGateError):
+    """A call to a dependency (an engine, the LMCache controller, ...) failed; see :mod:`kvgate.resilience`.
+
+    ``retryable``: another attempt may succeed (transport error, timeout, 5xx). A ``False`` answer also proves the
+    dependency alive, so a circuit breaker counts it as a success.
+    """
+
+    @property
+    def retryable(self) -> bool:
+        return True
+
+
+class DeadlineExceeded(CallError, TimeoutError):
+    """The caller's deadline passed before the call could be (re)tried."""
+
+
+class CircuitOpen(KVGateError):
+    """A circuit breaker rejected the call."""
+
+    def __init__(self, breaker: str):
+        super().__init__(f"{breaker} circuit breaker open")
+        self.breaker = breaker
+
+
+class LocalWaitTimeout(KVGateError, TimeoutError):
+    """The deadline passed while waiting for a local resource (e.g. a connection slot): nothing was sent.
+
+    Not a verdict on the dependency: breakers do not count it and it is not retried.
+    """
+
+
 class UpstreamError(KVGateError):
     """An upstream call failed before any byte reached the client."""
 

@@ -150,7 +150,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         log.debug("ignored an unsupported Upgrade request header")
 
     # -- protocol interface --------------------------------------------------------------------------
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # as uvicorn narrows it
         super().connection_made(transport)
         self._arm(self.limits.request_headers_timeout, self._header_timeout)
 
@@ -226,7 +226,8 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         super().on_headers_complete()
         cycle = self.cycle
         if cycle is not None:
-            self.scope["extensions"]["kvgate.abort"] = lambda: self._abort(cycle)
+            extensions: dict[str, Any] = self.scope["extensions"]  # typed as dict values; ours is a callable
+            extensions["kvgate.abort"] = lambda: self._abort(cycle)
             self._arm(self.limits.request_body_timeout, self._body_timeout)
 
     def on_body(self, body: bytes) -> None:

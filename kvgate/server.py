@@ -28,11 +28,12 @@ from kvgate.asgi import (
     send_json,
     send_response,
 )
-from kvgate.chain import FilterStatus, HttpFilter, RequestContext, build_filter, get_kind, validate_filter_config
-from kvgate.config import GatewayConfig, HttpConnectionManager, Listener, unknown_keys
-from kvgate.errors import ConfigError, UpstreamError
+from kvgate.chain import FilterStatus, HttpFilter, RequestContext, build_filter
+from kvgate.config import GatewayConfig, HttpConnectionManager, Listener
+from kvgate.errors import UpstreamError
 from kvgate.httpproto import ServerLimits
 from kvgate.ratelog import RateLimitedLog
+from kvgate.registry import check_config
 from kvgate.runtime import Runtime
 
 log = logging.getLogger("kvgate.server")
@@ -256,7 +257,7 @@ class ListenerApp:
             self.metrics.requests.labels(ctx.cluster_name, resp.endpoint_id or "", str(resp.status)).inc()
         finally:
             with contextlib.suppress(Exception):
-                await resp.body.aclose()  # type: ignore[attr-defined]
+                await resp.body.aclose()
             if resp.on_close is not None:
                 resp.on_close()
 
@@ -322,36 +323,16 @@ class Gateway:
     """All listeners of a config plus the admin app, sharing one :class:`Runtime`."""
 
     def __init__(self, config: GatewayConfig, runtime: Runtime | None = None):
+        checked = check_config(config)  # filter kinds, filter configs, terminal filter last (kvgate.registry)
         self.config = config
         self.runtime = runtime or Runtime(config)
         self.listener_apps: list[ListenerApp] = []
-        self.warnings: list[str] = [f"unknown key ignored: {k}" for k in unknown_keys(config)]
         self._started = False
         self._start_time = time.time()
-        for li, lst in enumerate(config.listeners):
-            hcm = lst.hcm
-            base = f"listeners[{li}].filter_chains.filters[0].config.http_filters"
-            filters: list[HttpFilter] = []
-            for fi, fc in enumerate(hcm.http_filters):
-                cfg = validate_filter_config(fc.name, fc.config, f"{base}[{fi}]")
-                self.warnings.extend(f"unknown key ignored: {base}[{fi}].config.{k}" for k in unknown_keys(cfg))
-                filters.append(build_filter(fc.name, cfg, self.runtime))
-            kinds = [get_kind(fc.name) for fc in hcm.http_filters]
-            if not any(k is not None and k.terminal for k in kinds):
-                raise ConfigError(base, "no terminal filter: add dgp.filter.llm.proxy as the last http filter")
-            for fi, k in enumerate(kinds):
-                if k is not None and k.terminal and fi != len(kinds) - 1:
-                    raise ConfigError(
-                        f"{base}[{fi}].name",
-                        f"{k.name} answers the request, so it must be the last http filter (and appear once)",
-                    )
-            last = kinds[-1]
-            if last is None or not last.terminal:
-                raise ConfigError(
-                    f"{base}[{len(kinds) - 1}].name",
-                    "the terminal filter (dgp.filter.llm.proxy) must be the last http filter",
-                )
-            self.listener_apps.append(ListenerApp(lst, hcm, filters, self.runtime))
+        self.warnings: list[str] = checked.warnings
+        for lst, chain in zip(config.listeners, checked.chains, strict=True):
+            filters = [build_filter(f.name, f.config, self.runtime) for f in chain]
+            self.listener_apps.append(ListenerApp(lst, lst.hcm, filters, self.runtime))
         for w in self.warnings:
             log.warning("config: %s", w)
 

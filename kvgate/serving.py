@@ -114,7 +114,6 @@ async def start_server(
     sock = bind_socket(host, port)
     real_port = sock.getsockname()[1]
     server = uvicorn.Server(_config(app, log_level, limits or ServerLimits()))
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
     task = asyncio.create_task(server.serve(sockets=[sock]), name=f"uvicorn:{host}:{real_port}")
     handle = ServerHandle(host=host, port=real_port, _server=server, _task=task, _sock=sock)
     deadline = asyncio.get_running_loop().time() + ready_timeout

@@ -170,3 +170,36 @@ def test_tool_packages_have_no_import_cycle_and_never_use_the_gateway_cli() -> N
     assert len(graph) > 30  # the walk really saw the packages
     assert cycles(graph) == []
     assert sorted(m for m, targets in graph.items() if any(t.startswith("kvgate.cli") for t in targets)) == []
+
+
+def test_gateway_package_has_no_import_cycle_and_no_tool_import() -> None:
+    graph = import_graph(("kvgate",))
+    assert len(graph) > 30 and "kvgate.registry" in graph  # the walk really saw the package
+    assert cycles(graph) == []
+    # dependencies point one way: core <- filters <- plugin index (kvgate.registry) <- server, CLI
+    assert sorted(m for m, targets in graph.items() if "kvgate.cli" in targets) == []
+    outside = sorted(
+        m
+        for m, targets in graph.items()
+        if not m.startswith("kvgate.filters") and any(t.startswith("kvgate.filters") for t in targets)
+    )
+    assert outside == ["kvgate.registry"]  # kvgate.chain in particular knows no concrete filter
+    tool_imports = {
+        m: sorted(t for t in targets if t.split(".")[0] in TOOL_PACKAGES)
+        for m, targets in _all_imports("kvgate").items()
+    }
+    assert {m: t for m, t in tool_imports.items() if t} == {}
+
+
+def _all_imports(package: str) -> dict[str, set[str]]:
+    """Every absolute import target (any package) of each module of ``package``."""
+    out: dict[str, set[str]] = {}
+    for path in (ROOT / package).rglob("*.py"):
+        targets: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets.add(node.module)
+            elif isinstance(node, ast.Import):
+                targets.update(a.name for a in node.names)
+        out[_module_name(path)] = targets
+    return out

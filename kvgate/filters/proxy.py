@@ -14,9 +14,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 import aiohttp
@@ -34,10 +33,10 @@ from kvgate.chain import (
 )
 from kvgate.cluster import ClusterState, EndpointState
 from kvgate.config import Duration
-from kvgate.durations import parse_duration
 from kvgate.errors import NoHealthyEndpoint, UpstreamError, UpstreamTimeout
 from kvgate.payload import request_body
 from kvgate.ratelog import RateLimitedLog
+from kvgate.resilience import RetryPolicy
 from kvgate.runtime import Runtime
 
 log = logging.getLogger("kvgate.proxy")
@@ -117,18 +116,11 @@ def _header_value(raw: bytes) -> str:
         return raw.decode("latin-1")
 
 
-def _attempts_and_delays(ep: EndpointState) -> tuple[int, Any]:
+def _attempts_and_delays(ep: EndpointState) -> tuple[int, Callable[[int], float]]:
+    """Attempts on ``ep`` and the wait before attempt ``n + 1`` (``n`` >= 1), from its ``retry_policy``."""
     policy = ep.config.llm_meta.retry_policy
-    cfg = policy.config
-    times = int(cfg.get("times", 2))
-    if policy.name == "NoRetry":
-        return 1, lambda n: 0.0
-    if policy.name == "CountBased":
-        return times + 1, lambda n: 0.0
-    initial = parse_duration(cfg.get("initialInterval", "100ms"))
-    max_iv = parse_duration(cfg.get("maxInterval", "5s"))
-    mult = float(cfg.get("multiplier", 2.0))
-    return times + 1, lambda n: min(initial * mult ** (n - 1), max_iv) + random.random() * 0.1
+    schedule = RetryPolicy.from_pixiu(policy.name, policy.config)
+    return schedule.max_attempts, lambda n: schedule.backoff(n - 1)
 
 
 class ProxyFilter(HttpFilter):
@@ -365,7 +357,7 @@ class ProxyFilter(HttpFilter):
                 cluster.release(ep)
                 metrics.upstream_latency.labels(cluster.name, ep.id).observe(time.perf_counter() - t0)
 
-        async def body() -> AsyncIterator[bytes]:
+        async def body() -> AsyncGenerator[bytes, None]:
             first = True
             try:
                 while True:

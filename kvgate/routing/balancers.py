@@ -6,7 +6,7 @@ import bisect
 import hashlib
 import random
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 
 class EndpointView(Protocol):
@@ -20,10 +20,19 @@ class EndpointView(Protocol):
     def weight(self) -> int: ...
 
 
+E = TypeVar("E", bound=EndpointView)
+
+
 class Balancer:
+    """Every policy gets the same inputs: the usable candidates and the request's hash key (``None`` without one).
+
+    Policies that do not hash ignore the key; what a policy needs beyond that is given at construction
+    (:func:`make_balancer`), so callers never test for a concrete policy.
+    """
+
     name = "base"
 
-    def pick(self, candidates: Sequence[EndpointView], key: str | None = None) -> EndpointView | None:
+    def pick(self, candidates: Sequence[E], key: str | None = None) -> E | None:
         raise NotImplementedError
 
 
@@ -35,7 +44,7 @@ class RoundRobin(Balancer):
     def __init__(self) -> None:
         self._next = 0
 
-    def pick(self, candidates: Sequence[EndpointView], key: str | None = None) -> EndpointView | None:
+    def pick(self, candidates: Sequence[E], key: str | None = None) -> E | None:
         if not candidates:
             return None
         ep = candidates[self._next % len(candidates)]
@@ -49,7 +58,7 @@ class RandomPick(Balancer):
     def __init__(self, rng: random.Random | None = None) -> None:
         self._rng = rng or random.Random()
 
-    def pick(self, candidates: Sequence[EndpointView], key: str | None = None) -> EndpointView | None:
+    def pick(self, candidates: Sequence[E], key: str | None = None) -> E | None:
         return self._rng.choice(candidates) if candidates else None
 
 
@@ -59,7 +68,7 @@ class WeightedRandom(Balancer):
     def __init__(self, rng: random.Random | None = None) -> None:
         self._rng = rng or random.Random()
 
-    def pick(self, candidates: Sequence[EndpointView], key: str | None = None) -> EndpointView | None:
+    def pick(self, candidates: Sequence[E], key: str | None = None) -> E | None:
         if not candidates:
             return None
         weights = [max(0, c.weight) for c in candidates]
@@ -76,7 +85,7 @@ class LeastRequest(Balancer):
     def __init__(self) -> None:
         self._rr = 0
 
-    def pick(self, candidates: Sequence[EndpointView], key: str | None = None) -> EndpointView | None:
+    def pick(self, candidates: Sequence[E], key: str | None = None) -> E | None:
         if not candidates:
             return None
         low = min(c.in_flight for c in candidates)
@@ -94,14 +103,17 @@ class RingHash(Balancer):
     """Consistent hash ring (160 virtual nodes per endpoint) on a request key, e.g. a session header.
 
     Without a key the pick falls back to round robin. Unhealthy endpoints are skipped clockwise, so
-    only the keys of a failed endpoint move. ``MaglevHashing`` maps here too (same contract: stable
-    key → endpoint with minimal disruption), documented in docs/architecture.md.
+    only the keys of a failed endpoint move. ``members``: every endpoint id of the cluster, healthy or not
+    (the ring is then built once); without it the ring is built over the candidates of each pick.
+    ``MaglevHashing`` maps here too (same contract: stable key → endpoint with minimal disruption),
+    documented in docs/architecture.md.
     """
 
     name = "ring_hash"
     VNODES = 160
 
-    def __init__(self) -> None:
+    def __init__(self, members: Sequence[str] | None = None) -> None:
+        self._members = tuple(members) if members is not None else None
         self._ring_ids: tuple[str, ...] = ()
         self._points: list[int] = []
         self._owners: list[str] = []
@@ -113,9 +125,7 @@ class RingHash(Balancer):
         self._owners = [o for _, o in pts]
         self._ring_ids = ids
 
-    def pick_from(
-        self, all_ids: Sequence[str], candidates: Sequence[EndpointView], key: str | None
-    ) -> EndpointView | None:
+    def pick_from(self, all_ids: Sequence[str], candidates: Sequence[E], key: str | None) -> E | None:
         if not candidates:
             return None
         if not key:
@@ -132,11 +142,13 @@ class RingHash(Balancer):
                 return usable[owner]
         return None
 
-    def pick(self, candidates: Sequence[EndpointView], key: str | None = None) -> EndpointView | None:
-        return self.pick_from([c.id for c in candidates], candidates, key)
+    def pick(self, candidates: Sequence[E], key: str | None = None) -> E | None:
+        members = self._members if self._members is not None else [c.id for c in candidates]
+        return self.pick_from(members, candidates, key)
 
 
-def make_balancer(policy: str, rng: random.Random | None = None) -> Balancer:
+def make_balancer(policy: str, rng: random.Random | None = None, *, members: Sequence[str] | None = None) -> Balancer:
+    """The balancer for ``policy``; ``members`` (all endpoint ids of the cluster) fixes a hash ring's membership."""
     if policy == "round_robin":
         return RoundRobin()
     if policy == "random":
@@ -146,5 +158,5 @@ def make_balancer(policy: str, rng: random.Random | None = None) -> Balancer:
     if policy == "least_request":
         return LeastRequest()
     if policy in ("ring_hash", "maglev"):
-        return RingHash()
+        return RingHash(members)
     raise ValueError(f"unknown load-balancing policy {policy!r}")

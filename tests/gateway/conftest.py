@@ -1,14 +1,21 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
 from pydantic import BaseModel
 
 from kvgate.app import RunningGateway, start_gateway
-from kvgate.chain import PREFERRED_ENDPOINT_PARAM, FilterStatus, HttpFilter, RequestContext, register_filter
+from kvgate.chain import (
+    PREFERRED_ENDPOINT_PARAM,
+    FilterStatus,
+    HttpFilter,
+    RequestContext,
+    registered_filter,
+    registered_kinds,
+)
 from kvgate.config import parse_config
 from kvgate.serving import ServerHandle, start_server
 
@@ -32,7 +39,13 @@ class _PreferFilter(HttpFilter):
         return FilterStatus.CONTINUE
 
 
-register_filter("test.prefer", _PreferConfig)(lambda cfg, rt: _PreferFilter(cfg))
+@pytest.fixture(autouse=True)
+def test_filter_kinds() -> Iterator[None]:
+    """``test.prefer`` exists only while a gateway test runs; a test that leaves a kind registered fails."""
+    before = registered_kinds()
+    with registered_filter("test.prefer", _PreferConfig, lambda cfg, rt: _PreferFilter(cfg)):
+        yield
+    assert registered_kinds() == before, "a test left a filter kind in the global registry"
 
 
 def dead_port() -> int:

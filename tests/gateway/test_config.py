@@ -10,10 +10,14 @@ from typing import Any
 
 import pytest
 import yaml
+from pydantic import BaseModel
 
+from kvgate.chain import HttpFilter, get_kind, register_filter, registered_filter, registered_kinds, unregister_filter
+from kvgate.cli import main
 from kvgate.config import load_config, parse_config
 from kvgate.durations import parse_duration
-from kvgate.errors import ConfigError
+from kvgate.errors import ConfigError, RegistryError
+from kvgate.registry import check_config
 from kvgate.server import Gateway, redact
 
 SEED = Path(__file__).resolve().parents[2] / "examples" / "pixiu-seed-config.yaml"
@@ -158,9 +162,12 @@ def test_go_durations() -> None:
     assert parse_duration("10m") == 600.0
     assert parse_duration("1m30s") == 90.0
     assert parse_duration("1.5h") == 5400.0
-    for bad in ("5", "5 s", "abc", "ms", "1d"):
-        if bad == "5":
-            continue
+    assert parse_duration("0") == 0.0  # Go accepts a unitless zero, and nothing else without a unit
+    assert parse_duration(5) == 5.0  # a YAML number is seconds (kvgate's reading; a Go string needs a unit)
+    for bad in ("5", "-5", "1.5", "5s3"):
+        with pytest.raises(ValueError, match="missing unit"):  # Go: time: missing unit in duration "5"
+            parse_duration(bad)
+    for bad in ("5 s", "abc", "ms", "1d", True, None):
         with pytest.raises(ValueError):
             parse_duration(bad)
 
@@ -253,3 +260,65 @@ async def test_active_health_checks_mark_a_dead_endpoint_down() -> None:
         assert not cluster.get("vllm-instance-2").healthy()
     finally:
         await gw.stop()
+
+
+# -- filter registry (kvgate.chain + the plugin index kvgate.registry) ------------------------------------------------
+
+
+class _NoConfig(BaseModel):
+    pass
+
+
+def test_a_duplicate_filter_kind_is_an_error_and_keeps_the_first() -> None:
+    proxy = get_kind("dgp.filter.llm.proxy")
+    assert proxy is not None and proxy.terminal
+    with pytest.raises(RegistryError, match=r"'dgp\.filter\.llm\.proxy' is already registered"):
+        register_filter("dgp.filter.llm.proxy", _NoConfig)(lambda cfg, rt: HttpFilter())
+    assert get_kind("dgp.filter.llm.proxy") is proxy
+
+
+def test_registered_filter_is_removed_after_the_block_even_on_error() -> None:
+    before = registered_kinds()
+    with pytest.raises(RuntimeError), registered_filter("test.tmp", _NoConfig, lambda cfg, rt: HttpFilter()) as kind:
+        assert kind.name == "test.tmp" and "test.tmp" in registered_kinds()
+        raise RuntimeError("boom")
+    assert registered_kinds() == before
+    with pytest.raises(RegistryError, match="not registered"):
+        unregister_filter("test.tmp")
+
+
+def test_chain_knows_no_concrete_filter_and_the_plugin_index_registers_the_builtins() -> None:
+    script = (
+        "import sys, kvgate.chain as c; a = c.registered_kinds(); "
+        "loaded = sorted(m for m in sys.modules if m.startswith('kvgate.filters.')); "
+        "import kvgate.registry as r; print(a, loaded, c.registered_kinds() == sorted(r.BUILTIN_FILTERS))"
+    )
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["[]", "[]", "True"]
+
+
+def test_check_config_validates_the_terminal_filter_without_a_runtime(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import kvgate.runtime
+
+    def no_runtime(*args: object, **kwargs: object) -> None:
+        raise AssertionError("check_config built a runtime")
+
+    monkeypatch.setattr(kvgate.runtime.Runtime, "__init__", no_runtime)
+    data = seed_with_clusters()
+    data["clusters"][0]["lb_polcy"] = "typo"
+    checked = check_config(parse_config(data))
+    assert [f.name for f in checked.chains[0]] == ["dgp.filter.ai.kvcache", "dgp.filter.llm.proxy"]
+    assert any("clusters[0].lb_polcy" in w for w in checked.warnings)
+    hf = data["listeners"][0]["filter_chains"]["filters"][0]["config"]["http_filters"]
+    hf.append({"name": "dgp.filter.ai.kvcache"})  # proxy no longer last
+    with pytest.raises(ConfigError) as ei:
+        check_config(parse_config(data))
+    assert ei.value.path == "listeners[0].filter_chains.filters[0].config.http_filters[1].name"
+    assert "must be the last http filter" in ei.value.reason
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump(seed_with_clusters()))
+    assert main(["check-config", str(good)]) == 0  # the CLI path too: no runtime
+    assert "ok: 1 listener(s)" in capsys.readouterr().out

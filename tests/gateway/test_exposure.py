@@ -4,13 +4,14 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
 import pytest
 from pydantic import BaseModel
 
-from kvgate.chain import FilterStatus, HttpFilter, RequestContext, register_filter
+from kvgate.chain import FilterStatus, HttpFilter, RequestContext, registered_filter
 from kvgate.config import parse_config
 from kvgate.server import Gateway, redact
 from kvgate.serving import start_server
@@ -32,7 +33,10 @@ class _DecisionFilter(HttpFilter):
         return FilterStatus.CONTINUE
 
 
-register_filter("test.decision", _DecisionConfig)(lambda cfg, rt: _DecisionFilter())
+@pytest.fixture(autouse=True)
+def decision_filter_kind() -> Iterator[None]:
+    with registered_filter("test.decision", _DecisionConfig, lambda cfg, rt: _DecisionFilter()):
+        yield
 
 
 async def _post(s: aiohttp.ClientSession, url: str, headers: dict[str, str] | None = None) -> Any:

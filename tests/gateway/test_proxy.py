@@ -203,7 +203,31 @@ async def test_local_errors_are_openai_json(upstreams: Upstreams, gateways) -> N
             assert r.status == 200
 
 
-async def test_least_request_and_ring_hash(upstreams: Upstreams, gateways) -> None:
+async def test_least_request_sends_new_requests_away_from_a_busy_endpoint(upstreams: Upstreams, gateways) -> None:
+    a, b = await upstreams.add("a"), await upstreams.add("b")
+    gw = await launch(gateways, gateway_config([a, b], lb="least_request"))
+    held_body = {"prompt": "x", "stream": True, "x_chunks": 2, "x_wait_release": True}
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"{gw.url}/v1/completions", json=held_body) as held:
+            busy = held.headers["x-served-by"]
+            assert (await held.content.readline()).startswith(b"data: ")  # in flight on `busy` until released
+            served = []
+            for _ in range(4):
+                async with s.post(f"{gw.url}/v1/completions", json={"prompt": "x"}) as r:
+                    served.append((await r.json())["served_by"])
+            upstreams.states[busy].release_last.set()
+            assert (await held.read()).endswith(b"data: [DONE]\n\n")
+    idle = ({"a", "b"} - {busy}).pop()
+    assert served == [idle] * 4  # round robin would have sent two of them to the busy endpoint
+    async with aiohttp.ClientSession() as s:  # both idle again: ties rotate over the endpoints
+        seen = set()
+        for _ in range(2):
+            async with s.post(f"{gw.url}/v1/completions", json={"prompt": "x"}) as r:
+                seen.add((await r.json())["served_by"])
+    assert seen == {"a", "b"}
+
+
+async def test_ring_hash_is_sticky_per_session_and_spreads_sessions(upstreams: Upstreams, gateways) -> None:
     a, b = await upstreams.add("a"), await upstreams.add("b")
     gw = await launch(gateways, gateway_config([a, b], lb="RingHashing"))
     async with aiohttp.ClientSession() as s:

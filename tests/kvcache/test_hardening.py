@@ -18,11 +18,11 @@ from kvgate.filters.kvcache.filter import KVCacheFilter
 from kvgate.filters.kvcache.hotstats import KEY_BYTES, STAMP_BYTES, HotStats
 from kvgate.filters.kvcache.lmcache_client import LMCacheClient, TokenizerClient
 from kvgate.filters.kvcache.pool import IdleCappedConnector, PoolLimits, make_session
-from kvgate.filters.kvcache.ratelog import LogLimiter
-from kvgate.filters.kvcache.resilience import BreakerState
 from kvgate.filters.kvcache.signals import StaticSignals
 from kvgate.filters.kvcache.tokens import TokenCache
+from kvgate.ratelog import LogLimiter
 from kvgate.redact import redact_url, redact_userinfo
+from kvgate.resilience import BreakerState
 from kvgate.runtime import Runtime
 from tests.kvcache.mocks import MockController, MockVLLM, dead_url, word_tokens
 from tests.kvcache.test_filter_integration import Harness, make_ctx, wait_for

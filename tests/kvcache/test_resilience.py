@@ -4,8 +4,16 @@ import asyncio
 
 import pytest
 
-from kvgate.filters.kvcache.errors import CallTimeout, CircuitOpenError, StatusError, TransportError
-from kvgate.filters.kvcache.resilience import BreakerState, CircuitBreaker, RetryPolicy, retry_call
+from kvgate.errors import CircuitOpen, DeadlineExceeded
+from kvgate.filters.kvcache.errors import (
+    CallTimeout,
+    CircuitOpenError,
+    KVCacheError,
+    PoolTimeout,
+    StatusError,
+    TransportError,
+)
+from kvgate.resilience import BreakerState, CircuitBreaker, RetryPolicy, retry_call
 
 
 class Clock:
@@ -89,8 +97,36 @@ async def test_breaker_call_counts_and_rejects() -> None:
         with pytest.raises(TransportError):
             await b.call(fail)
     assert b.state == BreakerState.OPEN and changes == [BreakerState.OPEN]
-    with pytest.raises(CircuitOpenError, match="x circuit breaker open"):
+    with pytest.raises(CircuitOpen, match="x circuit breaker open"):
         await b.call(fail)
+
+
+async def test_kvcache_error_types_plug_into_the_shared_breaker_and_retry() -> None:
+    # The kvcache filter passes its own classes: its `except KVCacheError` / `except CircuitOpenError` still apply.
+    clock = Clock()
+    b = CircuitBreaker("lookup", 1, 5, 1, clock, open_error=CircuitOpenError)
+
+    async def fail() -> int:
+        raise TransportError("down")
+
+    with pytest.raises(TransportError):
+        await b.call(fail)
+    with pytest.raises(CircuitOpenError, match=r"\[kvcache\] lookup circuit breaker open") as info:
+        await b.call(fail)
+    assert isinstance(info.value, KVCacheError)
+
+    async def pool_wait() -> int:
+        raise PoolTimeout("no slot")
+
+    clock.t += 5
+    assert b.allow() and b.state == BreakerState.HALF_OPEN  # the uncounted transition call
+    with pytest.raises(PoolTimeout):
+        await b.call(pool_wait)  # a local wait: the trial slot is given back, nothing counted
+    assert b.state == BreakerState.HALF_OPEN and b.half_open_calls == 0 and b.failure_count == 1
+    loop = asyncio.get_running_loop()
+    with pytest.raises(CallTimeout) as late:
+        await retry_call(fail, RetryPolicy(deadline_error=CallTimeout), deadline=loop.time() - 1)
+    assert isinstance(late.value, KVCacheError)
 
 
 def test_backoff_schedule() -> None:
@@ -177,7 +213,7 @@ async def test_deadline_cuts_backoff_short() -> None:
     with pytest.raises(TransportError):
         await retry_call(_failing([TransportError("x")] * 3, calls), RetryPolicy(3, 0.1, 2.0), deadline=t0 + 0.02)
     assert len(calls) == 1 and loop.time() - t0 < 0.05
-    with pytest.raises(CallTimeout):
+    with pytest.raises(DeadlineExceeded):
         await retry_call(_failing([], calls), RetryPolicy(), deadline=loop.time() - 1)
 
 

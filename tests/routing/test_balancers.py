@@ -160,6 +160,46 @@ def test_ring_hash_without_key_falls_back_to_round_robin() -> None:
     assert [ring.pick(eps, key="").id for _ in range(2)] == ["e1", "e2"]  # type: ignore[union-attr]
 
 
+def test_ring_hash_given_the_cluster_members_keeps_its_ring_through_failures() -> None:
+    # The same ring as pick_from over every id, through the plain pick(candidates, key) every balancer has.
+    eps = fleet(5)
+    ids = [e.id for e in eps]
+    keys = [f"user-{i}" for i in range(1000)]
+    ring = make_balancer("ring_hash", members=ids)
+    before = {k: ring.pick(eps, k).id for k in keys}  # type: ignore[union-attr]
+    assert before == _assign(RingHash(), ids, eps, keys)
+    healthy = [e for e in eps if e.id != "e3"]
+    after = {k: ring.pick(healthy, k).id for k in keys}  # type: ignore[union-attr]
+    assert {k for k in keys if before[k] != after[k]} == {k for k in keys if before[k] == "e3"}
+
+
+def test_cluster_picks_pass_the_key_to_every_policy_without_knowing_the_policy() -> None:
+    from kvgate.cluster import ClusterState
+    from kvgate.config import Cluster
+    from kvgate.metrics import Metrics
+
+    def cluster(lb: str) -> ClusterState:
+        eps = [{"id": f"e{i}", "socket_address": {"address": "127.0.0.1", "port": 8000 + i}} for i in range(4)]
+        return ClusterState(Cluster.model_validate({"name": "c", "lb_policy": lb, "endpoints": eps}), Metrics())
+
+    ring = cluster("RingHashing")
+    keys = [f"s{i}" for i in range(400)]
+    before = {k: ring.pick(k).id for k in keys}  # type: ignore[union-attr]
+    assert len(set(before.values())) == 4 and before == {k: ring.pick(k).id for k in keys}  # type: ignore[union-attr]
+    failed = ring.get("e1")
+    assert failed is not None
+    ring.mark_failed(failed)  # passive cooldown: e1 is skipped, only its keys move
+    after = {k: ring.pick(k).id for k in keys}  # type: ignore[union-attr]
+    assert {k for k in keys if before[k] != after[k]} == {k for k in keys if before[k] == "e1"}
+    rr = cluster("RoundRobin")
+    assert [rr.pick("same-key").id for _ in range(5)] == ["e0", "e1", "e2", "e3", "e0"]  # type: ignore[union-attr]
+    lr = cluster("least_request")
+    first = lr.pick("k")
+    assert first is not None
+    lr.acquire(first)
+    assert all(lr.pick("k") is not first for _ in range(3))
+
+
 def test_make_balancer_names_and_unknown_policy() -> None:
     assert isinstance(make_balancer("maglev"), RingHash)  # same contract as ring hash
     assert make_balancer("least_request").name == "least_request"

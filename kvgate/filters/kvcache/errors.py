@@ -2,32 +2,30 @@
 
 from __future__ import annotations
 
-from kvgate.errors import KVGateError
+from kvgate.errors import CallError, CircuitOpen, KVGateError, LocalWaitTimeout
 
 
 class KVCacheError(KVGateError):
     """Base of every kvcache filter error."""
 
 
-class CircuitOpenError(KVCacheError):
+class CircuitOpenError(KVCacheError, CircuitOpen):
     """The breaker rejected the call (Pixiu: ``kvcache circuit breaker open``)."""
 
     def __init__(self, breaker: str):
-        super().__init__(f"[kvcache] {breaker} circuit breaker open")
+        KVCacheError.__init__(self, f"[kvcache] {breaker} circuit breaker open")
         self.breaker = breaker
 
 
-class PoolTimeout(KVCacheError, TimeoutError):
+class PoolTimeout(KVCacheError, LocalWaitTimeout):
     """The deadline passed while waiting for a connection slot (``max_conns_per_host``): nothing was sent.
 
     A local queueing verdict, not an upstream failure: breakers do not count it and it is not retried.
     """
 
 
-class UpstreamCallError(KVCacheError):
-    """An HTTP call to vLLM or the LMCache controller failed."""
-
-    retryable = True
+class UpstreamCallError(KVCacheError, CallError):
+    """An HTTP call to vLLM or the LMCache controller failed (``retryable`` unless overridden)."""
 
 
 class TransportError(UpstreamCallError):
@@ -48,7 +46,7 @@ class StatusError(UpstreamCallError):
         self.body = body
 
     @property
-    def retryable(self) -> bool:  # type: ignore[override]
+    def retryable(self) -> bool:
         return not (400 <= self.status < 500) or self.status in (408, 429)
 
 

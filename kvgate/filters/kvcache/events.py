@@ -1,6 +1,6 @@
 """Operator-visible events of the kvcache filter: Prometheus counters plus WARNING lines.
 
-Per-request events log at most once per interval per event (:class:`.ratelog.LogLimiter`); the rest are
+Per-request events log at most once per interval per event (:class:`kvgate.ratelog.LogLimiter`); the rest are
 counted in ``log_suppressed_total{event}``. URLs are shown redacted (``log_url``); never prompt text.
 """
 
@@ -12,9 +12,9 @@ from collections.abc import Callable
 
 from kvgate.filters.kvcache.errors import NotSupportedError
 from kvgate.filters.kvcache.metrics import KVCacheMetrics
-from kvgate.filters.kvcache.ratelog import LogLimiter
-from kvgate.filters.kvcache.resilience import CircuitBreaker
 from kvgate.filters.kvcache.strategy import UNSUPPORTED_BACKOFF_MAX
+from kvgate.ratelog import LogLimiter
+from kvgate.resilience import CircuitBreaker
 
 log = logging.getLogger("kvgate.filters.kvcache")
 

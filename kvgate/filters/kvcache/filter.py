@@ -37,7 +37,7 @@ import aiohttp
 from kvgate.chain import JSON_OFFLOAD_BYTES, PREFERRED_ENDPOINT_PARAM, FilterStatus, HttpFilter, RequestContext
 from kvgate.config import unknown_keys
 from kvgate.filters.kvcache.config import KVCacheConfig
-from kvgate.filters.kvcache.errors import CircuitOpenError, DecodeError, KVCacheError, PoolTimeout
+from kvgate.filters.kvcache.errors import CallTimeout, CircuitOpenError, DecodeError, KVCacheError, PoolTimeout
 from kvgate.filters.kvcache.events import FilterEvents
 from kvgate.filters.kvcache.extract import Extracted, ExtractError, extract
 from kvgate.filters.kvcache.hotstats import HotStats
@@ -46,11 +46,11 @@ from kvgate.filters.kvcache.lmcache_client import LMCacheClient, LookupResult, T
 from kvgate.filters.kvcache.metrics import KVCacheMetrics
 from kvgate.filters.kvcache.pool import HostSlots, PoolLimits, make_session
 from kvgate.filters.kvcache.remote_tokenizer import RemoteTokenizer
-from kvgate.filters.kvcache.resilience import CircuitBreaker, RetryPolicy, Sleep, retry_call
 from kvgate.filters.kvcache.signals import LoadSignals, ProcessSignals
 from kvgate.filters.kvcache.strategy import StrategyExecutor, make_decision
 from kvgate.filters.kvcache.tokens import TokenCache
 from kvgate.redact import redact_url
+from kvgate.resilience import CircuitBreaker, RetryPolicy, Sleep, retry_call
 from kvgate.routing.prefix import ColdPlacement, choose_prefix_endpoint
 from kvgate.runtime import Runtime
 
@@ -134,7 +134,7 @@ class KVCacheFilter(HttpFilter):
             config.hot_window, config.hot_max_records, config.hot_key_cap(), clock, max_bytes=config.hot_max_bytes
         )
         r = config.retry
-        self.retry = RetryPolicy(r.max_attempts, r.base_backoff, r.max_backoff, r.jitter)
+        self.retry = RetryPolicy(r.max_attempts, r.base_backoff, r.max_backoff, r.jitter, deadline_error=CallTimeout)
         cb = config.circuit_breaker
         self.breakers = {
             name: CircuitBreaker(
@@ -144,6 +144,7 @@ class KVCacheFilter(HttpFilter):
                 cb.half_open_max_calls,
                 clock,
                 on_change=self.events.breaker_changed,
+                open_error=CircuitOpenError,
             )
             for name in BREAKERS
         }

@@ -1,6 +1,6 @@
 """HTTP clients: LMCache controller (``/lookup`` ``/pin`` ``/compress`` ``/evict``) and vLLM ``/tokenize``.
 
-One attempt per method call: retries and breakers live in :mod:`.resilience` and are applied by the
+One attempt per method call: retries and breakers live in :mod:`kvgate.resilience` and are applied by the
 filter. Every call is ``POST`` JSON with a total timeout derived from the caller's deadline.
 ``layout_info`` values are accepted in both shapes: the real controller's ``[location, end]`` array
 and Pixiu's mock ``{"0": location, "1": end}`` object.

@@ -1,11 +1,22 @@
-"""Retry with exponential backoff and Pixiu's circuit breaker (both with injectable clocks).
+"""Retry policy with exponential backoff and Pixiu's circuit breaker (both with injectable clocks), shared by
+the proxy filter (its per-endpoint ``retry_policy``) and the kvcache filter (calls to vLLM and LMCache).
 
-Retry (fixes Pixiu's: no sleep after the last attempt, 4xx other than 408/429 not retried, optional
+Errors are classified through the core hierarchy in :mod:`kvgate.errors`: :class:`~kvgate.errors.CallError`
+(with ``retryable``), :class:`~kvgate.errors.CircuitOpen` and :class:`~kvgate.errors.LocalWaitTimeout`; a filter
+subclasses them for its own error types and passes its own classes for the errors raised here
+(``open_error``, ``deadline_error``).
+
+Retry (kvcache, fixes Pixiu's: no sleep after the last attempt, 4xx other than 408/429 not retried, optional
 jitter, a deadline cuts a backoff short instead of sleeping into it):
 
 * ``backoff(n) = min(base × 2**n, max)`` → 100, 200, 400 ms with defaults;
 * :class:`CircuitOpenError` and non-retryable errors are raised at once;
 * cancellation propagates immediately (also from inside the backoff sleep).
+
+Proxy retry policies (``llm_meta.retry_policy``, Pixiu's names) map onto the same :class:`RetryPolicy`
+(:meth:`RetryPolicy.from_pixiu`): ``NoRetry`` = one attempt; ``CountBased`` = ``times`` + 1 attempts, no wait;
+``ExponentialBackoff`` = ``times`` + 1 attempts, ``min(initialInterval × multiplier**n, maxInterval)`` plus up
+to 100 ms of random jitter.
 
 Breaker (Pixiu §5, unchanged): Closed → Open after ``failure_threshold`` consecutive failures;
 Open → HalfOpen on the first call at least ``recovery_timeout`` after the last failure — that call is
@@ -19,11 +30,12 @@ import asyncio
 import enum
 import random
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import TypeVar
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
-from kvgate.filters.kvcache.errors import CallTimeout, CircuitOpenError, PoolTimeout, UpstreamCallError
+from kvgate.durations import parse_duration
+from kvgate.errors import CallError, CircuitOpen, DeadlineExceeded, LocalWaitTimeout
 
 T = TypeVar("T")
 
@@ -43,6 +55,7 @@ class CircuitBreaker:
         half_open_max_calls: int = 2,
         clock: Callable[[], float] = time.monotonic,
         on_change: Callable[[CircuitBreaker], None] | None = None,
+        open_error: Callable[[str], Exception] = CircuitOpen,
     ):
         self.name = name
         self.failure_threshold = max(1, failure_threshold)
@@ -50,6 +63,7 @@ class CircuitBreaker:
         self.half_open_max_calls = half_open_max_calls
         self._clock = clock
         self._on_change = on_change
+        self._open_error = open_error
         self.state = BreakerState.CLOSED
         self.failure_count = 0
         self.half_open_calls = 0
@@ -105,14 +119,15 @@ class CircuitBreaker:
     async def call(self, fn: Callable[[], Awaitable[T]], *, deadline: float | None = None) -> T:
         """Run ``fn`` through the breaker.
 
-        Counted as failure: retryable :class:`UpstreamCallError` (transport, timeout, 5xx, 408/429,
-        bad JSON), or a cancellation at/after ``deadline`` (loop time: the caller's cap fired, i.e. the
-        upstream was too slow). A non-retryable 4xx proves the upstream is alive: counted as success.
-        Other cancellations (shutdown) are not counted, nor is :class:`PoolTimeout` (the call waited for a
-        local connection slot and never reached the upstream).
+        Counted as failure: a retryable :class:`~kvgate.errors.CallError` (transport, timeout, 5xx, 408/429,
+        bad JSON), any other exception, or a cancellation at/after ``deadline`` (loop time: the caller's cap
+        fired, i.e. the upstream was too slow). A non-retryable one (4xx) proves the upstream is alive: counted as
+        success. Other cancellations (shutdown) are not counted, nor is :class:`~kvgate.errors.LocalWaitTimeout`
+        (the call waited for a local connection slot and never reached the upstream). When open, raises
+        ``open_error(name)``.
         """
         if not self.allow():
-            raise CircuitOpenError(self.name)
+            raise self._open_error(self.name)
         try:
             result = await fn()
         except asyncio.CancelledError:
@@ -121,10 +136,10 @@ class CircuitBreaker:
             else:
                 self._give_back_trial()
             raise
-        except PoolTimeout:
+        except LocalWaitTimeout:
             self._give_back_trial()
             raise
-        except UpstreamCallError as exc:
+        except CallError as exc:
             if exc.retryable:
                 self.record_failure()
             else:
@@ -143,13 +158,36 @@ class RetryPolicy:
     base_backoff: float = 0.1
     max_backoff: float = 2.0
     jitter: bool = False
+    multiplier: float = 2.0
+    added_jitter: float = 0.0  # seconds: a uniform random [0, added_jitter) is added to every wait (proxy: 100 ms)
+    deadline_error: Callable[[str], Exception] = field(default=DeadlineExceeded, compare=False)
 
     def backoff(self, n: int, rng: random.Random | None = None) -> float:
-        """Wait after failed attempt ``n`` (0-based): ``min(base × 2**n, max)``; jitter scales it by [0.5, 1)."""
-        delay = min(self.base_backoff * (2**n), self.max_backoff)
+        """Wait after failed attempt ``n`` (0-based): ``min(base × multiplier**n, max)``; ``jitter`` scales it by
+        [0.5, 1), then ``added_jitter`` adds a uniform random share."""
+        delay: float = min(self.base_backoff * (self.multiplier**n), self.max_backoff)
         if self.jitter:
             delay *= 0.5 + 0.5 * (rng or random).random()
+        if self.added_jitter:
+            delay += (rng or random).random() * self.added_jitter
         return delay
+
+    @classmethod
+    def from_pixiu(cls, name: str, config: Mapping[str, Any]) -> RetryPolicy:
+        """The proxy's ``retry_policy`` (``NoRetry`` / ``CountBased`` / ``ExponentialBackoff`` with Pixiu's keys,
+        validated by :class:`kvgate.config.RetryPolicy`) as a schedule: ``times`` retries after the first try."""
+        if name == "NoRetry":
+            return cls(max_attempts=1, base_backoff=0.0, max_backoff=0.0)
+        times = int(config.get("times", 2))
+        if name == "CountBased":
+            return cls(max_attempts=times + 1, base_backoff=0.0, max_backoff=0.0)
+        return cls(
+            max_attempts=times + 1,
+            base_backoff=parse_duration(config.get("initialInterval", "100ms")),
+            max_backoff=parse_duration(config.get("maxInterval", "5s")),
+            multiplier=float(config.get("multiplier", 2.0)),
+            added_jitter=0.1,
+        )
 
 
 Sleep = Callable[[float], Awaitable[None]]
@@ -166,19 +204,19 @@ async def retry_call(
 ) -> T:
     """Call ``fn`` up to ``policy.max_attempts`` times (``deadline`` in loop time).
 
-    Raises the last error. No sleep after the last attempt; if the next backoff would end past the
-    deadline, the last error is raised at once (the wait could only end in a timeout).
+    Only a retryable :class:`~kvgate.errors.CallError` is retried; anything else (a circuit breaker's rejection
+    included) is raised at once. Raises the last error. No sleep after the last attempt; if the next backoff would
+    end past the deadline, the last error is raised at once (the wait could only end in a timeout). A deadline
+    already past before an attempt raises ``policy.deadline_error``.
     """
     attempts = max(1, policy.max_attempts)
     loop = asyncio.get_running_loop()
     for n in range(attempts):
         if deadline is not None and loop.time() >= deadline:
-            raise CallTimeout("[kvcache] deadline exceeded before attempt")
+            raise policy.deadline_error("deadline exceeded before attempt")
         try:
             return await fn()
-        except CircuitOpenError:
-            raise
-        except UpstreamCallError as exc:
+        except CallError as exc:
             if not exc.retryable or n == attempts - 1:
                 raise
             delay = policy.backoff(n, rng)
