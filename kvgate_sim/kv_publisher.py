@@ -8,6 +8,8 @@
 * ``replay_endpoint``: a ROUTER socket (always bound) that answers ``[b"", start_seq]`` with every buffered
   ``[b"", topic, seq, payload]`` with ``seq >= start_seq`` and then the end marker (``seq == -1``). The last
   ``buffer_steps`` batches are kept.
+* As with vLLM's publisher, PUB/SUB drops what is sent before the subscription has reached the PUB (the first
+  batches after a connect are typically lost); subscribers recover them from the replay endpoint.
 
 A port ``*`` (ZMQ's wildcard port) binds an ephemeral port; :attr:`KVEventPublisher.bound` reports the
 actual addresses (``GET /kv_event_sources`` shows them). ``publish`` may be called from any thread.
