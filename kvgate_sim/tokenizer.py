@@ -25,6 +25,7 @@ from typing import Any
 from tokenizers import Tokenizer as HFTokenizer
 
 from kvgate.tokenization import LocalTokenizer
+from kvgate.tokenization.fast_bpe import bytes_to_unicode
 
 MODEL_NAME = "qwen2.5-7b-instruct"
 _DIR = Path(__file__).resolve().parent / "assets" / "tokenizers" / "sim-qwen2.5"
@@ -100,6 +101,15 @@ class Tokenizer:
         """The vocabulary's spelling of one id (byte-level, e.g. ``Ġworld``), None when out of range."""
         tok = self._hf.id_to_token(token_id)
         return None if tok is None else str(tok)
+
+    def vocab_bytes(self) -> dict[bytes, int]:
+        """The ordinary (non-special) tokens' bytes -> id (tiktoken's rank table)."""
+        u2b = {c: b for b, c in bytes_to_unicode().items()}
+        specials = {int(i) for i in self._hf.get_added_tokens_decoder()}
+        return {
+            bytes(u2b[c] for c in tok): i for tok, i in self._hf.get_vocab(with_added_tokens=False).items()
+            if i not in specials
+        }  # fmt: skip
 
     def encode_chat(self, messages: Iterable[Mapping[str, Any]], add_generation_prompt: bool = True) -> list[int]:
         return self.local.encode_chat(normalize_messages(messages), add_generation_prompt=add_generation_prompt)
