@@ -89,8 +89,8 @@ async def run(args: argparse.Namespace) -> int:
         real = (args.lmcache_pull, args.lmcache_reply)
     try:
         kv_events = _kv_events(args)
-    except ValueError as e:
-        print(f"kvgate sim: {e}")
+    except ValueError as exc:
+        print(f"kvgate sim: {exc}")
         return 2
     cfg = replace(
         EngineConfig(profile=args.profile, time_scale=args.time_scale),
