@@ -18,7 +18,7 @@ import zmq  # noqa: F401
 
 from kvgate_sim.engine_model import PROFILES, EngineConfig
 from kvgate_sim.fleet import KVCACHE_RECOMMENDED_LOOKUP, default_kv_events, start_fleet
-from kvgate_sim.kv_publisher import KVEventsConfig
+from kvgate_sim.kv_publisher import KVEventsConfig, engine_binds
 
 
 def build_parser(prog: str = "kvgate sim") -> argparse.ArgumentParser:
@@ -148,7 +148,14 @@ def _kv_events(args: argparse.Namespace) -> KVEventsConfig | None:
         raise ValueError("--kv-events-config must be a JSON object")
     data.setdefault("topic", "kv.{instance}")
     cfg = KVEventsConfig.from_dict(data)
-    return cfg if cfg.active else None
+    if not cfg.active:
+        return None
+    if args.engines > 1 and not engine_binds(cfg.endpoint) and "{instance}" not in cfg.topic:
+        raise ValueError(
+            "--kv-events-config: engines that connect to one gateway address need distinct topics: put {instance} "
+            "in topic"
+        )
+    return cfg
 
 
 def recommended_kvcache(fleet: Any) -> dict[str, Any] | bool:

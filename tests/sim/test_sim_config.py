@@ -76,3 +76,17 @@ async def test_sim_config_passes_check_config(tmp_path: Path) -> None:
     proc = await asyncio.to_thread(subprocess.run, cmd, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "unknown key" not in proc.stdout + proc.stderr
+
+
+def test_sim_cli_rejects_bad_kv_events_config(capsys: pytest.CaptureFixture[str]) -> None:
+    from kvgate_sim.cli import build_parser, run
+
+    for bad, why in [
+        ('{"endpoint": "tcp://127.0.0.1:5557", "topic": "kv"}', "distinct topics"),
+        ('{"endpoint": "tcp://*:5557", "nope": 1}', "unknown key"),
+        ("[1]", "JSON object"),
+        ("{", "not valid JSON"),
+    ]:
+        args = build_parser().parse_args(["--engines", "2", "--kv-events-config", bad])
+        assert asyncio.run(run(args)) == 2, why
+        assert why in capsys.readouterr().out
