@@ -12,7 +12,8 @@ Measures, in one process, p50/p99 of:
 and whether the encoder releases the GIL (progress of a pure-Python counter thread). Both engines are
 measured: ``tokenizers`` alone (``fast=False``) and the default (tiktoken where ``fast_bpe`` proves it equal).
 
-    python benchmarks/routing_step.py [--tokenizer-dir assets/tokenizers/sim-qwen2.5] [--tokens 8192] [--iters 200]
+    python benchmarks/routing_step.py [--tokenizer-dir kvgate_sim/assets/tokenizers/sim-qwen2.5] \\
+        [--tokens 8192] [--iters 200]
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ def gil_share(work: Callable[[], object], seconds: float = 0.5) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tokenizer-dir", type=Path, default=ROOT / "assets" / "tokenizers" / "sim-qwen2.5")
+    ap.add_argument("--tokenizer-dir", type=Path, default=ROOT / "kvgate_sim" / "assets" / "tokenizers" / "sim-qwen2.5")
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--iters", type=int, default=200)
     args = ap.parse_args()

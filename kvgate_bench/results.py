@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -125,6 +126,38 @@ def hotspot_factor(counts: Mapping[str, int], instances: Sequence[str] | None = 
     if total == 0 or not names:
         return 0.0
     return len(names) * max(counts.values()) / total
+
+
+_MEDIAN_FIELDS = (
+    "hit_rate", "oracle", "pct_of_oracle", "ttft_p50_s", "ttft_p95_s", "ttft_p99_s", "ttft_mean_s", "e2e_p50_s",
+    "e2e_p99_s", "e2e_mean_s", "throughput_rps", "output_tps", "wall_s", "hotspot",
+)  # fmt: skip
+_SUM_FIELDS = ("requests", "ok", "errors", "prompt_tokens", "cached_tokens", "output_tokens")
+
+
+def median_summary(runs: Sequence[ModeSummary]) -> ModeSummary:
+    """One mode's summary over repeated runs: every rate, latency and throughput is the median of the runs'
+    values (``None`` values left out); request/token counts, instance traffic and error kinds are totals."""
+    if not runs:
+        raise ValueError("median_summary needs at least one run")
+    if len({r.mode for r in runs}) != 1:
+        raise ValueError("median_summary: runs of different modes")
+    if len(runs) == 1:
+        return runs[0]
+    kw: dict[str, Any] = {"mode": runs[0].mode}
+    for name in _MEDIAN_FIELDS:
+        vals = [getattr(r, name) for r in runs if getattr(r, name) is not None]
+        kw[name] = statistics.median(vals) if vals else None
+    for name in _SUM_FIELDS:
+        kw[name] = sum(getattr(r, name) for r in runs)
+    counts: Counter[str] = Counter()
+    kinds: Counter[str] = Counter()
+    for r in runs:
+        counts.update(r.instance_counts)
+        kinds.update(r.error_kinds)
+    kw["instance_counts"] = dict(sorted(counts.items()))
+    kw["error_kinds"] = dict(kinds)
+    return ModeSummary(**kw)
 
 
 def _error_kind(r: RequestResult) -> str:

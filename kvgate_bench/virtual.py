@@ -8,7 +8,9 @@ Routing uses the SAME code as the gateway: the mode's balancer from :func:`make_
 in-flight counts (the load balancer picks first and its cursor always advances, as in the proxy), and for
 kvcache modes the controller lookup + :func:`choose_prefix_endpoint`, whose choice replaces the pick.
 ``kvcache-seed`` only looks up a prompt identical to one submitted before (its token cache; the background
-tokenize is modelled as complete at that earlier submission); ``kvcache`` looks up every prompt.
+tokenize is modelled as complete at that earlier submission); ``kvcache-lookup`` looks up every prompt in the
+controller index; ``kvcache`` (local routing) matches every prompt in a model of the gateway's KV-event index
+fed by the engines' own events (:mod:`kvgate_bench.virtual_events`). Lookups cost nothing in virtual time.
 
 Chunk and block hashes are computed once per request into a hash-only
 :class:`~kvgate_sim.engine_model.Prompt` (:func:`prepare`), which the engines and the lookup share.
@@ -18,19 +20,21 @@ real-time simulator does the same). Peer modes (external routers) have no virtua
 
 from __future__ import annotations
 
+import functools
 import gc
 import heapq
 import itertools
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from kvgate.routing.balancers import make_balancer
 from kvgate.routing.prefix import ColdPlacement, choose_prefix_endpoint
 from kvgate_bench.modes import FleetSpec, Mode
 from kvgate_bench.results import STATUS_OK, ModeRun, RequestResult
+from kvgate_bench.virtual_events import HashEventIndex
 from kvgate_bench.workloads import ClosedLoop, Workload
 from kvgate_sim.controller_index import ControllerIndex
 from kvgate_sim.engine_model import EngineCore, Prompt
@@ -149,13 +153,23 @@ class VEndpoint:
 class VirtualRouter:
     """The routing decision of one gateway mode, replayed without HTTP."""
 
-    def __init__(self, mode: Mode, endpoints: list[VEndpoint], index: ControllerIndex, min_match_tokens: int = 0):
+    def __init__(
+        self,
+        mode: Mode,
+        endpoints: list[VEndpoint],
+        index: ControllerIndex,
+        min_match_tokens: int = 0,
+        events: HashEventIndex | None = None,
+    ):
         if not mode.virtual_supported:
             raise ValueError(f"{mode.name} has no virtual-time equivalent")
         self.mode = mode
         self.endpoints = endpoints
         self.by_id = {e.id: e for e in endpoints}
         self.index = index
+        self.events = events
+        if mode.prefix == "events" and events is None:
+            raise ValueError(f"{mode.name} needs the KV-event index")
         self.balancer = make_balancer(mode.balancer)
         kv = dict(mode.kvcache or {})
         self.min_match_tokens = int(kv.get("min_match_tokens", min_match_tokens))
@@ -180,12 +194,17 @@ class VirtualRouter:
             self.seen.add(v.key)
             self._count("no_tokens")
             return self._cold(picked)
-        layout = self.index.lookup_hashes(v.prompt.chunk_hashes(self.index.chunk_size), v.num_tokens)
-        if not layout:
+        if prefix == "events":
+            assert self.events is not None
+            matches = self.events.match(v.prompt)
+        else:
+            layout = self.index.lookup_hashes(v.prompt.chunk_hashes(self.index.chunk_size), v.num_tokens)
+            matches = {iid: end for iid, (_loc, end) in layout.items()}
+        if not matches:
             self._count("empty")
             return self._cold(picked)
         choice = choose_prefix_endpoint(
-            {iid: end for iid, (_loc, end) in layout.items()},
+            matches,
             self.endpoints,
             min_match_tokens=self.min_match_tokens,
             max_imbalance_abs=self.max_imbalance_abs,
@@ -289,13 +308,19 @@ def run_virtual(
     """Replay ``vreqs`` through ``mode`` on ``spec.engines`` virtual engines; results in virtual seconds."""
     wall0 = time.perf_counter()
     index = ControllerIndex(LMCACHE_CHUNK_SIZE)
+    events = HashEventIndex(GPU_BLOCK_SIZE, LMCACHE_CHUNK_SIZE) if mode.prefix == "events" else None
     cores: list[EngineCore] = []
     for i in range(spec.engines):
         cfg = spec.engine_config(f"sim-{i}", i)
         index.register(cfg.instance_id, 0, now=0.0)
-        cores.append(EngineCore(cfg, sink=index.apply_ops))
+        if events is None:
+            cores.append(EngineCore(cfg, sink=index.apply_ops))
+        else:
+            cfg = replace(cfg, kv_events=True)
+            sink = functools.partial(events.apply, cfg.instance_id)
+            cores.append(EngineCore(cfg, sink=index.apply_ops, kv_event_sink=sink))
     endpoints = [VEndpoint(i, c) for i, c in enumerate(cores)]
-    router = VirtualRouter(mode, endpoints, index)
+    router = VirtualRouter(mode, endpoints, index, events=events)
     pacer = _Pacer(closed_loop, vreqs)
 
     seq = 0

@@ -21,13 +21,21 @@ def main(argv: list[str] | None = None, prog: str = "kvgate real") -> int:
     up = sub.add_parser("up", help="start controller + engines, wait until ready")
     up.add_argument("-n", "--engines", type=int, default=2)
     up.add_argument("--timeout", type=float, default=600.0, help="startup timeout per phase (s)")
+    up.add_argument(
+        "--kv-events",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="start vLLM with --kv-events-config (engines connect to one gateway port, topic kv.<instance>, a "
+        "replay port each) and LMCache with enable_kv_events: true; the written kvgate config routes from the "
+        "events. Default: env KVGATE_REAL_KV_EVENTS=1",
+    )
     sub.add_parser("down", help="stop everything recorded in the state file")
     sub.add_parser("status", help="show processes, RSS, health and listeners")
     args = ap.parse_args(argv)
 
     try:
         if args.cmd == "up":
-            fleet = RealFleet(args.run_dir, startup_timeout=args.timeout)
+            fleet = RealFleet(args.run_dir, startup_timeout=args.timeout, kv_events=args.kv_events)
             fleet.start(args.engines)
             fleet.release()
             print(json.dumps({**fleet.state(), "status": fleet.status()}, indent=2))

@@ -111,6 +111,7 @@ class EngineInfo:
     home: str
     tmp_dir: str
     alive: bool = True
+    kv_events: dict[str, Any] | None = None  # the --kv-events-config it was started with (None: off)
 
 
 @dataclass
@@ -121,6 +122,8 @@ class _Ports:
     heartbeat: int
     gateway: int
     engines: list[tuple[int, int]] = field(default_factory=list)  # (http, worker)
+    kv_events: int = 0  # the gateway's KV-event SUB port (engines connect their PUB to it); 0 = events off
+    replay: list[int] = field(default_factory=list)  # per engine: vLLM's replay ROUTER port
 
 
 def _say(msg: str) -> None:
@@ -138,7 +141,13 @@ class RealFleet:
         ready_timeout: float = 120.0,
         wait_for_other_fleet: float | None = None,
         verbose: bool = True,
+        kv_events: bool | None = None,
     ) -> None:
+        """``kv_events``: start vLLM with ``--kv-events-config`` (bind mode: every engine connects its PUB to one
+        gateway port, topic ``kv.<instance>``, a replay ROUTER per engine) and LMCache with
+        ``enable_kv_events: true``; the written kvgate config then routes from the events (local tokenizer =
+        the model directory, ``index_source: events``). Default: env ``KVGATE_REAL_KV_EVENTS=1``."""
+        self.kv_events = os.environ.get("KVGATE_REAL_KV_EVENTS") == "1" if kv_events is None else kv_events
         self.run_dir = Path(run_dir) if run_dir is not None else default_run_dir()
         self.startup_timeout = startup_timeout
         self.ready_timeout = ready_timeout
@@ -206,6 +215,9 @@ class RealFleet:
         for _ in range(n_engines):
             http, worker = free_ports(2, taken)
             self._ports.engines.append((http, worker))
+        if self.kv_events:
+            self._ports.kv_events = free_ports(1, taken)[0]
+            self._ports.replay = free_ports(n_engines, taken)
         self.gateway_port = gw
         t0 = time.monotonic()
         try:
@@ -407,6 +419,22 @@ class RealFleet:
             "lmcache_worker_ports": [worker_port],
             "lmcache_worker_heartbeat_time": 2,
             "lmcache_worker_heartbeat_delay_time": 2,
+            # LMCache 0.5.6: its stores ("cpu" BlockStored) join vLLM's KV-event stream (no removals in-process)
+            **({"enable_kv_events": True} if self.kv_events else {}),
+        }
+
+    def _engine_kv_events(self, i: int, instance_id: str) -> dict[str, Any] | None:
+        """vLLM's ``--kv-events-config`` for engine ``i``: a non-wildcard endpoint, so the engine connects its PUB
+        to the gateway's bound SUB; one topic per engine; a replay ROUTER on its own loopback port."""
+        p = self._ports
+        if not self.kv_events or p is None or not p.kv_events:
+            return None
+        return {
+            "enable_kv_cache_events": True,
+            "publisher": "zmq",
+            "endpoint": f"tcp://{LOOPBACK}:{p.kv_events}",
+            "topic": f"kv.{instance_id}",
+            "replay_endpoint": f"tcp://{LOOPBACK}:{p.replay[i]}",
         }
 
     def _start_engine(self, i: int) -> None:
@@ -440,6 +468,9 @@ class RealFleet:
             "--enforce-eager", "--enable-prefix-caching", "--enable-prompt-tokens-details",
             "--kv-transfer-config", json.dumps({"kv_connector": "LMCacheConnectorV1", "kv_role": "kv_both"}),
         ]  # fmt: skip
+        kv_events = self._engine_kv_events(i, instance_id)
+        if kv_events is not None:
+            cmd += ["--kv-events-config", json.dumps(kv_events)]
         log = self.run_dir / "logs" / f"{instance_id}.log"
         pid = self._spawn(instance_id, cmd, env, log, fresh_log=True)
         self.engines.append(
@@ -454,6 +485,7 @@ class RealFleet:
                 lmcache_config=str(cfg_path),
                 home=str(home),
                 tmp_dir=str(tmp_dir),
+                kv_events=kv_events,
             )
         )
         self._write_state()
@@ -679,6 +711,7 @@ class RealFleet:
             "controller": asdict(self.controller) if self.controller else None,
             "engines": [asdict(e) for e in self.engines],
             "gateway": {"port": self.gateway_port, "url": f"http://{LOOPBACK}:{self.gateway_port}"},
+            "kv_events": self.kv_events_config(),
             "kvgate_config": str(self.kvgate_config_path),
             "extra_tmp": self._extra_tmp,
             "timings": self.timings,
@@ -693,8 +726,19 @@ class RealFleet:
         tmp.write_text(json.dumps(self.state(), indent=2) + "\n")
         tmp.replace(self.state_path)
 
+    def kv_events_config(self) -> dict[str, Any] | None:
+        """The kvcache filter's ``kv_events`` block (bind mode) for this fleet, None when events are off."""
+        configs = [(e.instance_id, e.kv_events) for e in self.engines if e.kv_events]
+        if not configs:
+            return None
+        sources = [{"instance": i, "topic": c["topic"], "replay_endpoint": c["replay_endpoint"]} for i, c in configs]
+        return {"bind": configs[0][1]["endpoint"], "sources": sources}
+
     def kvgate_config(self) -> dict[str, Any]:
-        """Gateway config (Pixiu shape) routing to this fleet: kvcache filter then llm.proxy, one cluster."""
+        """Gateway config (Pixiu shape) routing to this fleet: kvcache filter then llm.proxy, one cluster.
+
+        With KV events on: local tokenizer (the model directory) and the event index (``index_source: events``).
+        """
         if not self.engines or self.controller is None:
             raise FleetError("fleet not started")
         first = self.engines[0].instance_id
@@ -720,6 +764,11 @@ class RealFleet:
                 "evict_instance_id": first,
             },
         }
+        events = self.kv_events_config()
+        if events is not None:
+            kvcache.update(
+                {"local_tokenizer": {"path": str(model_dir())}, "index_source": "events", "kv_events": events}
+            )
         return {
             "listeners": [
                 {

@@ -9,11 +9,13 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from kvgate.kvevents.wire import KVEvent
 from kvgate_sim.gpu_cache import GPUPrefixCache
+from kvgate_sim.kv_events import KVEventRecorder
 from kvgate_sim.lmcache_tier import LMCacheTier
 from kvgate_sim.profiles import EngineConfig
 from kvgate_sim.prompts import Prompt
-from kvgate_sim.protocol import OpSink
+from kvgate_sim.protocol import OpSink, lmcache_chunk_hashes
 from kvgate_sim.records import EngineEvent, EngineStats, RequestRecord, StepResult
 
 _WAITING, _PREFILL, _DECODE, _DONE = 0, 1, 2, 3
@@ -54,6 +56,10 @@ class EngineCore:
     Virtual time (``clock=None``): ``submit`` (optionally with a future ``arrival_time``), then ``advance(until)``
     / ``run_until_idle()``; events are ``first_token`` and ``finished``. Real time (``clock`` given): call
     ``step()`` repeatedly; each step starts at ``max(now, clock())``. Also a :class:`WorkerControl`.
+
+    With ``config.kv_events``, ``kv_event_sink(events)`` receives vLLM's KV-cache events (:mod:`kvgate_sim.kv_events`):
+    once per scheduler step that changed a cache, and once per out-of-step change (``reset_prefix_cache``, a
+    controller command that stored or evicted chunks).
     """
 
     def __init__(
@@ -62,6 +68,7 @@ class EngineCore:
         *,
         sink: OpSink | None = None,
         clock: Callable[[], float] | None = None,
+        kv_event_sink: Callable[[list[KVEvent]], object] | None = None,
     ):
         cfg = config or EngineConfig()
         self.config = cfg
@@ -100,6 +107,16 @@ class EngineCore:
                 pin_timeout_s=cfg.pin_timeout_s,
                 compression_ratio=cfg.compression_ratio,
             )
+        self.kv_event_sink = kv_event_sink
+        self.kv_events: KVEventRecorder | None = None
+        if cfg.kv_events:
+            rec = self.kv_events = KVEventRecorder(
+                cfg.block_size, cfg.lmcache_chunk_size, cpu_removal_events=cfg.lmcache_removal_events
+            )
+            self.gpu.evicted_log = rec.gpu_evicted
+            if self.tier is not None:
+                self.tier.admitted_log = rec.cpu_admitted
+                self.tier.removed_log = rec.cpu_removed
         self._future: list[tuple[float, int, _Req]] = []
         self._waiting: deque[_Req] = deque()
         self._prefilling: list[_Req] = []
@@ -278,8 +295,14 @@ class EngineCore:
         if upto > r.cached_blocks:
             hashes = r.prompt.block_hashes(self.block_size)
             blocks = r.blocks
-            for i in range(r.cached_blocks, upto):
-                self.gpu.cache(blocks[i], hashes[i])
+            rec = self.kv_events
+            if rec is None:
+                for i in range(r.cached_blocks, upto):
+                    self.gpu.cache(blocks[i], hashes[i])
+            else:
+                new = [i for i in range(r.cached_blocks, upto) if self.gpu.cache(blocks[i], hashes[i])]
+                if new:
+                    rec.gpu_stored(hashes, r.prompt.tokens, new)
             r.cached_blocks = upto
 
     def _store_chunks(self, r: _Req) -> None:
@@ -290,6 +313,8 @@ class EngineCore:
         if upto > r.stored_chunks:
             keys = r.prompt.chunk_hashes(tier.chunk_size)
             tier.store(keys[r.stored_chunks : upto])
+            if self.kv_events is not None:
+                self.kv_events.cpu_stored(keys, r.prompt.tokens, r.stored_chunks)
             r.stored_chunks = upto
 
     def _finish(self, r: _Req, t: float, events: list[EngineEvent]) -> None:
@@ -343,6 +368,7 @@ class EngineCore:
                 chunks.append((r, k))
                 budget -= k
         if n_dec == 0 and not chunks:
+            self._flush_kv_events()  # admission attempts may have evicted blocks
             return None
         prefill_tokens = 0
         for r, k in chunks:
@@ -379,6 +405,7 @@ class EngineCore:
                 heapq.heappush(self._heap, (r.g_fin, r.seq, r))
         if any_done:
             self._prefilling = [r for r in self._prefilling if r.state == _PREFILL]
+        self._flush_kv_events()
         return StepResult(now, end, n_dec, prefill_tokens, loaded, admitted, emitted, events)
 
     def step(self, *, collect_tokens: bool = True) -> StepResult | None:
@@ -468,12 +495,26 @@ class EngineCore:
             t = min(t, max(self._now, self._future[0][0]) + base_min)
         return t
 
-    def reset_prefix_cache(self) -> bool:
-        return self.gpu.reset()
+    def _flush_kv_events(self) -> None:
+        rec = self.kv_events
+        if rec is None:
+            return
+        events = rec.flush()
+        if events and self.kv_event_sink is not None:
+            self.kv_event_sink(events)
 
-    # -- WorkerControl (LMCache worker 0 of this instance)
+    def reset_prefix_cache(self) -> bool:
+        ok = self.gpu.reset()
+        if ok and self.kv_events is not None:
+            self.kv_events.cleared()
+            self._flush_kv_events()
+        return ok
+
+    # -- WorkerControl (LMCache worker 0 of this instance); commands that change the tier flush their events
     def clear(self, location: str) -> int:
-        return self.tier.clear(location) if self.tier else 0
+        n = self.tier.clear(location) if self.tier else 0
+        self._flush_kv_events()
+        return n
 
     def pin(self, tokens: Sequence[int], location: str) -> int:
         return self.tier.pin(tokens, location) if self.tier else 0
@@ -482,16 +523,26 @@ class EngineCore:
         return self.tier.compress(tokens, location, method) if self.tier else 0
 
     def decompress(self, tokens: Sequence[int], location: str, method: str) -> int:
-        return self.tier.decompress(tokens, location, method) if self.tier else 0
+        n = self.tier.decompress(tokens, location, method) if self.tier else 0
+        self._flush_kv_events()
+        return n
 
     def evict(self, tokens: Sequence[int], location: str | None = None) -> int:
-        return self.tier.evict(tokens, location) if self.tier else 0
+        n = self.tier.evict(tokens, location) if self.tier else 0
+        self._flush_kv_events()
+        return n
 
     def export_chunks(self, tokens: Sequence[int], location: str) -> list[tuple[int, int]]:
         return self.tier.export_chunks(tokens, location) if self.tier else []
 
     def import_chunks(self, tokens: Sequence[int], location: str) -> int:
-        return self.tier.import_chunks(tokens, location) if self.tier else 0
+        if self.tier is None:
+            return 0
+        n = self.tier.import_chunks(tokens, location)
+        if self.kv_events is not None:
+            self.kv_events.cpu_stored(lmcache_chunk_hashes(tokens, self.tier.chunk_size), tokens)
+            self._flush_kv_events()
+        return n
 
     def health(self) -> int:
         return 0

@@ -2,7 +2,8 @@
 
 Routes (shapes of vLLM 0.32, see shared reference ``vllm-and-workloads.md`` §1): ``POST /v1/completions``,
 ``POST /v1/chat/completions`` (SSE streaming or not), ``POST /tokenize``, ``POST /detokenize``,
-``GET /v1/models``, ``GET /health``, ``GET /metrics`` (current and deprecated vLLM names), plus
+``GET /v1/models``, ``GET /health``, ``GET /metrics`` (current and deprecated vLLM names),
+``GET /kv_event_sources`` (the KV-events config in force per DP rank; ``{}`` when off), plus
 simulator-only ``GET /sim/state`` and ``POST /reset_prefix_cache``. Every response carries
 ``x-kvgate-sim-instance``. A real-time driver task steps the model and sleeps each step's modelled
 duration (``time_scale`` applied). Generated text is real Qwen2.5 tokens chosen deterministically from
@@ -44,6 +45,7 @@ from kvgate.asgi import (
     send_stream,
 )
 from kvgate_sim.engine_model import EngineConfig, EngineCore, RequestRecord
+from kvgate_sim.kv_publisher import KVEventPublisher, KVEventsConfig
 from kvgate_sim.protocol import OpSink
 from kvgate_sim.tokenizer import ChatTemplateError, Tokenizer, get_tokenizer
 
@@ -143,31 +145,12 @@ class TextGenerator:
         return [rng.choice(self.pool) for _ in range(n)]
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte → printable character map (how byte-level BPE tokens are spelled, e.g. ``Ġworld``)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = list(bs)
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {b: chr(c) for b, c in zip(bs, cs, strict=True)}
-
-
-_B2U = _bytes_to_unicode()
-
-
 def token_strs(tok: Tokenizer, ids: Sequence[int]) -> list[str]:
+    """vLLM's ``token_strs``: each id's vocabulary spelling (byte-level BPE, e.g. ``Ġworld``)."""
     out: list[str] = []
-    enc = getattr(getattr(tok, "_tok", None), "_tokenizer", None)
     for i in ids:
-        try:
-            raw = enc.decode_single_token_bytes(i) if enc is not None else tok.decode([i]).encode()
-            out.append("".join(_B2U[b] for b in raw))
-        except Exception:
-            out.append(tok.decode([i]))
+        s = tok.token_spelling(i)
+        out.append(s if s is not None else tok.decode([i]))
     return out
 
 
@@ -177,10 +160,20 @@ def token_strs(tok: Tokenizer, ids: Sequence[int]) -> list[str]:
 class SimEngine:
     """Real-time driver: one asyncio task steps the model and delivers tokens to per-request queues."""
 
-    def __init__(self, config: EngineConfig, *, sink: OpSink | None = None):
+    def __init__(
+        self, config: EngineConfig, *, sink: OpSink | None = None, kv_events: KVEventsConfig | None = None
+    ) -> None:
+        """``kv_events`` (vLLM's ``--kv-events-config``): publish KV-cache events on ZMQ; needs a running loop."""
+        self.publisher: KVEventPublisher | None = None
+        if kv_events is not None and kv_events.active:
+            self.publisher = KVEventPublisher(kv_events)
+            self.publisher.start()
+            config = dataclasses.replace(config, kv_events=True)
         self.config = config
         self._t0 = time.monotonic()
-        self.core = EngineCore(config, sink=sink, clock=self.clock)  # also the LMCache WorkerControl
+        event_sink = self.publisher.publish if self.publisher is not None else None
+        # also the LMCache WorkerControl
+        self.core = EngineCore(config, sink=sink, clock=self.clock, kv_event_sink=event_sink)
         self._queues: dict[str, asyncio.Queue[tuple[str, RequestRecord | None]]] = {}
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
@@ -255,6 +248,8 @@ class SimEngine:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
             self._task = None
+        if self.publisher is not None:
+            await self.publisher.aclose()
 
 
 # --------------------------------------------------------------------------------------------- metrics
@@ -413,6 +408,7 @@ class EngineApp:
         r.add("GET", "/v1/models", self.models)
         r.add("GET", "/health", self.health)
         r.add("GET", "/metrics", self.metrics)
+        r.add("GET", "/kv_event_sources", self.kv_event_sources)
         r.add("GET", "/sim/state", self.sim_state)
         r.add("POST", "/reset_prefix_cache", self.reset_prefix_cache)
 
@@ -797,6 +793,10 @@ class EngineApp:
         }
         await send_response(send, 200, json.dumps(state).encode(), b"application/json")
 
+    async def kv_event_sources(self, request: Request, send: Send) -> None:
+        pub = self.engine.publisher
+        await send_json(send, 200, {"0": pub.bound.to_dict()} if pub is not None else {})
+
     async def reset_prefix_cache(self, request: Request, send: Send) -> None:
         if not self.engine.core.reset_prefix_cache():
             raise _bad("Failed to reset prefix cache: requests are running")
@@ -804,8 +804,14 @@ class EngineApp:
 
 
 def create_engine_app(
-    config: EngineConfig | None = None, *, sink: OpSink | None = None, default_chat_max_tokens: int = 256
+    config: EngineConfig | None = None,
+    *,
+    sink: OpSink | None = None,
+    default_chat_max_tokens: int = 256,
+    kv_events: KVEventsConfig | None = None,
 ) -> tuple[EngineApp, SimEngine]:
-    """Build one simulated engine and its vLLM-shaped ASGI app (serve it with ``kvgate.serving.start_server``)."""
-    engine = SimEngine(config or EngineConfig(), sink=sink)
+    """Build one simulated engine and its vLLM-shaped ASGI app (serve it with ``kvgate.serving.start_server``).
+
+    ``kv_events`` publishes vLLM KV-cache events (call from a running event loop)."""
+    engine = SimEngine(config or EngineConfig(), sink=sink, kv_events=kv_events)
     return EngineApp(engine, default_chat_max_tokens=default_chat_max_tokens), engine

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
+import socket
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -17,7 +19,73 @@ from kvgate.serving import ServerHandle, start_server
 from kvgate_sim.controller_server import SimController, create_controller_app
 from kvgate_sim.engine_model import EngineConfig
 from kvgate_sim.engine_server import SimEngine, create_engine_app
+from kvgate_sim.kv_publisher import KVEventsConfig, engine_binds
 from kvgate_sim.merge import deep_merge
+from kvgate_sim.tokenizer import tokenizer_dir
+
+#: kvgate's recommended kvcache settings without local routing (docs/kvcache-filter.md "Recommended settings"):
+#: remote ``/tokenize`` on a token-cache miss + LMCache ``/lookup``.
+KVCACHE_RECOMMENDED_LOOKUP: dict[str, Any] = {
+    "request_timeout": "2s",
+    "lookup_routing_timeout": "100ms",
+    "token_cache": {"enabled": True, "max_size": 8192, "ttl": "10m"},
+    "tokenize_on_miss": True,  # route first requests (every new chat turn) too
+    "cold_placement": "lru",  # spread prompts with no usable cached prefix
+    "min_match_ratio": 0.5,  # a shared system prompt alone does not pull new conversations to one engine
+    "max_imbalance_abs": 8,  # load guard: never pile a hot prefix onto an overloaded engine
+    "max_imbalance_rel": 1.5,
+}
+
+#: the default topic template of a fleet's engines (one topic per engine: the gateway's bind mode needs it)
+DEFAULT_TOPIC = "kv.{instance}"
+
+
+def free_loopback_port() -> int:
+    """A currently free TCP port on 127.0.0.1 (for an address that must be known before anything binds it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def default_kv_events(buffer_steps: int = 10_000) -> KVEventsConfig:
+    """What ``kvgate sim`` uses: the gateway binds a free loopback port, engines connect their PUB to it, each
+    under its own topic, each with a replay ROUTER on an ephemeral loopback port."""
+    return KVEventsConfig(
+        endpoint=f"tcp://127.0.0.1:{free_loopback_port()}",
+        topic=DEFAULT_TOPIC,
+        replay_endpoint="tcp://127.0.0.1:*",
+        buffer_steps=buffer_steps,
+    )
+
+
+_PORT = re.compile(r"^(?P<head>tcp://.+):(?P<port>\d+)$")
+
+
+def _engine_endpoint(endpoint: str, index: int) -> str:
+    """A bound endpoint's per-engine address: a numeric port is offset by the engine index (as vLLM offsets it by
+    the data-parallel rank); ``*`` stays an ephemeral port. Connect-mode endpoints are shared by every engine."""
+    if not engine_binds(endpoint):
+        return endpoint
+    m = _PORT.match(endpoint)
+    return f"{m['head']}:{int(m['port']) + index}" if m else endpoint
+
+
+def engine_kv_events(template: KVEventsConfig, instance_id: str, index: int) -> KVEventsConfig:
+    """Engine ``index``'s ``--kv-events-config`` from a fleet template (``{instance}`` in the topic expanded)."""
+    replay = template.replay_endpoint
+    return replace(
+        template,
+        topic=template.topic.replace("{instance}", instance_id),
+        endpoint=_engine_endpoint(template.endpoint, index),
+        replay_endpoint=None if replay is None else _engine_endpoint(replay, index),
+    )
+
+
+def _reachable(endpoint: str | None) -> str | None:
+    """A bound wildcard address as a subscriber on this host reaches it."""
+    if endpoint is None:
+        return None
+    return endpoint.replace("tcp://0.0.0.0:", "tcp://127.0.0.1:").replace("tcp://[::]:", "tcp://127.0.0.1:")
 
 
 @dataclass
@@ -43,6 +111,43 @@ class Fleet:
     _controller_handle: ServerHandle | None = None
     _bridges: list[Any] = field(default_factory=list)
     _stopped: bool = False
+    kv_events: KVEventsConfig | None = None  # the fleet's template (None: engines publish no KV events)
+
+    def kv_events_config(self) -> dict[str, Any] | None:
+        """The kvcache filter's ``kv_events`` block for this fleet (None when its engines publish none).
+
+        Engines that connect (non-wildcard endpoint): ``bind`` = that endpoint, sources told apart by topic.
+        Engines that bind: one ``endpoint`` per source (the gateway connects to each).
+        """
+        tmpl = self.kv_events
+        if tmpl is None or not tmpl.active:
+            return None
+        sources: list[dict[str, Any]] = []
+        for e in self.engines:
+            pub = e.engine.publisher
+            if pub is None:
+                continue
+            b = pub.bound
+            src: dict[str, Any] = {"instance": e.instance_id, "topic": b.topic}
+            if engine_binds(tmpl.endpoint):
+                src["endpoint"] = _reachable(b.endpoint)
+            if b.replay_endpoint is not None:
+                src["replay_endpoint"] = _reachable(b.replay_endpoint)
+            sources.append(src)
+        out: dict[str, Any] = {"sources": sources}
+        if not engine_binds(tmpl.endpoint):
+            out = {"bind": tmpl.endpoint, **out}
+        return out
+
+    def local_routing_config(self, index_source: str = "events") -> dict[str, Any]:
+        """kvcache filter keys for local routing: the engines' tokenizer directory and, when the engines publish
+        KV events, ``index_source`` + ``kv_events`` (else the index stays the seed's ``lookup``)."""
+        out: dict[str, Any] = {"local_tokenizer": {"path": str(tokenizer_dir())}}
+        ev = self.kv_events_config()
+        if ev is not None and index_source != "lookup":
+            out["index_source"] = index_source
+            out["kv_events"] = ev
+        return out
 
     @property
     def instance_ids(self) -> list[str]:
@@ -151,11 +256,14 @@ async def start_fleet(
     lmcache_controller: tuple[str, str] | None = None,
     seed: int = 0,
     id_prefix: str = "sim-",
+    kv_events: KVEventsConfig | None = None,
 ) -> Fleet:
     """Start ``n_engines`` simulated engines (+ our controller, or registration with a real one).
 
     ``lmcache_controller`` = (pull_url, reply_url) of a REAL LMCache controller: each engine then
     registers as an LMCache worker over ZMQ instead of (or in addition to) our in-process controller.
+    ``kv_events``: vLLM's ``--kv-events-config`` for every engine (:func:`engine_kv_events`: ``{instance}`` in
+    the topic, bound numeric ports offset by the engine index); see :meth:`Fleet.kv_events_config`.
     """
     if n_engines < 1:
         raise ValueError("n_engines must be >= 1")
@@ -164,7 +272,7 @@ async def start_fleet(
     ctl_handle: ServerHandle | None = None
     engines: list[FleetEngine] = []
     bridges: list[Any] = []
-    fleet = Fleet(engines, None)
+    fleet = Fleet(engines, None, kv_events=kv_events)
     try:
         if controller:
             app, ctl = create_controller_app()
@@ -182,8 +290,13 @@ async def start_fleet(
                 bridge = _DeferredSink()
                 sinks.append(bridge)
             sink = _fanout(sinks) if sinks else None
-            app_e, eng = create_engine_app(cfg, sink=sink)
-            handle = await start_server(app_e)
+            ev = engine_kv_events(kv_events, cfg.instance_id, i) if kv_events is not None else None
+            app_e, eng = create_engine_app(cfg, sink=sink, kv_events=ev)
+            try:
+                handle = await start_server(app_e)
+            except BaseException:
+                await eng.aclose()
+                raise
             engines.append(FleetEngine(cfg.instance_id, eng, handle))
             if ctl is not None:
                 ctl.register_worker(eng.core, "127.0.0.1", handle.port)

@@ -19,6 +19,9 @@ class GPUPrefixCache:
         self._cached: dict[int, int] = {}
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(1, num_blocks))
         self.evictions = 0
+        # KV-event hook (set by the engine core when it publishes events): hashes of cached blocks evicted for
+        # reuse, in order. None = not recorded.
+        self.evicted_log: list[int] | None = None
 
     @property
     def num_free(self) -> int:
@@ -64,16 +67,21 @@ class GPUPrefixCache:
             if h is not None:
                 if cached.get(h) == b:
                     del cached[h]
+                    if self.evicted_log is not None:
+                        self.evicted_log.append(h)
                 hashes[b] = None
                 self.evictions += 1
             ref[b] = 1
             out.append(b)
         return out
 
-    def cache(self, block: int, block_hash: int) -> None:
+    def cache(self, block: int, block_hash: int) -> bool:
+        """Enter a full block into the prefix cache; False when the hash is cached already (by another block)."""
         if block_hash not in self._cached and self._hash[block] is None:
             self._cached[block_hash] = block
             self._hash[block] = block_hash
+            return True
+        return False
 
     def free(self, blocks: Sequence[int]) -> None:
         """Release a request's blocks, tail first, so chain tails sit nearer the eviction end."""

@@ -51,6 +51,10 @@ class LMCacheTier:
         self._seq = 0
         self.admits = 0
         self.evictions = 0
+        # KV-event hooks (set by the engine core when it publishes events): positions (within the keys passed to
+        # ``store``) of newly admitted chunks, and keys of removed chunks, in order. None = not recorded.
+        self.admitted_log: list[tuple[int, int]] | None = None
+        self.removed_log: list[int] | None = None
 
     # -- introspection
     def __len__(self) -> int:
@@ -88,6 +92,8 @@ class LMCacheTier:
         self.used_bytes -= self._size(c)
         self.evictions += 1
         ops.append(self._op("evict", key))
+        if self.removed_log is not None:
+            self.removed_log.append(key)
 
     def _make_room(self, needed: int, ops: list[KVOp], protect: set[int] | frozenset[int] = frozenset()) -> bool:
         if self.used_bytes + needed <= self.capacity_bytes:
@@ -128,7 +134,8 @@ class LMCacheTier:
         ops: list[KVOp] = []
         admitted = 0
         protect = set(keys)
-        for k in keys:
+        log = self.admitted_log
+        for pos, k in enumerate(keys):
             if k in self._chunks:
                 continue
             if not self._make_room(self.chunk_bytes, ops, protect):
@@ -138,6 +145,8 @@ class LMCacheTier:
             self.admits += 1
             admitted += 1
             ops.append(self._op("admit", k))
+            if log is not None:
+                log.append((pos, k))
         self._emit(ops)
         return admitted
 

@@ -78,6 +78,8 @@ class EngineConfig:
     compression_ratio: float = 0.5
     seed: int = 0
     jitter: float = 0.0  # each step's duration × U(1 − jitter, 1 + jitter), seeded
+    kv_events: bool = False  # record vLLM KV-cache events for the core's kv_event_sink (kvgate_sim.kv_events)
+    lmcache_removal_events: bool = False  # also announce CPU-tier evictions (real LMCache 0.5.6 in-process: no)
 
     def resolved_profile(self) -> EngineProfile:
         if isinstance(self.profile, EngineProfile):

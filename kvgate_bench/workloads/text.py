@@ -26,7 +26,7 @@ def word_pool() -> tuple[tuple[int, ...], tuple[str, ...]]:
     completion prompt or inside a chat message alike.
     """
     tok = get_tokenizer()
-    ranks: Mapping[bytes, int] | None = getattr(tok._tok, "_mergeable_ranks", None)
+    ranks: Mapping[bytes, int] | None = tok.vocab_bytes()
     if ranks is not None:
         items = sorted((rank, piece) for piece, rank in ranks.items() if _WORD_RE.fullmatch(piece))
         ids = tuple(rank for rank, _ in items)

@@ -13,7 +13,7 @@ from tokenizers import Tokenizer, models
 from kvgate.tokenization import LocalTokenizer
 from kvgate.tokenization.fast_bpe import FastBPE
 
-ASSET = Path(__file__).resolve().parents[2] / "assets" / "tokenizers" / "sim-qwen2.5"
+ASSET = Path(__file__).resolve().parents[2] / "kvgate_sim" / "assets" / "tokenizers" / "sim-qwen2.5"
 
 
 @pytest.fixture(scope="module")

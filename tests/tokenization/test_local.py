@@ -11,7 +11,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
 from kvgate.tokenization import ChatTemplate, LocalTokenizer, TokenizationError, detect_content_format
 
-ASSET = Path(__file__).resolve().parents[2] / "assets" / "tokenizers" / "sim-qwen2.5"
+ASSET = Path(__file__).resolve().parents[2] / "kvgate_sim" / "assets" / "tokenizers" / "sim-qwen2.5"
 
 STRING_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>\n{% endfor %}"

@@ -11,7 +11,7 @@ from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizer
 
 from kvgate.tokenization import LocalTokenizer
 
-ASSET = Path(__file__).resolve().parents[2] / "assets" / "tokenizers" / "sim-qwen2.5"
+ASSET = Path(__file__).resolve().parents[2] / "kvgate_sim" / "assets" / "tokenizers" / "sim-qwen2.5"
 PIECES = ["hello", " world", "\n\n", "  ", "e\u0301", "é", "<|im_end|>", "<|im_start|>", "🙂", "x=1;", "\t", "ｶﾀｶﾅ"]
 
 

