@@ -36,7 +36,7 @@ UNSUPPORTED_BACKOFF_MAX = 1800.0  # cap of the doubling back-off
 
 def unsupported_backoff(strikes: int) -> float:
     """Back-off after the ``strikes``-th consecutive 404/405 (1-based): 30 s, 60 s, ... capped at 30 min."""
-    return min(UNSUPPORTED_BACKOFF_BASE * 2 ** max(0, strikes - 1), UNSUPPORTED_BACKOFF_MAX)
+    return float(min(UNSUPPORTED_BACKOFF_BASE * 2 ** max(0, strikes - 1), UNSUPPORTED_BACKOFF_MAX))
 
 
 @dataclass(slots=True)
