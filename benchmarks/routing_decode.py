@@ -95,7 +95,7 @@ async def main_async(args: argparse.Namespace) -> None:
             "vllm_endpoint": dead_url(),
             "lmcache_endpoint": dead_url(),
             "token_cache": {"enabled": True, "max_size": 8192},
-            "local_tokenizer": {"path": str(args.tokenizer_dir)},
+            "local_tokenizer": {"path": str(args.tokenizer_dir), "thread_threshold": args.thread_threshold},
             "index_source": "events",
             "kv_events": {"bind": "tcp://127.0.0.1:*", "sources": [{"instance": e, "topic": e} for e in ENGINES]},
         }
@@ -174,6 +174,7 @@ def main() -> None:
     ap.add_argument("--tokenizer-dir", type=Path, default=default_tokenizer_dir())
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--iters", type=int, default=300)
+    ap.add_argument("--thread-threshold", type=int, default=4096, help="local_tokenizer.thread_threshold")
     asyncio.run(main_async(ap.parse_args()))
 
 
