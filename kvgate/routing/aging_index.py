@@ -13,8 +13,9 @@ Pure: no I/O; the caller passes the clock (``clock``) and calls ``expire`` (the 
 from __future__ import annotations
 
 import time
+from array import array
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
 
 from kvgate.routing.block_index import BlockHash, BlockIndex
 
@@ -133,6 +134,40 @@ class AgingBlockIndex(BlockIndex):
         if rec is not None:
             self._drop_holder(instance, size, rec[0], rec[1])
             self.stats.removed_blocks += 1
+
+    def match_chains(
+        self, token_ids: Sequence[int], chains: MutableMapping[int, array[int]], limit: int | None = None
+    ) -> dict[str, int]:
+        """``match(token_ids, limit=limit)`` (all media) with each block size's chain keys memoized in ``chains``:
+        the keys of a prompt never change, so a repeated prompt costs dict lookups instead of hashing every
+        block again. ``chains`` must belong to this ``token_ids`` and ``limit``; missing sizes are filled."""
+        n = len(token_ids) if limit is None else min(limit, len(token_ids))
+        best: dict[str, int] = {}
+        for size, blocks in self._blocks.items():
+            if not blocks or n < size:
+                continue
+            keys = chains.get(size)
+            if keys is None:
+                keys = chains[size] = array("q", self.chain_keys(token_ids[: n // size * size], size))
+            active: set[str] | None = None
+            matched = 0
+            for key in keys:
+                entry = blocks.get(key)
+                if entry is None:
+                    break
+                holders = entry.holders.keys()
+                if active is None:
+                    active = set(holders)
+                elif not holders >= active:
+                    for gone in active.difference(holders):
+                        best[gone] = max(best.get(gone, 0), matched)
+                    active.intersection_update(holders)
+                if not active:
+                    break
+                matched += size
+            for inst in active or ():
+                best[inst] = max(best.get(inst, 0), matched)
+        return {i: t for i, t in best.items() if t > 0}
 
     def media_entries(self) -> dict[str, int]:
         """Held entries (instance x block) per medium: GPU = all entries minus the aging ones."""

@@ -71,3 +71,26 @@ def test_zero_ttl_never_ages() -> None:
     idx.apply_stored("c", [11], None, TOKENS[:16], 16, "cpu")
     clock.t += 1e6
     assert idx.expire() == 0 and idx.match(TOKENS) == {"c": 16}
+
+
+def test_match_chains_equals_match_and_memoizes() -> None:
+    import random
+    from array import array
+
+    rng = random.Random(5)
+    idx, _ = make()
+    base = [rng.randrange(50) for _ in range(700)]
+    h = iter(range(10**6))
+    for inst in ("a", "b", "c"):
+        for size, medium in ((16, "GPU"), (256, "cpu")):
+            n = rng.randrange(0, len(base)) // size * size
+            if n:
+                idx.apply_stored(inst, [next(h) for _ in range(n // size)], None, base[:n], size, medium)
+    for trial in range(50):
+        cut = rng.randrange(1, len(base))
+        prompt = base[:cut] + [rng.randrange(50) for _ in range(rng.randrange(0, 40))]
+        chains: dict[int, array[int]] = {}
+        expected = idx.match(prompt, limit=len(prompt) - 1)
+        assert idx.match_chains(prompt, chains, limit=len(prompt) - 1) == expected, trial
+        assert set(chains) == {s for s in idx.block_sizes if s <= len(prompt) - 1}
+        assert idx.match_chains(prompt, chains, limit=len(prompt) - 1) == expected  # from the memo

@@ -8,7 +8,9 @@
 - a maintenance task (every ``MAINTENANCE_INTERVAL``): expires aged entries and exports the index size, the
   event lag and the subscriber / index counters; drops are logged once per interval (rate-limited).
 
-The request path only calls :meth:`match` (pure, in-memory): no controller call, no I/O.
+The request path only calls :meth:`match` (pure, in-memory): no controller call, no I/O. A prompt's block
+chain keys are memoized per request key (LRU, the token cache's size), so a token-cache hit costs dict
+lookups only.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import contextlib
 import dataclasses
 import logging
 import time
+from array import array
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
 from kvgate.filters.kvcache.config import KVEventsConfig
@@ -29,6 +33,7 @@ from kvgate.routing.aging_index import HINT_MEDIUM, AgingBlockIndex
 log = logging.getLogger("kvgate.filters.kvcache")
 
 MAINTENANCE_INTERVAL = 1.0  # seconds
+DEFAULT_MEMO_SIZE = 4096  # prompts whose block chain keys are memoized (8 bytes a block: 4 KB for 8k tokens)
 _SUB_KINDS = tuple(f.name for f in dataclasses.fields(SubscriberStats))
 # Drops worth a (rate-limited) WARNING; the subscriber itself logs decode errors, unknown topics, gaps, replays.
 _INDEX_DROPS = {
@@ -49,6 +54,7 @@ class EventIndex:
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
         interval: float = MAINTENANCE_INTERVAL,
+        memo_size: int = DEFAULT_MEMO_SIZE,
     ) -> None:
         self.cfg = cfg
         self.metrics = metrics
@@ -79,6 +85,8 @@ class EventIndex:
             )
         self.instances = [s.instance for s in cfg.sources]
         self._seen: dict[str, int] = {}
+        self.memo_size = memo_size
+        self._chains: OrderedDict[str, dict[int, array[int]]] = OrderedDict()  # request key -> size -> keys
         self._task: asyncio.Task[None] | None = None
 
     # --- lifecycle ---
@@ -118,13 +126,27 @@ class EventIndex:
     def spread_tokens(self) -> int:
         return self.cfg.spread_tokens or (self.min_block_tokens() or 0)
 
-    def match(self, tokens: Sequence[int]) -> dict[str, int]:
-        """Each instance's longest held prefix; the last token is left out (vLLM recomputes it)."""
+    def match(self, tokens: Sequence[int], key: str | None = None) -> dict[str, int]:
+        """Each instance's longest held prefix; the last token is left out (vLLM recomputes it). With the
+        request ``key`` the prompt's block chain keys are memoized (a repeated prompt skips the hashing)."""
         t0 = time.perf_counter()
         try:
-            return self.index.match(tokens, limit=len(tokens) - 1)
+            if key is None:
+                return self.index.match(tokens, limit=len(tokens) - 1)
+            chains = self._chains.get(key)
+            if chains is None:
+                chains = self._chains[key] = {}
+                if len(self._chains) > self.memo_size:
+                    self._chains.popitem(last=False)
+            else:
+                self._chains.move_to_end(key)
+            return self.index.match_chains(tokens, chains, limit=len(tokens) - 1)
         finally:
             self.metrics.index_match_latency.observe(time.perf_counter() - t0)
+
+    def forget_tokens(self, key: str) -> None:
+        """The tokens cached for ``key`` were replaced: drop its memoized chain keys."""
+        self._chains.pop(key, None)
 
     # --- background ---
 

@@ -35,7 +35,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import aiohttp
@@ -45,7 +45,7 @@ from kvgate.config import unknown_keys
 from kvgate.errors import ConfigError
 from kvgate.filters.kvcache.config import KVCacheConfig
 from kvgate.filters.kvcache.errors import CircuitOpenError, DecodeError, KVCacheError, PoolTimeout
-from kvgate.filters.kvcache.event_index import EventIndex
+from kvgate.filters.kvcache.event_index import DEFAULT_MEMO_SIZE, EventIndex
 from kvgate.filters.kvcache.events import FilterEvents
 from kvgate.filters.kvcache.extract import Extracted, ExtractError, extract
 from kvgate.filters.kvcache.hotstats import HotStats
@@ -208,7 +208,8 @@ class KVCacheFilter(HttpFilter):
             log.info("[kvcache] local tokenizer %s (engine %s)", self.local_tokenizer.name, self.local_tokenizer.engine)
         self.event_index: EventIndex | None = None
         if config.enabled and config.index_source != "lookup":
-            self.event_index = EventIndex(config.kv_events, self.metrics, self.events, clock=clock)
+            memo = tc.max_size if 0 < tc.max_size < DEFAULT_MEMO_SIZE else DEFAULT_MEMO_SIZE
+            self.event_index = EventIndex(config.kv_events, self.metrics, self.events, clock=clock, memo_size=memo)
             known = {ep.id for cluster in runtime.clusters for ep in cluster.endpoints}
             strangers = [i for i in self.event_index.instances if i not in known]
             if strangers:
@@ -296,7 +297,10 @@ class KVCacheFilter(HttpFilter):
             return None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.cfg.routing_timeout(ctx.timeout)
-        tokens = self.token_cache.get(key)
+        # the event index reads the cached array in place; the lookup path sends a list
+        tokens: Sequence[int] | None = (
+            self.token_cache.get_array(key) if self.event_index is not None else self.token_cache.get(key)
+        )
         m.token_cache_size.set(len(self.token_cache))
         if tokens is None:
             m.token_cache_misses.inc()
@@ -308,8 +312,9 @@ class KVCacheFilter(HttpFilter):
         else:
             m.token_cache_hits.inc()
         if self.event_index is not None:
-            self._route_from_index(ctx, self.event_index, tokens)
+            self._route_from_index(ctx, self.event_index, tokens, key)
             return None
+        assert isinstance(tokens, list)
         breaker = self.breakers["lookup"]
         if not breaker.would_allow():
             m.routing_lookups.labels("breaker_open").inc()
@@ -354,10 +359,10 @@ class KVCacheFilter(HttpFilter):
         ctx.response_headers.append((b"x-kvgate-kvcache", label.encode()))
         return lookup
 
-    def _route_from_index(self, ctx: RequestContext, index: EventIndex, tokens: list[int]) -> None:
+    def _route_from_index(self, ctx: RequestContext, index: EventIndex, tokens: Sequence[int], key: str) -> None:
         """``index_source: events | both``: match the event index (in memory, no controller call)."""
         t0 = time.perf_counter()
-        matches = index.match(tokens)
+        matches = index.match(tokens, key)
         if not matches:
             outcome, choice = "empty", None
         else:
@@ -379,8 +384,7 @@ class KVCacheFilter(HttpFilter):
         if self.local_tokenizer is not None:
             tokens = await self._tokenize_local(self.local_tokenizer, req, key)
             if tokens is not None:
-                self.token_cache.put(key, tokens)
-                self.metrics.token_cache_size.set(len(self.token_cache))
+                self._store_tokens(key, tokens)
                 return tokens
         if self.cfg.tokenize_on_miss:
             return await self._tokenize_within(req, key, deadline, cluster)
@@ -434,9 +438,14 @@ class KVCacheFilter(HttpFilter):
         finally:
             self.metrics.tokenize_latency.observe(time.perf_counter() - t0)
         self.metrics.tokenize_calls.labels("ok").inc()
+        self._store_tokens(key, tokens)
+        return tokens
+
+    def _store_tokens(self, key: str, tokens: list[int]) -> None:
         self.token_cache.put(key, tokens)
         self.metrics.token_cache_size.set(len(self.token_cache))
-        return tokens
+        if self.event_index is not None:
+            self.event_index.forget_tokens(key)
 
     def _place_cold(self, ctx: RequestContext) -> None:
         """``cold_placement: lru``: no usable cached prefix, so spread the new prefix (see ColdPlacement)."""
@@ -483,7 +492,7 @@ class KVCacheFilter(HttpFilter):
     ) -> None:
         if self.jobs.closed:
             return
-        needs_tokens = self.cfg.token_cache.enabled and self.token_cache.get(key, count=False) is None
+        needs_tokens = self.cfg.token_cache.enabled and not self.token_cache.contains(key)
         if not (needs_tokens or self._strategy_active or self._hint_due(key)):
             return  # nothing a job could do
         self.jobs.submit(Job(key, req, lookup, timeout, asyncio.get_running_loop().time(), cluster))
@@ -493,8 +502,7 @@ class KVCacheFilter(HttpFilter):
         if tokens is None:
             tokens = await self._tokenize(job, deadline)
             if self.cfg.token_cache.enabled:
-                self.token_cache.put(job.key, tokens)
-                self.metrics.token_cache_size.set(len(self.token_cache))
+                self._store_tokens(job.key, tokens)
         hint = self._hint_due(job.key)
         if not (self._strategy_active or hint) or not tokens:
             return
