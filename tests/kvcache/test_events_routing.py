@@ -152,6 +152,12 @@ async def test_routes_from_events_with_the_controller_absent(fleet: Fleet, mode:
     assert fleet.metric("kvgate_kvcache_routing_lookups_total", {"outcome": "routed"}) == 1
     assert fleet.metric("kvgate_kvcache_predicted_matched_tokens_sum", {"instance": "chosen"}) == expected
     assert fleet.metric("kvgate_kvcache_local_tokenize_total", {"result": "ok"}) == 1
+    assert flt.event_index is not None
+    flt.event_index.maintain()  # the periodic export
+    assert fleet.metric("kvgate_kvcache_kv_events_total", {"kind": "batches"}) == 2
+    assert fleet.metric("kvgate_kvcache_index_entries", {"medium": "GPU"}) == 4 + len(ids) // 16
+    assert fleet.metric("kvgate_kvcache_index_blocks") == len(ids) // 16  # engine-a's blocks are shared
+    assert fleet.metric("kvgate_kvcache_kv_event_lag_seconds", {"instance": "engine-b"}) > 0
     req = extract({"model": "m", "messages": msgs})
     assert req is not None and flt.token_cache.get(req.key) == ids
 
@@ -273,3 +279,26 @@ async def test_both_mode_adds_controller_holders_as_hints_that_expire(fleet: Fle
     flt.event_index.maintain()
     assert flt.event_index.index.instances() == []
     assert fleet.metric("kvgate_kvcache_kv_events_total", {"kind": "aged_out"}) == 2
+
+
+async def test_sources_unknown_to_the_cluster_are_warned(caplog: pytest.LogCaptureFixture) -> None:
+    runtime = Runtime(gateway_config())
+    cfg = KVCacheConfig.model_validate(
+        {
+            "enabled": True,
+            "vllm_endpoint": dead_url(),
+            "lmcache_endpoint": dead_url(),
+            "index_source": "events",
+            "kv_events": {
+                "sources": [
+                    {"instance": "engine-a", "endpoint": "tcp://127.0.0.1:1"},
+                    {"instance": "ghost", "endpoint": "tcp://127.0.0.1:2"},
+                ]
+            },
+        }
+    )
+    with caplog.at_level("WARNING"):
+        flt = KVCacheFilter(cfg, runtime)
+    assert "no cluster endpoint: ghost" in caplog.text and "engine-a" not in caplog.text
+    await flt.close()
+    await runtime.close()
