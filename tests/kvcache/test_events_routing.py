@@ -16,6 +16,7 @@ import zmq
 import zmq.asyncio
 
 from kvgate.chain import PREFERRED_ENDPOINT_PARAM, RequestContext
+from kvgate.errors import ConfigError
 from kvgate.filters.kvcache.config import KVCacheConfig
 from kvgate.filters.kvcache.extract import extract
 from kvgate.filters.kvcache.filter import KVCacheFilter
@@ -302,3 +303,25 @@ async def test_sources_unknown_to_the_cluster_are_warned(caplog: pytest.LogCaptu
     assert "no cluster endpoint: ghost" in caplog.text and "engine-a" not in caplog.text
     await flt.close()
     await runtime.close()
+
+
+async def test_bind_address_in_use_is_a_config_error(fleet: Fleet) -> None:
+    first = await fleet.make()
+    assert first.event_index is not None and first.event_index.bound_endpoint
+    cfg = KVCacheConfig.model_validate(
+        {
+            "enabled": True,
+            "vllm_endpoint": dead_url(),
+            "lmcache_endpoint": dead_url(),
+            "index_source": "events",
+            "kv_events": {
+                "bind": first.event_index.bound_endpoint,
+                "sources": [{"instance": "engine-a", "topic": "kv.engine-a"}],
+            },
+        }
+    )
+    second = KVCacheFilter(cfg, fleet.runtime)
+    with pytest.raises(ConfigError) as info:
+        await second.start()
+    assert info.value.path == "kv_events.bind"
+    await second.close()

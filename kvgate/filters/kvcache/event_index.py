@@ -24,6 +24,9 @@ from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
+import zmq
+
+from kvgate.errors import ConfigError
 from kvgate.filters.kvcache.config import KVEventsConfig
 from kvgate.filters.kvcache.events import FilterEvents
 from kvgate.filters.kvcache.metrics import KVCacheMetrics
@@ -93,7 +96,12 @@ class EventIndex:
 
     async def start(self) -> None:
         for sub in self.subscribers:
-            await sub.start()
+            try:
+                await sub.start()
+            except zmq.ZMQError as exc:  # address in use, bad endpoint: name the key
+                await self.close()
+                path = "kv_events.bind" if sub.bind is not None else "kv_events.sources"
+                raise ConfigError(path, f"[kvcache] {path}: cannot open the KV-event socket: {exc}") from None
             if sub.bound_endpoint:
                 log.info("[kvcache] KV events: bound %s for %d engine(s)", sub.bound_endpoint, len(sub.sources))
         if self._task is None:
