@@ -36,7 +36,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiohttp
 
@@ -45,7 +45,6 @@ from kvgate.config import unknown_keys
 from kvgate.errors import ConfigError
 from kvgate.filters.kvcache.config import KVCacheConfig
 from kvgate.filters.kvcache.errors import CircuitOpenError, DecodeError, KVCacheError, PoolTimeout
-from kvgate.filters.kvcache.event_index import DEFAULT_MEMO_SIZE, EventIndex
 from kvgate.filters.kvcache.events import FilterEvents
 from kvgate.filters.kvcache.extract import Extracted, ExtractError, extract
 from kvgate.filters.kvcache.hotstats import HotStats
@@ -62,6 +61,9 @@ from kvgate.redact import redact_url
 from kvgate.routing.prefix import ColdPlacement, PrefixChoice, choose_prefix_endpoint
 from kvgate.runtime import Runtime
 from kvgate.tokenization import LocalTokenizer, TokenizationError
+
+if TYPE_CHECKING:  # imported when index_source needs it: the lookup path loads no ZMQ
+    from kvgate.filters.kvcache.event_index import EventIndex
 
 log = logging.getLogger("kvgate.filters.kvcache")
 
@@ -208,6 +210,8 @@ class KVCacheFilter(HttpFilter):
             log.info("[kvcache] local tokenizer %s (engine %s)", self.local_tokenizer.name, self.local_tokenizer.engine)
         self.event_index: EventIndex | None = None
         if config.enabled and config.index_source != "lookup":
+            from kvgate.filters.kvcache.event_index import DEFAULT_MEMO_SIZE, EventIndex
+
             memo = tc.max_size if 0 < tc.max_size < DEFAULT_MEMO_SIZE else DEFAULT_MEMO_SIZE
             self.event_index = EventIndex(config.kv_events, self.metrics, self.events, clock=clock, memo_size=memo)
             known = {ep.id for cluster in runtime.clusters for ep in cluster.endpoints}
