@@ -140,7 +140,11 @@ class KVEventSubscriber:
         sock = self._ctx.socket(zmq.SUB)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SUBSCRIBE, src.topic.encode())
-        sock.connect(src.endpoint)
+        try:
+            sock.connect(src.endpoint)
+        except zmq.ZMQError:  # a malformed endpoint: do not leak the socket
+            sock.close(linger=0)
+            raise
         self._open(src.instance, sock)
 
     async def start(self) -> None:
@@ -149,7 +153,11 @@ class KVEventSubscriber:
             sock = self._ctx.socket(zmq.SUB)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.SUBSCRIBE, b"")
-            sock.bind(self.bind)
+            try:
+                sock.bind(self.bind)
+            except zmq.ZMQError:  # address in use, bad endpoint: do not leak the socket
+                sock.close(linger=0)
+                raise
             self.bound_endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
             self._open(None, sock)
         for src in self.sources.values():

@@ -196,3 +196,81 @@ def test_kvgate_routing_keys_validated() -> None:
         with _pytest.raises((_CE, ValueError)) as ei:
             KVCacheConfig.model_validate({**base, key: bad})
         assert msg in str(ei.value)
+
+
+# --- local routing keys (issue 9) ---
+
+
+def test_local_routing_defaults_are_the_seed() -> None:
+    c = load()
+    assert c.local_tokenizer is None and c.index_source == "lookup"
+    assert c.kv_events.sources == [] and c.kv_events.bind is None
+
+
+def test_local_routing_contract_parses() -> None:
+    c = load(
+        local_tokenizer={"path": "/some/dir"},
+        index_source="events",
+        kv_events={
+            "bind": "tcp://127.0.0.1:5557",
+            "sources": [
+                {"instance": "sim-0", "topic": "kv.sim-0", "replay_endpoint": "tcp://127.0.0.1:5560"},
+                {"instance": "sim-1", "endpoint": "tcp://127.0.0.1:5558"},
+            ],
+        },
+    )
+    assert c.local_tokenizer is not None and c.local_tokenizer.path == "/some/dir"
+    assert [s.instance for s in c.kv_events.sources] == ["sim-0", "sim-1"]
+    assert c.kv_events.cpu_ttl == 120.0 and c.kv_events.hint_ttl == 30.0
+
+
+@pytest.mark.parametrize(
+    ("kw", "path"),
+    [
+        ({"index_source": "magic"}, "index_source"),
+        ({"local_tokenizer": {"path": " "}}, "local_tokenizer.path"),
+        ({"index_source": "events"}, "kv_events.sources"),
+        ({"index_source": "both", "kv_events": {"sources": [{"instance": "a"}]}}, "kv_events.sources[0].endpoint"),
+        (
+            {"index_source": "events", "kv_events": {"bind": "tcp://127.0.0.1:1", "sources": [{"instance": "a"}]}},
+            "kv_events.sources[0].topic",
+        ),
+        (
+            {
+                "index_source": "events",
+                "kv_events": {
+                    "bind": "tcp://127.0.0.1:1",
+                    "sources": [{"instance": "a", "topic": "t"}, {"instance": "b", "topic": "t"}],
+                },
+            },
+            "kv_events.sources[1].topic",
+        ),
+        (
+            {"index_source": "events", "kv_events": {"sources": [{"instance": "a", "endpoint": "x"}, {}]}},
+            "kv_events.sources[0].endpoint",
+        ),
+        (
+            {"index_source": "events", "kv_events": {"sources": [{"instance": "a", "endpoint": "tcp://h:1"}, {}]}},
+            "kv_events.sources[1].instance",
+        ),
+        ({"index_source": "events", "kv_events": {"bind": "5557", "sources": [{"instance": "a"}]}}, "kv_events.bind"),
+        (
+            {
+                "index_source": "events",
+                "kv_events": {"cpu_ttl": -1, "sources": [{"instance": "a", "endpoint": "tcp://h:1"}]},
+            },
+            "kv_events.cpu_ttl",
+        ),
+    ],
+)
+def test_local_routing_errors_name_the_key(kw: dict[str, object], path: str) -> None:
+    err = error_of({**BASE, **kw})
+    assert err.path == path, err
+
+
+def test_bad_tokenizer_dir_is_a_config_error(tmp_path: Path) -> None:
+    from kvgate.filters.kvcache.filter import load_local_tokenizer
+
+    with pytest.raises(ConfigError) as info:
+        load_local_tokenizer(load(local_tokenizer={"path": str(tmp_path)}))
+    assert info.value.path == "local_tokenizer.path"

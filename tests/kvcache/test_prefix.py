@@ -96,3 +96,45 @@ def test_min_match_ratio_ignores_a_shared_system_prompt_alone() -> None:
     assert c.endpoint_id == "b" and c.matched_tokens == 2816
     # off by default
     assert choose_prefix_endpoint({"a": 1024}, eps, num_tokens=3100).endpoint_id == "a"
+
+
+# --- load spread among the holders of the useful prefix (event index, issue 9) ---
+
+
+def test_spread_picks_least_loaded_holder_within_one_block() -> None:
+    eps = [Ep("a", 5), Ep("b", 1), Ep("c", 0)]
+    matches = {"a": 512, "b": 496, "c": 256}
+    # without spread: the seed rule (longest match wins even when loaded)
+    assert choose_prefix_endpoint(matches, eps).endpoint_id == "a"
+    # within one 16-token block: a and b hold the useful prefix; b is less loaded; c is too short
+    choice = choose_prefix_endpoint(matches, eps, spread_tokens=16)
+    assert (choice.endpoint_id, choice.matched_tokens, choice.best_tokens) == ("b", 496, 512)
+
+
+def test_spread_equal_load_prefers_longer_then_config_order() -> None:
+    eps = [Ep("a", 1), Ep("b", 1)]
+    assert choose_prefix_endpoint({"a": 496, "b": 512}, eps, spread_tokens=16).endpoint_id == "b"
+    assert choose_prefix_endpoint({"a": 512, "b": 512}, eps, spread_tokens=16).endpoint_id == "a"
+
+
+def test_spread_hot_prefix_alternates_with_load() -> None:
+    a, b = Ep("a", 0), Ep("b", 0)
+    picks = []
+    for _ in range(4):
+        chosen = choose_prefix_endpoint({"a": 1024, "b": 1024}, [a, b], spread_tokens=16).endpoint_id
+        picks.append(chosen)
+        (a if chosen == "a" else b).in_flight += 1
+    assert picks == ["a", "b", "a", "b"]
+
+
+def test_spread_never_picks_unhealthy_and_keeps_guards() -> None:
+    eps = [Ep("a", 0, ok=False), Ep("b", 4), Ep("c", 0)]
+    choice = choose_prefix_endpoint({"a": 512, "b": 512}, eps, spread_tokens=16)
+    assert choice.endpoint_id == "b" and choice.rejected["unhealthy"] == 1
+    # min_match_ratio and the load guard still apply
+    assert (
+        choose_prefix_endpoint({"b": 100}, eps, spread_tokens=16, min_match_ratio=0.5, num_tokens=1000).endpoint_id
+        is None
+    )
+    guarded = choose_prefix_endpoint({"b": 512}, eps, spread_tokens=16, max_imbalance_abs=2, max_imbalance_rel=1.5)
+    assert guarded.endpoint_id is None and guarded.rejected["overloaded"] == 1

@@ -108,3 +108,15 @@ def test_hot_sweep_cadence() -> None:
     h.record("y")
     assert h.sweeps == 2
     assert len(h) == 2  # "old" removed by the sweep without being read
+
+
+def test_contains_honours_ttl_without_counting() -> None:
+    from kvgate.filters.kvcache.tokens import TokenCache
+
+    now = [0.0]
+    c = TokenCache(max_size=4, ttl=10.0, clock=lambda: now[0])
+    c.put("k", [1, 2])
+    assert c.contains("k") and not c.contains("x")
+    assert (c.hits, c.misses) == (0, 0)
+    now[0] = 10.0
+    assert not c.contains("k")

@@ -68,7 +68,6 @@ async def test_sim_config_without_events_keeps_lookup_index(tmp_path: Path) -> N
         await fleet.stop()
 
 
-@pytest.mark.xfail(strict=False, reason="needs H5 config keys (local_tokenizer, index_source, kv_events)")
 async def test_sim_config_passes_check_config(tmp_path: Path) -> None:
     out, fleet = await _written_config(tmp_path)
     await fleet.stop()

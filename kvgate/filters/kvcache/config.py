@@ -7,7 +7,8 @@ Unknown keys are accepted (Pixiu ignores them) and logged by the filter factory.
 
 Keys we add (not in Pixiu): ``max_background_tasks``, ``background_queue_size``,
 ``min_match_tokens``, ``tokenize_on_miss``, ``max_imbalance_abs``, ``max_imbalance_rel``,
-``cold_placement``, ``min_match_ratio``, ``hot_max_bytes`` and ``retry.jitter``. ``hot_max_keys: 0`` means
+``cold_placement``, ``min_match_ratio``, ``hot_max_bytes``, ``retry.jitter``, and local routing (issue 9):
+``local_tokenizer``, ``index_source`` and ``kv_events`` (see docs/kvcache-filter.md). ``hot_max_keys: 0`` means
 ``DEFAULT_HOT_MAX_KEYS`` here (Pixiu: unlimited), see :meth:`KVCacheConfig.hot_key_cap`.
 """
 
@@ -87,6 +88,48 @@ class CircuitBreakerConfig(_Section):
     half_open_max_calls: int = 0
 
 
+INDEX_SOURCES = ("lookup", "events", "both")
+DEFAULT_CPU_TTL = 120.0  # age limit of CPU-tier entries learned from KV events (LMCache emits no CPU removals)
+DEFAULT_HINT_TTL = 30.0  # age limit of holders learned from the controller's /lookup (index_source: both)
+DEFAULT_REPLAY_TIMEOUT = 0.5
+DEFAULT_MAX_BLOCKS = 500_000
+_ZMQ_SCHEMES = ("tcp://", "ipc://", "inproc://")
+
+
+class LocalTokenizerConfig(_Section):
+    """``local_tokenizer``: tokenize in-process from a model/tokenizer directory (``tokenizer.json`` + template)."""
+
+    path: str = ""
+    fast: bool = True  # use the tiktoken engine where it is proven to give the same ids
+    thread_threshold: int = 4096  # texts longer than this (characters) are encoded on a worker thread
+
+
+class KVEventSourceConfig(_Section):
+    """One engine's KV-event stream: ``topic`` (bind mode) or ``endpoint`` (connect mode)."""
+
+    instance: str = ""
+    topic: str = ""
+    endpoint: str | None = None
+    replay_endpoint: str | None = None
+
+
+class KVEventsConfig(_Section):
+    """``kv_events``: where vLLM's KV-cache events come from (``index_source: events | both``)."""
+
+    bind: str | None = None
+    sources: list[KVEventSourceConfig] = Field(default_factory=list)
+    replay_timeout: Duration = DEFAULT_REPLAY_TIMEOUT
+    max_blocks: int = DEFAULT_MAX_BLOCKS
+    # Age limit of non-GPU entries (LMCache's CPU tier sends stores but no removals); 0 = never aged out.
+    cpu_ttl: Duration = DEFAULT_CPU_TTL
+    # index_source "both": holders confirmed by the controller's /lookup are kept this long after the last
+    # confirmation.
+    hint_ttl: Duration = DEFAULT_HINT_TTL
+    # Holders whose match is within this many tokens of the longest are chosen by load; 0 = one block
+    # (the index's smallest block size).
+    spread_tokens: int = 0
+
+
 class KVCacheConfig(_Section):
     """The whole ``config`` map of ``dgp.filter.ai.kvcache`` (snake_case keys as in Pixiu)."""
 
@@ -125,6 +168,10 @@ class KVCacheConfig(_Section):
     min_match_ratio: float = 0.0
     # Byte budget of the hot map (estimated; 0 = none). The map is only kept when pinning is on.
     hot_max_bytes: int = DEFAULT_HOT_MAX_BYTES
+    # --- local routing (issue 9) ---
+    local_tokenizer: LocalTokenizerConfig | None = None  # absent = remote /tokenize (seed)
+    index_source: str = "lookup"  # lookup (seed) | events | both
+    kv_events: KVEventsConfig = Field(default_factory=KVEventsConfig)
 
     @model_validator(mode="after")
     def _apply(self) -> KVCacheConfig:
@@ -213,6 +260,65 @@ class KVCacheConfig(_Section):
             raise ConfigError("max_imbalance_abs", "[kvcache] max_imbalance_abs must be >= 0")
         if self.max_imbalance_rel < 1:
             raise ConfigError("max_imbalance_rel", "[kvcache] max_imbalance_rel must be >= 1")
+        self._validate_local_routing()
+
+    def _validate_local_routing(self) -> None:
+        lt = self.local_tokenizer
+        if lt is not None:
+            if not lt.path.strip():
+                raise ConfigError("local_tokenizer.path", "[kvcache] local_tokenizer.path is required")
+            if lt.thread_threshold < 0:
+                raise ConfigError(
+                    "local_tokenizer.thread_threshold", "[kvcache] local_tokenizer.thread_threshold must be >= 0"
+                )
+        if self.index_source not in INDEX_SOURCES:
+            raise ConfigError("index_source", "[kvcache] index_source must be 'lookup', 'events' or 'both'")
+        if self.index_source == "lookup":
+            return
+        ev = self.kv_events
+        if not ev.sources:
+            raise ConfigError(
+                "kv_events.sources", f"[kvcache] kv_events.sources is required with index_source: {self.index_source}"
+            )
+        if ev.bind is not None and not ev.bind.startswith(_ZMQ_SCHEMES):
+            raise ConfigError("kv_events.bind", "[kvcache] kv_events.bind must be a ZMQ endpoint (tcp://host:port)")
+        for key in ("replay_timeout", "cpu_ttl", "hint_ttl"):
+            if getattr(ev, key) < 0:
+                raise ConfigError(f"kv_events.{key}", f"[kvcache] kv_events.{key} must be >= 0")
+        if ev.replay_timeout == 0:
+            ev.replay_timeout = DEFAULT_REPLAY_TIMEOUT
+        if ev.max_blocks < 1:
+            raise ConfigError("kv_events.max_blocks", "[kvcache] kv_events.max_blocks must be >= 1")
+        if ev.spread_tokens < 0:
+            raise ConfigError("kv_events.spread_tokens", "[kvcache] kv_events.spread_tokens must be >= 0")
+        instances: set[str] = set()
+        topics: set[str] = set()
+        for i, src in enumerate(ev.sources):
+            path = f"kv_events.sources[{i}]"
+            if not src.instance:
+                raise ConfigError(f"{path}.instance", f"[kvcache] {path}.instance is required")
+            if src.instance in instances:
+                raise ConfigError(f"{path}.instance", f"[kvcache] {path}.instance {src.instance!r} is repeated")
+            instances.add(src.instance)
+            for key in ("endpoint", "replay_endpoint"):
+                value = getattr(src, key)
+                if value is not None and not value.startswith(_ZMQ_SCHEMES):
+                    raise ConfigError(
+                        f"{path}.{key}", f"[kvcache] {path}.{key} must be a ZMQ endpoint (tcp://host:port)"
+                    )
+            if src.endpoint is None:  # bind mode: the engine connects to kv_events.bind, named by its topic
+                if ev.bind is None:
+                    raise ConfigError(
+                        f"{path}.endpoint",
+                        f"[kvcache] {path} needs an endpoint (engine binds) or kv_events.bind (engines connect)",
+                    )
+                if not src.topic:
+                    raise ConfigError(
+                        f"{path}.topic", f"[kvcache] {path}.topic is required in bind mode (one topic per engine)"
+                    )
+                if src.topic in topics:
+                    raise ConfigError(f"{path}.topic", f"[kvcache] {path}.topic {src.topic!r} is repeated")
+                topics.add(src.topic)
 
     def hot_key_cap(self) -> int:
         """The hot map's key cap: ``hot_max_keys``, or ``DEFAULT_HOT_MAX_KEYS`` when it is 0 (never unbounded)."""

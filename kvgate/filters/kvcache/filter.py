@@ -15,6 +15,11 @@ Decode path (synchronous, always ``CONTINUE``, errors never reach the client):
    ``ctx.params[PREFERRED_ENDPOINT_PARAM]``;
 5. enqueue a background job (never blocks; coalesced per key; dropped and counted when full).
 
+Local routing (issue 9, docs/kvcache-filter.md "Local routing"): with ``local_tokenizer`` a token-cache miss
+is tokenized in-process (the remote path stays the fallback); with ``index_source: events`` step 3-4 match
+the filter's own event index (:mod:`.event_index`) instead of calling ``/lookup``; ``both`` also feeds the
+index with the controller's holders from the background job (off the request path).
+
 Background jobs run on ``max_background_tasks`` workers fed by a queue of ``background_queue_size``.
 Each job: tokenize on a cache miss (store) → lookup (reusing the routing lookup) → decide → execute.
 Deadline = the effective request timeout, counted from the job's start; a job that waited in the
@@ -29,13 +34,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiohttp
 
 from kvgate.chain import JSON_OFFLOAD_BYTES, PREFERRED_ENDPOINT_PARAM, FilterStatus, HttpFilter, RequestContext
 from kvgate.config import unknown_keys
+from kvgate.errors import ConfigError
 from kvgate.filters.kvcache.config import KVCacheConfig
 from kvgate.filters.kvcache.errors import CallTimeout, CircuitOpenError, DecodeError, KVCacheError, PoolTimeout
 from kvgate.filters.kvcache.events import FilterEvents
@@ -51,8 +58,12 @@ from kvgate.filters.kvcache.strategy import StrategyExecutor, make_decision
 from kvgate.filters.kvcache.tokens import TokenCache
 from kvgate.redact import redact_url
 from kvgate.resilience import CircuitBreaker, RetryPolicy, Sleep, retry_call
-from kvgate.routing.prefix import ColdPlacement, choose_prefix_endpoint
+from kvgate.routing.prefix import ColdPlacement, PrefixChoice, choose_prefix_endpoint
 from kvgate.runtime import Runtime
+from kvgate.tokenization import LocalTokenizer, TokenizationError
+
+if TYPE_CHECKING:  # imported when index_source needs it: the lookup path loads no ZMQ
+    from kvgate.filters.kvcache.event_index import EventIndex
 
 log = logging.getLogger("kvgate.filters.kvcache")
 
@@ -66,15 +77,30 @@ LMCACHE_CHUNK_TOKENS = 256  # the controller's hard-coded lookup granularity
 _TEMPLATE_TOKENS_PER_MESSAGE = 8  # generous bound on chat-template tokens around each message
 
 
-def _may_fill_a_chunk(req: Extracted) -> bool:
-    """False when the prompt cannot reach one 256-token LMCache chunk, so a lookup could never match.
+HINT_CACHE_SIZE = 4096  # request keys whose controller holders were fetched recently (index_source: both)
+
+
+def _may_fill_a_chunk(req: Extracted, chunk_tokens: int = LMCACHE_CHUNK_TOKENS) -> bool:
+    """False when the prompt cannot reach one ``chunk_tokens`` block (256 = an LMCache chunk; the event index
+    uses its own smallest block size), so a match could never be found.
 
     Byte-level BPE (and SentencePiece with byte fallback) never makes more tokens than UTF-8 bytes; the
-    chat template adds a few tokens per message. Skipping saves a synchronous /tokenize for short prompts.
+    chat template adds a few tokens per message. Skipping saves a tokenization for short prompts.
     """
     text = req.engine_text if req.kind == "prompt" else req.prompt
     extra = _TEMPLATE_TOKENS_PER_MESSAGE * (len(req.messages) + 1) if req.kind == "chat" else 2
-    return len(text.encode("utf-8")) + extra >= LMCACHE_CHUNK_TOKENS
+    return len(text.encode("utf-8")) + extra >= chunk_tokens
+
+
+def load_local_tokenizer(config: KVCacheConfig) -> LocalTokenizer | None:
+    """The ``local_tokenizer`` directory, loaded once (a load failure is a config error naming the key)."""
+    lt = config.local_tokenizer
+    if lt is None or not config.enabled:
+        return None
+    try:
+        return LocalTokenizer.from_dir(lt.path, thread_threshold=lt.thread_threshold, fast=lt.fast)
+    except TokenizationError as exc:
+        raise ConfigError("local_tokenizer.path", f"[kvcache] local_tokenizer.path: {exc}") from None
 
 
 def _extract_and_key(data: Any, default_model: str) -> tuple[Extracted, str] | None:
@@ -180,12 +206,33 @@ class KVCacheFilter(HttpFilter):
         extra = unknown_keys(config)
         if extra:
             log.warning("[kvcache] ignoring unknown config keys: %s", ", ".join(extra))
+        self.local_tokenizer = load_local_tokenizer(config)
+        if self.local_tokenizer is not None:
+            log.info("[kvcache] local tokenizer %s (engine %s)", self.local_tokenizer.name, self.local_tokenizer.engine)
+        self.event_index: EventIndex | None = None
+        if config.enabled and config.index_source != "lookup":
+            from kvgate.filters.kvcache.event_index import DEFAULT_MEMO_SIZE, EventIndex
+
+            memo = tc.max_size if 0 < tc.max_size < DEFAULT_MEMO_SIZE else DEFAULT_MEMO_SIZE
+            self.event_index = EventIndex(config.kv_events, self.metrics, self.events, clock=clock, memo_size=memo)
+            known = {ep.id for cluster in runtime.clusters for ep in cluster.endpoints}
+            strangers = [i for i in self.event_index.instances if i not in known]
+            if strangers:
+                log.warning(
+                    "[kvcache] kv_events.sources name instances that are no cluster endpoint: %s "
+                    "(their blocks are indexed but never chosen)",
+                    ", ".join(strangers),
+                )
+        self._hinted: OrderedDict[str, float] = OrderedDict()
+        self._clock = clock
 
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
         if self.cfg.enabled:
             self.jobs.start()
+            if self.event_index is not None:
+                await self.event_index.start()
 
     def _session(self) -> aiohttp.ClientSession:
         """The filter's own client session (created on first use, inside the event loop)."""
@@ -196,6 +243,8 @@ class KVCacheFilter(HttpFilter):
     async def close(self) -> None:
         """Cancel the workers, drop queued jobs and close the filter's own client session."""
         await self.jobs.close()
+        if self.event_index is not None:
+            await self.event_index.close()
         if self._own_session is not None and not self._own_session.closed:
             await self._own_session.close()
 
@@ -253,18 +302,24 @@ class KVCacheFilter(HttpFilter):
             return None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.cfg.routing_timeout(ctx.timeout)
-        tokens = self.token_cache.get(key)
+        # the event index reads the cached array in place; the lookup path sends a list
+        tokens: Sequence[int] | None = (
+            self.token_cache.get_array(key) if self.event_index is not None else self.token_cache.get(key)
+        )
         m.token_cache_size.set(len(self.token_cache))
         if tokens is None:
             m.token_cache_misses.inc()
-            if self.cfg.tokenize_on_miss and _may_fill_a_chunk(req):
-                tokens = await self._tokenize_within(req, key, deadline, ctx.cluster_name)
+            tokens = await self._tokens_on_miss(req, key, deadline, ctx.cluster_name)
             if tokens is None:
                 m.routing_lookups.labels("no_tokens").inc()
                 log.debug("[kvcache] routing lookup skipped: token cache miss (key=%s)", key[:12])
                 return None
         else:
             m.token_cache_hits.inc()
+        if self.event_index is not None:
+            self._route_from_index(ctx, self.event_index, tokens, key)
+            return None
+        assert isinstance(tokens, list)
         breaker = self.breakers["lookup"]
         if not breaker.would_allow():
             m.routing_lookups.labels("breaker_open").inc()
@@ -298,13 +353,70 @@ class KVCacheFilter(HttpFilter):
         if outcome is not None:
             m.routing_lookups.labels(outcome).inc()
             return None
-        outcome = self._apply_choice(ctx, lookup, len(tokens))
+        if not lookup.layout:
+            log.debug("[kvcache] routing lookup returned empty instance")
+            outcome, choice = "empty", None
+        else:
+            outcome, choice = self._apply_choice(ctx, lookup.matches, len(tokens))
         m.routing_lookups.labels(outcome).inc()
         # Decision label for clients and benchmarks: which instance was preferred and why.
-        ctx.response_headers.append(
-            (b"x-kvgate-kvcache", f"{outcome};lookup_ms={(time.perf_counter() - t0) * 1e3:.1f}".encode())
-        )
+        label = f"{outcome};lookup_ms={(time.perf_counter() - t0) * 1e3:.1f}" + _predicted(choice)
+        ctx.response_headers.append((b"x-kvgate-kvcache", label.encode()))
         return lookup
+
+    def _route_from_index(self, ctx: RequestContext, index: EventIndex, tokens: Sequence[int], key: str) -> None:
+        """``index_source: events | both``: match the event index (in memory, no controller call)."""
+        t0 = time.perf_counter()
+        matches = index.match(tokens, key)
+        if not matches:
+            outcome, choice = "empty", None
+        else:
+            outcome, choice = self._apply_choice(ctx, matches, len(tokens), index.spread_tokens())
+        self.metrics.routing_lookups.labels(outcome).inc()
+        label = f"{outcome};source=events;match_ms={(time.perf_counter() - t0) * 1e3:.2f}" + _predicted(choice)
+        ctx.response_headers.append((b"x-kvgate-kvcache", label.encode()))
+
+    def _min_prompt_tokens(self) -> int:
+        """Prompts that cannot fill one block of the routing source are not tokenized on the request path."""
+        if self.event_index is not None:
+            return self.event_index.min_block_tokens() or LMCACHE_CHUNK_TOKENS
+        return LMCACHE_CHUNK_TOKENS
+
+    async def _tokens_on_miss(self, req: Extracted, key: str, deadline: float, cluster: str) -> list[int] | None:
+        """Token-cache miss on the request path: local tokenizer first, then (``tokenize_on_miss``) remote."""
+        if not _may_fill_a_chunk(req, self._min_prompt_tokens()):
+            return None
+        if self.local_tokenizer is not None:
+            tokens = await self._tokenize_local(self.local_tokenizer, req, key)
+            if tokens is not None:
+                self._store_tokens(key, tokens)
+                return tokens
+        if self.cfg.tokenize_on_miss:
+            return await self._tokenize_within(req, key, deadline, cluster)
+        return None
+
+    async def _tokenize_local(self, tok: LocalTokenizer, req: Extracted, key: str) -> list[int] | None:
+        """In-process tokenization (long texts on a worker thread); ``None`` when it fails (counted, logged)."""
+        m = self.metrics
+        t0 = time.perf_counter()
+        try:
+            if req.kind == "prompt":
+                tokens = await tok.aencode_prompt(req.engine_text)
+            else:
+                tokens = await tok.aencode_chat(list(req.messages), tools=req.tools)
+        except TokenizationError as exc:
+            m.local_tokenize.labels("fallback").inc()
+            self.events.warn(
+                "local_tokenize_fallback",
+                "[kvcache] local tokenization failed, the remote /tokenize path is used: %s (key=%s)",
+                str(exc)[:200],
+                key[:12],
+            )
+            return None
+        finally:
+            m.local_tokenize_latency.observe(time.perf_counter() - t0)
+        m.local_tokenize.labels("ok").inc()
+        return tokens
 
     async def _tokenize_within(self, req: Extracted, key: str, deadline: float, cluster: str) -> list[int] | None:
         """``tokenize_on_miss``: tokenize on the request path, bounded by the routing deadline."""
@@ -331,9 +443,14 @@ class KVCacheFilter(HttpFilter):
         finally:
             self.metrics.tokenize_latency.observe(time.perf_counter() - t0)
         self.metrics.tokenize_calls.labels("ok").inc()
+        self._store_tokens(key, tokens)
+        return tokens
+
+    def _store_tokens(self, key: str, tokens: list[int]) -> None:
         self.token_cache.put(key, tokens)
         self.metrics.token_cache_size.set(len(self.token_cache))
-        return tokens
+        if self.event_index is not None:
+            self.event_index.forget_tokens(key)
 
     def _place_cold(self, ctx: RequestContext) -> None:
         """``cold_placement: lru``: no usable cached prefix, so spread the new prefix (see ColdPlacement)."""
@@ -348,28 +465,30 @@ class KVCacheFilter(HttpFilter):
         self.metrics.cold_placements.labels(target).inc()
         ctx.response_headers.append((b"x-kvgate-kvcache-cold", target.encode()))
 
-    def _apply_choice(self, ctx: RequestContext, lookup: LookupResult, num_tokens: int = 0) -> str:
-        if not lookup.layout:
-            log.debug("[kvcache] routing lookup returned empty instance")
-            return "empty"
+    def _apply_choice(
+        self, ctx: RequestContext, matches: Mapping[str, int], num_tokens: int, spread_tokens: int = 0
+    ) -> tuple[str, PrefixChoice]:
         cluster = self.runtime.clusters.get(ctx.cluster_name) if ctx.cluster_name else None
         choice = choose_prefix_endpoint(
-            lookup.matches,
+            matches,
             cluster.endpoints if cluster is not None else None,
             min_match_tokens=self.cfg.min_match_tokens,
             max_imbalance_abs=self.cfg.max_imbalance_abs,
             max_imbalance_rel=self.cfg.max_imbalance_rel,
             min_match_ratio=self.cfg.min_match_ratio,
             num_tokens=num_tokens,
+            spread_tokens=spread_tokens,
         )
         for reason, n in choice.rejected.items():
             self.metrics.routing_rejected.labels(reason).inc(n)
         if choice.endpoint_id is None:
             log.debug("[kvcache] routing lookup found no eligible instance (rejected: %s)", dict(choice.rejected))
-            return "no_match"
+            return "no_match", choice
         ctx.params[PREFERRED_ENDPOINT_PARAM] = choice.endpoint_id
+        self.metrics.predicted_matched_tokens.labels("chosen").observe(choice.matched_tokens)
+        self.metrics.predicted_matched_tokens.labels("best").observe(choice.best_tokens)
         log.debug("[kvcache] routing preferred endpoint set: %s (%d tokens)", choice.endpoint_id, choice.matched_tokens)
-        return "routed"
+        return "routed", choice
 
     # ------------------------------------------------------------------ background
 
@@ -378,8 +497,8 @@ class KVCacheFilter(HttpFilter):
     ) -> None:
         if self.jobs.closed:
             return
-        needs_tokens = self.cfg.token_cache.enabled and self.token_cache.get(key, count=False) is None
-        if not (needs_tokens or self._strategy_active):
+        needs_tokens = self.cfg.token_cache.enabled and not self.token_cache.contains(key)
+        if not (needs_tokens or self._strategy_active or self._hint_due(key)):
             return  # nothing a job could do
         self.jobs.submit(Job(key, req, lookup, timeout, asyncio.get_running_loop().time(), cluster))
 
@@ -388,12 +507,17 @@ class KVCacheFilter(HttpFilter):
         if tokens is None:
             tokens = await self._tokenize(job, deadline)
             if self.cfg.token_cache.enabled:
-                self.token_cache.put(job.key, tokens)
-                self.metrics.token_cache_size.set(len(self.token_cache))
-        if not self._strategy_active or not tokens:
+                self._store_tokens(job.key, tokens)
+        hint = self._hint_due(job.key)
+        if not (self._strategy_active or hint) or not tokens:
             return
         lookup = job.lookup
         if lookup is None:
+            if hint:
+                self._hinted[job.key] = self._clock()
+                self._hinted.move_to_end(job.key)
+                while len(self._hinted) > HINT_CACHE_SIZE:
+                    self._hinted.popitem(last=False)
             t0 = time.perf_counter()
             try:
                 lookup = await self._manage_call(lambda: self.lmcache.lookup(tokens, deadline=deadline), deadline)
@@ -402,6 +526,12 @@ class KVCacheFilter(HttpFilter):
                 raise
             finally:
                 self.metrics.lookup_latency.labels("background").observe(time.perf_counter() - t0)
+                if hint:
+                    self.metrics.hint_lookups.labels("error" if lookup is None else "ok").inc()
+            if hint:
+                self._add_hints(job.cluster, tokens, lookup)
+        if not self._strategy_active:
+            return
         decision = make_decision(
             self.cfg.cache_strategy,
             self.signals.sample(),
@@ -415,7 +545,28 @@ class KVCacheFilter(HttpFilter):
             self.events.warn("execute_failed", "[kvcache] execute strategy failed: %s", exc)
             raise
 
+    def _hint_due(self, key: str) -> bool:
+        """``index_source: both``: fetch the controller's holders for ``key`` at most once per hint_ttl / 2."""
+        if self.event_index is None or self.cfg.index_source != "both":
+            return False
+        last = self._hinted.get(key)
+        return last is None or self._clock() - last >= self.cfg.kv_events.hint_ttl / 2
+
+    def _add_hints(self, cluster_name: str, tokens: list[int], lookup: LookupResult) -> None:
+        """Holders the controller reports (LMCache CPU tier) join the event index as aging hints."""
+        assert self.event_index is not None
+        cluster = self.runtime.clusters.get(cluster_name) if cluster_name else None
+        for instance, n in lookup.matches.items():
+            if cluster is not None and cluster.get(instance) is None:
+                continue  # not an engine of this route: it could never be chosen
+            if n > 0:
+                self.event_index.add_hint(instance, tokens[:n], LMCACHE_CHUNK_TOKENS)
+
     async def _tokenize(self, job: Job, deadline: float) -> list[int]:
+        if self.local_tokenizer is not None:
+            local = await self._tokenize_local(self.local_tokenizer, job.request, job.key)
+            if local is not None:
+                return local
         t0 = time.perf_counter()
         body = job.request.tokenize_request()
         try:
@@ -463,4 +614,14 @@ class KVCacheFilter(HttpFilter):
             "running": self.jobs.running,
             "pending_keys": self.jobs.pending_keys,
             "unsupported_actions": sorted(self.executor.unsupported),
+            "index": None
+            if self.event_index is None
+            else {"blocks": len(self.event_index.index), **self.event_index.counters()},
         }
+
+
+def _predicted(choice: PrefixChoice | None) -> str:
+    """The decision header's predicted matched tokens: for the chosen instance and for the best one."""
+    if choice is None or choice.endpoint_id is None:
+        return ""
+    return f";matched={choice.matched_tokens};best={choice.best_tokens}"

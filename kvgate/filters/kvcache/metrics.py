@@ -23,6 +23,7 @@ LOOKUP_OUTCOMES = (
     "timeout",
     "disabled",
 )
+TOKEN_BUCKETS = (0, 16, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
 FAST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 _BY_REGISTRY: weakref.WeakKeyDictionary[CollectorRegistry, KVCacheMetrics] = weakref.WeakKeyDictionary()
@@ -119,6 +120,49 @@ class KVCacheMetrics:
             p + "log_suppressed",
             "WARNING lines suppressed by the once-per-interval rate limit, by event",
             ["event"],
+            registry=r,
+        )
+        # --- local routing (issue 9) ---
+        self.predicted_matched_tokens = Histogram(
+            p + "predicted_matched_tokens",
+            "Predicted cached-prefix tokens of a routed request: for the chosen instance and for the best one",
+            ["instance"],
+            buckets=TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.local_tokenize_latency = Histogram(
+            p + "local_tokenize_latency_seconds", "In-process tokenization latency", buckets=FAST_BUCKETS, registry=r
+        )
+        self.local_tokenize = Counter(
+            p + "local_tokenize",
+            "In-process tokenizations by result (ok; fallback = raised, the remote /tokenize path is used)",
+            ["result"],
+            registry=r,
+        )
+        self.index_blocks = Gauge(p + "index_blocks", "Distinct blocks in the event index", registry=r)
+        self.index_entries = Gauge(
+            p + "index_entries", "Event-index entries (instance x block) by medium", ["medium"], registry=r
+        )
+        self.index_match_latency = Histogram(
+            p + "index_match_latency_seconds", "Event-index match latency", buckets=FAST_BUCKETS, registry=r
+        )
+        self.event_lag = Gauge(
+            p + "kv_event_lag_seconds",
+            "Wall-clock now minus the timestamp of the instance's last KV event batch (grows while it is idle)",
+            ["instance"],
+            registry=r,
+        )
+        self.kv_events = Counter(
+            p + "kv_events",
+            "KV-event subscriber and index counters by kind (batches, gaps, missed_batches, decode_errors, "
+            "unknown_source, orphan_events, refused_blocks, aged_out, ...)",
+            ["kind"],
+            registry=r,
+        )
+        self.hint_lookups = Counter(
+            p + "hint_lookups",
+            "Background /lookup calls that add controller holders to the event index (index_source both), by result",
+            ["result"],
             registry=r,
         )
         self.errors = Counter(p + "decode_errors", "Unexpected errors swallowed on the decode path", registry=r)

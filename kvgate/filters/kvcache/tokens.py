@@ -61,6 +61,24 @@ class TokenCache:
             self.hits += 1
         return item[0].tolist()
 
+    def get_array(self, key: str) -> array[int] | None:
+        """``get`` without the copy to a list: the stored ``array('q')`` (do not modify it)."""
+        item = self._data.get(key)
+        if item is not None and self.ttl > 0 and self._clock() >= item[1]:
+            del self._data[key]
+            item = None
+        if item is None:
+            self.misses += 1
+            return None
+        self._data.move_to_end(key)
+        self.hits += 1
+        return item[0]
+
+    def contains(self, key: str) -> bool:
+        """Whether ``key`` holds unexpired tokens (no copy, no stats, no LRU refresh)."""
+        item = self._data.get(key)
+        return item is not None and not (self.ttl > 0 and self._clock() >= item[1])
+
     def put(self, key: str, tokens: Sequence[int]) -> None:
         """Store (or replace) ``key``; evicts least-recently-used entries beyond ``max_size``."""
         now = self._clock()
