@@ -80,8 +80,9 @@ def _explain(console: Console, spec: FleetSpec, wl: Any) -> None:
     )
     console.print(
         "• round_robin: the gateway cycles over engines, so consecutive rounds of a user land on different "
-        "engines.\n• kvcache: the kvcache filter tokenizes each prompt, asks the controller which engine holds "
-        "the longest cached prefix and routes there (least-request fallback).\n"
+        "engines.\n• kvcache: the kvcache filter tokenizes each prompt in-process with the engines' own tokenizer, "
+        "finds the engine holding the longest cached prefix in its index of the engines' KV-cache events (no round "
+        "trip on the request path) and routes there (least-request fallback).\n"
     )
 
 
