@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime
-from typing import Any, Literal, NoReturn
+from typing import Any, Literal, NoReturn, TypedDict
 
 import jinja2
 import jinja2.nodes
@@ -199,6 +199,15 @@ def _final_text(message: Mapping[str, Any]) -> str:
                 return str(part["text"])
         raise TokenizationError("continue_final_message: the final message has no text")
     return "" if content is None else str(content)
+
+
+class RenderOptions(TypedDict, total=False):
+    """The keyword options of ``ChatTemplate.render``, forwarded unchanged by ``LocalTokenizer``'s chat methods."""
+
+    add_generation_prompt: bool
+    continue_final_message: bool
+    tools: Sequence[Any] | None
+    extra: Mapping[str, Any] | None
 
 
 class ChatTemplate:

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Unpack
 
 from tokenizers import Tokenizer, normalizers
 
-from kvgate.tokenization.chat_template import ChatTemplate
+from kvgate.tokenization.chat_template import ChatTemplate, RenderOptions
 from kvgate.tokenization.errors import TokenizationError
 from kvgate.tokenization.fast_bpe import FastBPE
 from kvgate.tokenization.segments import SegmentEncoder
@@ -137,42 +137,16 @@ class LocalTokenizer:
             return self._fast.encode(text, add_special_tokens)
         return list(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
 
-    def render_chat(
-        self,
-        messages: Any,
-        *,
-        add_generation_prompt: bool = True,
-        continue_final_message: bool = False,
-        tools: Sequence[Any] | None = None,
-        extra: Mapping[str, Any] | None = None,
-    ) -> str:
+    def render_chat(self, messages: Any, **options: Unpack[RenderOptions]) -> str:
+        """``ChatTemplate.render`` with this directory's template (its keyword options and defaults)."""
         if self.chat_template is None:
             raise TokenizationError("the tokenizer directory has no chat template")
-        return self.chat_template.render(
-            messages,
-            add_generation_prompt=add_generation_prompt,
-            continue_final_message=continue_final_message,
-            tools=tools,
-            extra=extra,
-        )
+        return self.chat_template.render(messages, **options)
 
     def encode_chat(
-        self,
-        messages: Any,
-        *,
-        add_generation_prompt: bool = True,
-        continue_final_message: bool = False,
-        tools: Sequence[Any] | None = None,
-        add_special_tokens: bool = False,
-        extra: Mapping[str, Any] | None = None,
+        self, messages: Any, *, add_special_tokens: bool = False, **options: Unpack[RenderOptions]
     ) -> list[int]:
-        text = self.render_chat(
-            messages,
-            add_generation_prompt=add_generation_prompt,
-            continue_final_message=continue_final_message,
-            tools=tools,
-            extra=extra,
-        )
+        text = self.render_chat(messages, **options)
         if self.segments is not None and not add_special_tokens:
             return self.segments.encode(text)
         return self.encode_prompt(text, add_special_tokens=add_special_tokens)
@@ -195,23 +169,10 @@ class LocalTokenizer:
         return await self._encode_async(text, add_special_tokens)
 
     async def aencode_chat(
-        self,
-        messages: Any,
-        *,
-        add_generation_prompt: bool = True,
-        continue_final_message: bool = False,
-        tools: Sequence[Any] | None = None,
-        add_special_tokens: bool = False,
-        extra: Mapping[str, Any] | None = None,
+        self, messages: Any, *, add_special_tokens: bool = False, **options: Unpack[RenderOptions]
     ) -> list[int]:
         # rendering is pure-Python jinja (tens of microseconds for ordinary chats): done inline
-        text = self.render_chat(
-            messages,
-            add_generation_prompt=add_generation_prompt,
-            continue_final_message=continue_final_message,
-            tools=tools,
-            extra=extra,
-        )
+        text = self.render_chat(messages, **options)
         if self.segments is not None and not add_special_tokens:
             if len(text) <= self.thread_threshold:
                 return self.segments.encode(text)
