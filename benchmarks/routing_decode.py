@@ -19,7 +19,6 @@ import asyncio
 import gc
 import json
 import random
-import socket
 import statistics
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ from kvgate.filters.kvcache.config import KVCacheConfig
 from kvgate.filters.kvcache.filter import KVCacheFilter
 from kvgate.filters.kvcache.signals import StaticSignals
 from kvgate.runtime import Runtime
+from kvgate_bench.peers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 ENGINES = ("e0", "e1", "e2", "e3")
@@ -47,11 +47,8 @@ def default_tokenizer_dir() -> Path:
 
 
 def dead_url() -> str:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return f"http://127.0.0.1:{port}"
+    """A loopback URL nobody listens on (connection refused)."""
+    return f"http://127.0.0.1:{free_port()}"
 
 
 def gateway(engines: tuple[str, ...]) -> Any:

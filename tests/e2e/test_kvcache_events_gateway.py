@@ -3,7 +3,6 @@ publisher, the proxy honouring the event-routed preference, and no controller an
 
 from __future__ import annotations
 
-import socket
 from typing import Any
 
 import aiohttp
@@ -16,16 +15,9 @@ from kvgate.serving import start_server
 from kvgate.tokenization import LocalTokenizer
 from tests.gateway.upstream import make_upstream
 from tests.kvcache.kvevents_support import Publisher, sim_tokenizer_dir
+from tests.kvcache.mocks import dead_url
 
 ENGINES = ("engine-a", "engine-b")
-
-
-def dead_url() -> str:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return f"http://127.0.0.1:{port}"
 
 
 async def test_gateway_routes_a_chat_to_the_engine_its_events_name() -> None:
