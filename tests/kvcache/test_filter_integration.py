@@ -6,7 +6,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import pytest
@@ -23,7 +23,9 @@ from tests.kvcache.mocks import MockController, MockVLLM, dead_url, word_tokens
 ENDPOINTS = ("engine-a", "engine-b", "engine-c")
 
 
-def gateway_config() -> Any:
+def gateway_config(endpoints: Sequence[tuple[str, int]] | None = None) -> Any:
+    """One listener routing everything to cluster ``llm``; ``endpoints`` are (id, port), else ENDPOINTS."""
+    eps = endpoints if endpoints is not None else [(eid, 20000 + i) for i, eid in enumerate(ENDPOINTS)]
     return parse_config(
         {
             "listeners": [
@@ -49,8 +51,7 @@ def gateway_config() -> Any:
                 {
                     "name": "llm",
                     "endpoints": [
-                        {"id": eid, "socket_address": {"address": "127.0.0.1", "port": 20000 + i}}
-                        for i, eid in enumerate(ENDPOINTS)
+                        {"id": eid, "socket_address": {"address": "127.0.0.1", "port": port}} for eid, port in eps
                     ],
                 }
             ],

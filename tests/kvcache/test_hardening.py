@@ -11,7 +11,6 @@ from typing import Any
 import pytest
 
 from kvgate.chain import JSON_OFFLOAD_BYTES, PREFERRED_ENDPOINT_PARAM, FilterStatus, RequestContext
-from kvgate.config import parse_config
 from kvgate.filters.kvcache.config import DEFAULT_HOT_MAX_KEYS, KVCacheConfig
 from kvgate.filters.kvcache.extract import extract, prompt_key
 from kvgate.filters.kvcache.filter import KVCacheFilter
@@ -25,7 +24,7 @@ from kvgate.redact import redact_url, redact_userinfo
 from kvgate.resilience import BreakerState
 from kvgate.runtime import Runtime
 from tests.kvcache.mocks import MockController, MockVLLM, dead_url, word_tokens
-from tests.kvcache.test_filter_integration import Harness, make_ctx, wait_for
+from tests.kvcache.test_filter_integration import Harness, gateway_config, make_ctx, wait_for
 
 
 @pytest.fixture
@@ -290,41 +289,6 @@ async def test_max_idle_conns_caps_idle_keepalive_connections(hh: Harness) -> No
 # ---------------------------------------------------------------- 6c: tokenizer fallback, rate-limited warnings
 
 
-def _cluster_config(ports: list[int]) -> Any:
-    return parse_config(
-        {
-            "listeners": [
-                {
-                    "name": "l",
-                    "address": {"socket_address": {"address": "127.0.0.1", "port": 18888}},
-                    "filter_chains": {
-                        "filters": [
-                            {
-                                "name": "dgp.filter.httpconnectionmanager",
-                                "config": {
-                                    "route_config": {
-                                        "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "llm"}}]
-                                    },
-                                    "http_filters": [],
-                                },
-                            }
-                        ]
-                    },
-                }
-            ],
-            "clusters": [
-                {
-                    "name": "llm",
-                    "endpoints": [
-                        {"id": f"engine-{'ab'[i]}", "socket_address": {"address": "127.0.0.1", "port": port}}
-                        for i, port in enumerate(ports)
-                    ],
-                }
-            ],
-        }
-    )
-
-
 async def test_tokenizer_falls_back_to_another_engine_of_the_cluster(
     hh: Harness, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -333,7 +297,8 @@ async def test_tokenizer_falls_back_to_another_engine_of_the_cluster(
     live = await MockVLLM().start()
     try:
         await hh.runtime.close()
-        hh.runtime = Runtime(_cluster_config([int(dead.rsplit(":", 1)[1]), int(live.url.rsplit(":", 1)[1])]))
+        ports = [int(dead.rsplit(":", 1)[1]), int(live.url.rsplit(":", 1)[1])]
+        hh.runtime = Runtime(gateway_config(list(zip(("engine-a", "engine-b"), ports, strict=True))))
         hh.ctrl.layout = {"engine-b": ("LocalCPUBackend", 256)}
         caplog.set_level(logging.WARNING, logger="kvgate.filters.kvcache")
         flt = await hh.make(vllm_endpoint=dead)
