@@ -6,7 +6,6 @@ simulator's tokenizer directory through ``local_tokenizer`` (or the mock vLLM /t
 
 from __future__ import annotations
 
-import asyncio
 import random
 from collections.abc import AsyncIterator
 from typing import Any
@@ -24,8 +23,8 @@ from kvgate.filters.kvcache.signals import StaticSignals
 from kvgate.runtime import Runtime
 from kvgate.tokenization import LocalTokenizer
 from tests.kvcache.kvevents_support import Publisher, sim_tokenizer_dir
-from tests.kvcache.mocks import MockController, MockVLLM, dead_url, word_tokens
-from tests.kvcache.test_filter_integration import ENDPOINTS, gateway_config, make_ctx, wait_for
+from tests.kvcache.mocks import MockController, dead_url, word_tokens
+from tests.kvcache.test_filter_integration import ENDPOINTS, MockBackends, gateway_config, make_ctx, wait_for
 
 WORDS = "cache route prefix engine token block gateway latency alpha beta gamma delta über 東京 数据".split()
 _TOK: LocalTokenizer | None = None
@@ -52,21 +51,13 @@ def header(ctx: RequestContext) -> str:
     return dict(ctx.response_headers).get(b"x-kvgate-kvcache", b"").decode()
 
 
-class Fleet:
+class Fleet(MockBackends):
     """A gateway runtime with three engines (engine-a/b/c) and the filter under test."""
 
     def __init__(self) -> None:
+        super().__init__(MockController(layout={}))
         self.zctx = zmq.asyncio.Context()
-        self.vllm = MockVLLM()
-        self.ctrl = MockController(layout={})
-        self.runtime = Runtime(gateway_config())
-        self.filters: list[KVCacheFilter] = []
         self.pubs: dict[tuple[int, str], Publisher] = {}  # (filter id, engine)
-
-    async def start(self) -> Fleet:
-        await self.vllm.start()
-        await self.ctrl.start()
-        return self
 
     async def make(
         self, *, mode: str = "bind", local: bool = True, lmcache: str | None = None, **kw: Any
@@ -109,17 +100,10 @@ class Fleet:
         index = flt.event_index
         await self.pubs[(id(flt), eid)].store(tokens, lambda: index.counters()["batches"], **kw)
 
-    def metric(self, name: str, labels: dict[str, str] | None = None) -> float:
-        v = self.runtime.metrics.registry.get_sample_value(name, labels or {})
-        return 0.0 if v is None else v
-
     async def close(self) -> None:
-        for f in self.filters:
-            await f.close()
+        await super().close()
         for p in self.pubs.values():
             p.close()
-        await self.runtime.close()
-        await asyncio.gather(self.ctrl.stop(), self.vllm.stop())
         self.zctx.destroy(linger=0)
 
 

@@ -7,7 +7,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any
+from typing import Any, Self
 
 import pytest
 
@@ -80,23 +80,42 @@ async def wait_for(cond: Callable[[], bool], limit: float = 3.0) -> None:
         await asyncio.sleep(0.005)
 
 
-class Harness:
-    def __init__(self) -> None:
+class MockBackends:
+    """A gateway runtime over ENDPOINTS with a mock vLLM /tokenize and LMCache controller; closes its filters."""
+
+    def __init__(self, ctrl: MockController) -> None:
         self.vllm = MockVLLM()
-        self.ctrl = MockController(
-            layout={
-                "engine-a": ("LocalCPUBackend", 256),
-                "engine-b": ("LocalCPUBackend", 768),
-                "ghost": ("LocalCPUBackend", 4096),
-            }
-        )
+        self.ctrl = ctrl
         self.runtime = Runtime(gateway_config())
         self.filters: list[KVCacheFilter] = []
 
-    async def start(self) -> Harness:
+    async def start(self) -> Self:
         await self.vllm.start()
         await self.ctrl.start()
         return self
+
+    def metric(self, name: str, labels: dict[str, str] | None = None) -> float:
+        v = self.runtime.metrics.registry.get_sample_value(name, labels or {})
+        return 0.0 if v is None else v
+
+    async def close(self) -> None:
+        for f in self.filters:
+            await f.close()
+        await self.runtime.close()
+        await asyncio.gather(self.ctrl.stop(), self.vllm.stop())
+
+
+class Harness(MockBackends):
+    def __init__(self) -> None:
+        super().__init__(
+            MockController(
+                layout={
+                    "engine-a": ("LocalCPUBackend", 256),
+                    "engine-b": ("LocalCPUBackend", 768),
+                    "ghost": ("LocalCPUBackend", 4096),
+                }
+            )
+        )
 
     async def make(
         self, *, signals: StaticSignals | None = None, lmcache: str | None = None, **overrides: Any
@@ -120,16 +139,6 @@ class Harness:
         await flt.start()
         self.filters.append(flt)
         return flt
-
-    def metric(self, name: str, labels: dict[str, str] | None = None) -> float:
-        v = self.runtime.metrics.registry.get_sample_value(name, labels or {})
-        return 0.0 if v is None else v
-
-    async def close(self) -> None:
-        for f in self.filters:
-            await f.close()
-        await self.runtime.close()
-        await asyncio.gather(self.ctrl.stop(), self.vllm.stop())
 
 
 @pytest.fixture
