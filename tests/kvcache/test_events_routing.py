@@ -266,20 +266,27 @@ async def test_both_mode_adds_controller_holders_as_hints_that_expire(fleet: Fle
     assert fleet.metric("kvgate_kvcache_kv_events_total", {"kind": "aged_out"}) == 2
 
 
-async def test_sources_unknown_to_the_cluster_are_warned(caplog: pytest.LogCaptureFixture) -> None:
-    runtime = Runtime(gateway_config())
-    cfg = KVCacheConfig.model_validate(
+def events_config(kv_events: dict[str, Any]) -> KVCacheConfig:
+    """An events-indexed filter config whose vLLM and controller endpoints refuse connections."""
+    return KVCacheConfig.model_validate(
         {
             "enabled": True,
             "vllm_endpoint": dead_url(),
             "lmcache_endpoint": dead_url(),
             "index_source": "events",
-            "kv_events": {
-                "sources": [
-                    {"instance": "engine-a", "endpoint": "tcp://127.0.0.1:1"},
-                    {"instance": "ghost", "endpoint": "tcp://127.0.0.1:2"},
-                ]
-            },
+            "kv_events": kv_events,
+        }
+    )
+
+
+async def test_sources_unknown_to_the_cluster_are_warned(caplog: pytest.LogCaptureFixture) -> None:
+    runtime = Runtime(gateway_config())
+    cfg = events_config(
+        {
+            "sources": [
+                {"instance": "engine-a", "endpoint": "tcp://127.0.0.1:1"},
+                {"instance": "ghost", "endpoint": "tcp://127.0.0.1:2"},
+            ]
         }
     )
     with caplog.at_level("WARNING"):
@@ -292,17 +299,8 @@ async def test_sources_unknown_to_the_cluster_are_warned(caplog: pytest.LogCaptu
 async def test_bind_address_in_use_is_a_config_error(fleet: Fleet) -> None:
     first = await fleet.make()
     assert first.event_index is not None and first.event_index.bound_endpoint
-    cfg = KVCacheConfig.model_validate(
-        {
-            "enabled": True,
-            "vllm_endpoint": dead_url(),
-            "lmcache_endpoint": dead_url(),
-            "index_source": "events",
-            "kv_events": {
-                "bind": first.event_index.bound_endpoint,
-                "sources": [{"instance": "engine-a", "topic": "kv.engine-a"}],
-            },
-        }
+    cfg = events_config(
+        {"bind": first.event_index.bound_endpoint, "sources": [{"instance": "engine-a", "topic": "kv.engine-a"}]}
     )
     second = KVCacheFilter(cfg, fleet.runtime)
     with pytest.raises(ConfigError) as info:
