@@ -66,11 +66,7 @@ def long_doc_qa(
         n = counters.get(phase, 0)
         counters[phase] = n + 1
         rid = f"ldqa-{phase}-{n:04d}"
-        if completions:
-            req = Request(rid, "completion", tok.encode(text), output_len, prompt=text)
-        else:
-            messages = [{"role": "user", "content": text}]
-            req = Request(rid, "chat", tok.encode_chat(messages), output_len, messages=messages)
+        req = Request.single_turn(rid, "completion" if completions else "chat", text, output_len, tokenizer=tok)
         req.phase = phase
         req.group = doc
         requests.append(req)

@@ -36,6 +36,24 @@ class Request:
     group: int | None = None  # shared-prefix group / long-doc document index
     headers: dict[str, str] = field(default_factory=dict)  # extra HTTP headers (x-user-id, routing key)
 
+    @classmethod
+    def single_turn(
+        cls,
+        req_id: str,
+        kind: RequestKind,
+        text: str,
+        max_tokens: int,
+        arrival_s: float = 0.0,
+        *,
+        tokenizer: Tokenizer | None = None,
+    ) -> Request:
+        """A completion of ``text``, or a chat whose one user message is ``text``, tokenised as the engine does."""
+        tok = tokenizer or get_tokenizer()
+        if kind == "chat":
+            messages = [{"role": "user", "content": text}]
+            return cls(req_id, "chat", tok.encode_chat(messages), max_tokens, arrival_s, messages=messages)
+        return cls(req_id, "completion", tok.encode(text), max_tokens, arrival_s, prompt=text)
+
     @property
     def num_prompt_tokens(self) -> int:
         """Number of prompt tokens the engine sees."""

@@ -180,9 +180,7 @@ def _mooncake_requests(
             out = min(out, max_output_tokens)
         arrival = (float(rec["timestamp"]) - t0) / 1000.0 * time_scale
         if kind == "chat":
-            assert tok is not None
-            messages = [{"role": "user", "content": text}]
-            requests.append(Request(f"mc-{i:05d}", "chat", tok.encode_chat(messages), out, arrival, messages=messages))
+            requests.append(Request.single_turn(f"mc-{i:05d}", "chat", text, out, arrival, tokenizer=tok))
         else:
             requests.append(Request(f"mc-{i:05d}", "completion", ids, out, arrival, prompt=text))
     return requests

@@ -74,11 +74,7 @@ def shared_prefix(
     requests: list[Request] = []
     for i, ((g, prompt, out_len), t) in enumerate(zip(items, arrivals, strict=True)):
         headers = {"X-SMG-Routing-Key": f"gsp-{seed}-{g}"} if send_routing_key else {}
-        if kind == "chat":
-            messages = [{"role": "user", "content": prompt}]
-            req = Request(f"gsp-{i:05d}", "chat", tok.encode_chat(messages), out_len, t, messages=messages)
-        else:
-            req = Request(f"gsp-{i:05d}", "completion", tok.encode(prompt), out_len, t, prompt=prompt)
+        req = Request.single_turn(f"gsp-{i:05d}", kind, prompt, out_len, t, tokenizer=tok)
         req.group = g
         req.headers = headers
         requests.append(req)
