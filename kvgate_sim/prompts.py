@@ -96,20 +96,20 @@ class Prompt:
             self._tokens = self._tokens_factory()
         return self._tokens
 
-    def block_hashes(self, block_size: int) -> list[int]:
-        cached = self._block_hashes.get(block_size)
+    def _hashes(
+        self, cache: dict[int, list[int]], size: int, chain: Callable[[Sequence[int], int], list[int]], what: str
+    ) -> list[int]:
+        """``chain(tokens, size)``, computed once per size (a hash-only prompt has only the sizes it was given)."""
+        cached = cache.get(size)
         if cached is None:
             tokens = self.tokens
             if tokens is None:
-                raise ValueError(f"hash-only prompt has no block hashes for block_size={block_size}")
-            cached = self._block_hashes[block_size] = gpu_block_hashes(tokens, block_size)
+                raise ValueError(f"hash-only prompt has no {what}={size}")
+            cached = cache[size] = chain(tokens, size)
         return cached
 
+    def block_hashes(self, block_size: int) -> list[int]:
+        return self._hashes(self._block_hashes, block_size, gpu_block_hashes, "block hashes for block_size")
+
     def chunk_hashes(self, chunk_size: int = LMCACHE_CHUNK_SIZE) -> list[int]:
-        cached = self._chunk_hashes.get(chunk_size)
-        if cached is None:
-            tokens = self.tokens
-            if tokens is None:
-                raise ValueError(f"hash-only prompt has no chunk hashes for chunk_size={chunk_size}")
-            cached = self._chunk_hashes[chunk_size] = lmcache_chunk_hashes(tokens, chunk_size)
-        return cached
+        return self._hashes(self._chunk_hashes, chunk_size, lmcache_chunk_hashes, "chunk hashes for chunk_size")
