@@ -15,7 +15,7 @@ import pytest
 
 from kvgate.app import RunningGateway, start_gateway
 from kvgate.config import parse_config
-from tests.gateway.rawhttp import collect_logs, exchange
+from tests.gateway.rawhttp import WEBSOCKET_UPGRADE, collect_logs, exchange
 
 MODEL = "qwen2.5-7b-instruct"
 CHAT = "/v1/chat/completions"
@@ -123,18 +123,7 @@ def build_cases() -> list[tuple[str, bytes | list[bytes]]]:
         ("empty header name", raw("GET", "/v1/models", b"", ": v")),
         ("Expect 100-continue", chat(GOOD, "Expect: 100-continue")),
         ("Expect garbage", chat(GOOD, "Expect: teapot")),
-        (
-            "websocket upgrade",
-            raw(
-                "GET",
-                "/v1/models",
-                b"",
-                "Upgrade: websocket",
-                "Connection: Upgrade",
-                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
-                "Sec-WebSocket-Version: 13",
-            ),
-        ),
+        ("websocket upgrade", raw("GET", "/v1/models", b"", *WEBSOCKET_UPGRADE)),
         ("h2c upgrade", raw("GET", "/v1/models", b"", "Upgrade: h2c", "HTTP2-Settings: AAMAAABkAAQAAP__")),
         ("spoofed x-forwarded-for", chat(GOOD, "X-Forwarded-For: 10.0.0.1, 6.6.6.6", "Forwarded: for=6.6.6.6")),
         ("connection-listed auth", chat(GOOD, "Connection: close, Authorization", "Authorization: Bearer x")),

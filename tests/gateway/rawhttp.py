@@ -10,6 +10,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+# a client's WebSocket handshake headers (the gateway serves no upgrades: it must answer 400)
+WEBSOCKET_UPGRADE = (
+    "Upgrade: websocket",
+    "Connection: Upgrade",
+    "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+    "Sec-WebSocket-Version: 13",
+)
+
 
 @dataclass
 class RawAnswer:

@@ -9,7 +9,7 @@ import asyncio
 import aiohttp
 
 from .conftest import Upstreams, gateway_config, launch
-from .rawhttp import collect_logs, exchange, request
+from .rawhttp import WEBSOCKET_UPGRADE, collect_logs, exchange, request
 
 SHORT = {"request_headers_timeout": "300ms", "request_body_timeout": "300ms", "idle_timeout": "1s"}
 
@@ -82,19 +82,7 @@ async def test_server_layer_refusals_are_openai_json(upstreams: Upstreams, gatew
             "long_query": (request("GET", "/v1/models?q=" + "a" * 70_000), 414),
             "connect": (b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n", 405),
             "garbage_method": (b"G@RB@GE / HTTP/1.1\r\nHost: gw\r\n\r\n", 400),
-            "websocket": (
-                request(
-                    "GET",
-                    "/v1/models",
-                    b"",
-                    "Upgrade: websocket",
-                    "Connection: Upgrade",
-                    "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
-                    "Sec-WebSocket-Version: 13",
-                    close=False,
-                ),
-                400,
-            ),
+            "websocket": (request("GET", "/v1/models", b"", *WEBSOCKET_UPGRADE, close=False), 400),
         }
         for name, (data, status) in cases.items():
             ans = await exchange(port, data)
