@@ -259,7 +259,7 @@ async def test_many_concurrent_lookups_to_a_slow_controller_do_not_open_the_brea
 
 async def test_max_conns_per_host_is_honoured_and_a_pool_wait_is_not_a_controller_failure(hh: Harness) -> None:
     hh.ctrl.hang = True  # the 4 calls holding the connections never get an answer
-    flt = await hh.make(max_conns_per_host=4, lookup_routing_timeout="300ms")
+    flt = await hh.make(max_conns_per_host=4, lookup_routing_timeout="1500ms")
     await _concurrent_routing(hh, flt, 20)
     assert hh.ctrl.max_in_flight == 4  # the key is honoured
     assert hh.metric("kvgate_kvcache_routing_lookups_total", {"outcome": "pool_wait"}) == 16
