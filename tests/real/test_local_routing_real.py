@@ -286,11 +286,22 @@ def test_gateway_routes_chats_from_real_kv_events(fleet: RealFleet) -> None:
         # The controller stopped: it accepts connections and never answers. Routing goes on from the events.
         os.kill(controller_pid, signal.SIGSTOP)
         stopped = True
+        with pytest.raises(OSError):  # really stopped: the controller accepts the connection, never answers
+            http_json("GET", f"{fleet.controller_url}/controller/workers", timeout=1.0)
         rr = follow_up(3)
         assert any(p != holders[t] for p, t in zip(rr, order, strict=True)), (rr, holders)
         # the same prefix again (a retried turn) lands on its holder too
         for tag in order:
             check_routed(gw.chat(convs[tag][:2]), holders[tag], (len(ids1[tag]) - 1) // BLOCK * BLOCK)
+        # a conversation that starts while the controller is stopped is learned from the events alone
+        new = conversation("evE")
+        r = gw.chat(new)
+        assert r.status == 200 and r.kvcache.startswith("empty;source=events;"), r
+        new_ids = real.tokenize(engine_by_id(fleet, r.endpoint).url, messages=new)
+        wait_indexed(gw, new_ids, r.endpoint)
+        new += [{"role": "assistant", "content": r.body["choices"][0]["message"]["content"] or "ok"}]
+        new += [{"role": "user", "content": "And now with tests."}]
+        check_routed(gw.chat(new), r.endpoint, (len(new_ids) - 1) // BLOCK * BLOCK)
         time.sleep(1.5)  # the subscriber counters are exported every second
         end = gw.metrics()
     finally:
@@ -305,12 +316,12 @@ def test_gateway_routes_chats_from_real_kv_events(fleet: RealFleet) -> None:
     def delta(name: str, **labels: str) -> float:
         return sample(end, name, **labels) - sample(before, name, **labels)
 
-    assert delta("kvgate_kvcache_routing_lookups_total", outcome="routed") == 3 * len(convs)
+    assert delta("kvgate_kvcache_routing_lookups_total", outcome="routed") == 3 * len(convs) + 1
     for outcome in ("error", "timeout", "breaker_open", "bad_response", "no_tokens"):
         assert delta("kvgate_kvcache_routing_lookups_total", outcome=outcome) == 0, outcome
     assert delta("kvgate_kvcache_lookup_latency_seconds_count") == 0  # never asked the controller's /lookup
     assert delta("kvgate_kvcache_tokenize_calls_total") == 0  # nor an engine's /tokenize: all tokenized in-process
-    assert delta("kvgate_kvcache_local_tokenize_total", result="ok") >= 2 * len(convs)
+    assert delta("kvgate_kvcache_local_tokenize_total", result="ok") >= 3 * len(convs) + 2
     assert delta("kvgate_kvcache_local_tokenize_total", result="fallback") == 0
     assert delta("kvgate_kvcache_decode_errors_total") == 0
     assert delta("kvgate_kvcache_bad_responses_total") == 0
@@ -319,4 +330,4 @@ def test_gateway_routes_chats_from_real_kv_events(fleet: RealFleet) -> None:
         assert sample(end, "kvgate_kvcache_kv_events_total", kind=kind) == 0, (kind, counters)
     assert sample(end, "kvgate_kvcache_kv_events_total", kind="stored_blocks") > 0, counters
     honored = delta("kvgate_preferred_endpoint_decisions_total", cluster=CLUSTER, outcome="honored")
-    assert honored >= 3 * len(convs), honored
+    assert honored >= 3 * len(convs) + 1, honored
