@@ -237,9 +237,9 @@ def test_gateway_routes_chats_from_real_kv_events(fleet: RealFleet) -> None:
     cfg = gateway_config(fleet, events=True)
     kv = cfg["listeners"][0]["filter_chains"]["filters"][0]["config"]["http_filters"][0]["config"]
     assert kv["index_source"] == "events" and kv["local_tokenizer"]["path"] == str(real.model_dir())
-    gw = GatewayThread(cfg).start()
     assert fleet.controller is not None and real.pid_alive(fleet.controller.pid)
     controller_pid = fleet.controller.pid
+    gw = GatewayThread(cfg).start()
     stopped = False
     try:
         time.sleep(1.0)  # the engines' PUBs reconnect to the gateway's bound SUB
