@@ -5,6 +5,10 @@
 - The fleet (controller + 2 engines: ~2 minutes to start on 2 cores, ~9 GB RSS) is opt-in: it starts only when the
   ``-m`` expression selects ``real`` (e.g. ``pytest -m real``) or ``KVGATE_REAL=1`` / ``KVGATE_REQUIRE_REAL=1``;
   a plain ``pytest`` run skips the fleet tests instead of starting 9 GB of engines by surprise.
+- The fleet is started with vLLM KV-cache events on (``RealFleet(kv_events=True)``: each engine connects its PUB
+  to one loopback port, LMCache's CPU stores join the stream), so the events tests share the one fleet; events
+  cost the engines nothing while no gateway binds that port. Tests that route by ``/lookup`` strip the events
+  keys from the written kvgate config (``test_gateway_real.gateway_config``).
 - The fleet is session-scoped and always stopped.  Each session gets its own run dir
   ``.cache/real-run-pytest/s<pid>`` (logs, LMCache yaml, private caches); fleets left by sessions that died are
   stopped first.  Only one real fleet runs on the machine at a time (``kvgate_real.fleet`` waits for another).
@@ -107,6 +111,6 @@ def fleet(request: pytest.FixtureRequest) -> Iterator[real.RealFleet]:
         pytest.skip("real fleet tests are opt-in (~2 min, ~9 GB): run `pytest -m real` or set KVGATE_REAL=1")
     _reap_dead_sessions()
     run_dir = RUNS_DIR / f"s{os.getpid()}"
-    with real.RealFleet(run_dir) as f:
+    with real.RealFleet(run_dir, kv_events=True) as f:
         f.start(ENGINES)
         yield f

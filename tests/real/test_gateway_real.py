@@ -200,16 +200,29 @@ class GatewayThread:
         return self.call(peek)
 
 
+EVENTS_KEYS = ("local_tokenizer", "index_source", "kv_events")
+
+
 def gateway_config(
-    fleet: RealFleet, kvcache: dict[str, Any] | None = None, cache_strategy: dict[str, Any] | None = None
+    fleet: RealFleet,
+    kvcache: dict[str, Any] | None = None,
+    cache_strategy: dict[str, Any] | None = None,
+    events: bool = False,
 ) -> dict[str, Any]:
-    """The fleet's kvgate config (Pixiu shape), tuned for slow CPU engines; endpoint ids = LMCache instance ids."""
+    """The fleet's kvgate config (Pixiu shape), tuned for slow CPU engines; endpoint ids = LMCache instance ids.
+
+    The session fleet publishes KV events, so its written config routes from them (local tokenizer + event
+    index); ``events=False`` (these tests) strips those keys: the seed's remote ``/tokenize`` + ``/lookup`` path.
+    """
     cfg = copy.deepcopy(fleet.kvgate_config())
     hcm = cfg["listeners"][0]["filter_chains"]["filters"][0]["config"]
     hcm["timeout"] = "300s"
     hcm["decision_headers"] = True  # the tests read x-kvgate-endpoint / x-kvgate-kvcache (off by default)
     kv, proxy = hcm["http_filters"][0], hcm["http_filters"][1]
     assert kv["name"] == "dgp.filter.ai.kvcache" and proxy["name"] == "dgp.filter.llm.proxy"
+    if not events:
+        for key in EVENTS_KEYS:
+            kv["config"].pop(key, None)
     proxy["config"] = {"timeout": "300s"}
     kv["config"].update(
         {

