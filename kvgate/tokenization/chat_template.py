@@ -173,8 +173,10 @@ def normalize_messages(messages: Any, content_format: ContentFormat) -> list[dic
         conv: dict[str, Any] = {"role": role}
         if content_format == "openai" and role != "tool":  # vLLM flattens text-only tool content to a string
             conv["content"] = [{"type": "text", "text": t} for t in texts]
-        else:
+        elif content_format == "openai":
             conv["content"] = "\n".join(texts)
+        else:  # vLLM drops empty text parts before joining ("if parse_res:" in its content-part parser)
+            conv["content"] = "\n".join(t for t in texts if t)
         if role == "assistant":
             if msg.get("tool_calls") is not None:
                 calls = _tool_calls(msg["tool_calls"], where)

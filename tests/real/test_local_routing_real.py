@@ -176,12 +176,6 @@ def test_local_tokenizer_matches_engine_tokenize(fleet: RealFleet) -> None:
     assert engine_tokenize(eng.url, {"messages": [{"role": "user", "content": "x"}]})[0] != 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="kvgate bug (kvgate/tokenization/chat_template.py normalize_messages): empty text parts are joined "
-    "with '\\n' where vLLM drops them first; remove this xfail when fixed",
-)
 def test_local_tokenizer_empty_text_parts_match_engine(fleet: RealFleet) -> None:
     eng = next((e for e in fleet.engines if e.alive), None)
     assert eng is not None

@@ -86,6 +86,17 @@ def test_string_format_joins_text_parts_with_newline() -> None:
     assert t.render([{"role": "user", "content": None}], add_generation_prompt=False) == "<user></s>\n"
 
 
+def test_string_format_drops_empty_text_parts_like_vllm() -> None:
+    """vLLM keeps a content part only if its parsed text is truthy ("string" format), then joins with "\\n"."""
+    t = ChatTemplate(STRING_TEMPLATE, {"bos_token": ""})
+    empty_first = [{"role": "user", "content": [{"type": "text", "text": ""}, {"type": "text", "text": "after"}]}]
+    empty_last = [{"role": "user", "content": [{"type": "text", "text": "before"}, {"type": "text", "text": ""}]}]
+    assert t.render(empty_first, add_generation_prompt=False) == "<user>after</s>\n"
+    assert t.render(empty_last, add_generation_prompt=False) == "<user>before</s>\n"
+    # "openai" format keeps the empty part as its own dict (vLLM wraps it before the truthiness check)
+    assert ChatTemplate(OPENAI_TEMPLATE).render(empty_first) == "[text:][text:after]"
+
+
 def test_openai_format_wraps_string_content_in_parts() -> None:
     t = ChatTemplate(OPENAI_TEMPLATE)
     assert t.render([{"role": "user", "content": "x"}]) == "[text:x]"
