@@ -368,9 +368,13 @@ class ProxyFilter(HttpFilter):
         async def body() -> AsyncIterator[bytes]:
             first = True
             try:
+                content = resp.content
                 while True:
-                    async with asyncio.timeout(idle):  # a stalled upstream must not hold the slot forever
-                        chunk = await resp.content.readany()
+                    # Bytes already received are taken without a wait (and without arming a timer).
+                    chunk = content.read_nowait()
+                    if not chunk and not content.at_eof():
+                        async with asyncio.timeout(idle):  # a stalled upstream must not hold the slot forever
+                            chunk = await content.readany()
                     if not chunk:
                         break
                     if first:
