@@ -475,7 +475,8 @@ def report(results: dict[str, dict[int, list[Sample]]], use_wrk: bool, args: arg
         lines.append(
             f"| {name} | {_med(c1, 'rps'):.0f} | {_med(c1, 'p50_ms'):.3f} | {_med(c1, 'p99_ms'):.3f} "
             f"| {_med(c16, 'rps'):.0f} | {_med(c16, 'p50_ms'):.3f} | {_med(c16, 'p99_ms'):.3f} "
-            f"| {_med(c16, 'rps') / _med(floor[16], 'rps'):.2f} | {_med(c16, 'p99_ms') / _med(floor[16], 'p99_ms'):.2f} "
+            f"| {_med(c16, 'rps') / _med(floor[16], 'rps'):.2f} "
+            f"| {_med(c16, 'p99_ms') / _med(floor[16], 'p99_ms'):.2f} "
             f"| {vs_peer} |"
         )
     off = results.get("kvgate-off")

@@ -137,6 +137,7 @@ class ProxyFilter(HttpFilter):
         self.runtime = runtime
         self.metrics = runtime.metrics
         self._session: aiohttp.ClientSession | None = None
+        self._origins: dict[tuple[str, str], str] = {}  # (cluster, endpoint id) -> origin
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -154,6 +155,14 @@ class ProxyFilter(HttpFilter):
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.config.connect_timeout),
             )
         return self._session
+
+    def _origin(self, ep: EndpointState) -> str:
+        """``scheme://host:port`` of an endpoint (built once per endpoint)."""
+        key = (ep.cluster, ep.id)
+        origin = self._origins.get(key)
+        if origin is None:
+            origin = self._origins[key] = f"{self.config.scheme}://{ep.base_url.split('://', 1)[1]}"
+        return origin
 
     async def close(self) -> None:
         if self._session is not None and not self._session.closed:
@@ -257,7 +266,7 @@ class ProxyFilter(HttpFilter):
                 if attempt > 1:
                     await asyncio.sleep(delay(attempt - 1))
                 t0 = time.perf_counter()
-                raw = f"{self.config.scheme}://{ep.base_url.split('://', 1)[1]}"
+                raw = self._origin(ep)
                 raw += (ctx.raw_path or ctx.path.encode()).decode("latin-1")
                 if ctx.query_string:
                     raw += "?" + ctx.query_string.decode("latin-1")
