@@ -68,7 +68,12 @@ async def test_two_workers_share_the_port_and_metrics_add_up(upstreams: Upstream
                 async with s.post(f"{url}/v1/completions", json={"prompt": "x"}) as r:
                     assert r.status == 200
                     await r.read()
-            by_pid = _requests_by_pid(prom_dir)
+            # a worker counts a request after its last byte went out: wait (bounded) for the last count
+            for _ in range(100):
+                by_pid = _requests_by_pid(prom_dir)
+                if sum(by_pid.values()) >= N_REQUESTS:
+                    break
+                await asyncio.sleep(0.05)
             assert set(by_pid) == set(pids), by_pid  # both workers served requests
             assert sum(by_pid.values()) == N_REQUESTS
             # every scrape, whichever worker answers it, reports the sum over both workers
