@@ -18,6 +18,7 @@ Every round runs every path at c1 and c16, alternating, so machine noise hits al
 holds medians over rounds and ratios to the floor (``bare``) and to ``vllm-router``.
 
     python benchmarks/overhead.py [--duration 4] [--rounds 3] [--workers-scaling] [--no-peer] [--paths ...]
+                                  [--baseline-src ../other-checkout]
 """
 
 from __future__ import annotations
@@ -272,7 +273,7 @@ def kvgate_config(up_port: int, upstream: str, kvcache: bool) -> dict[str, Any]:
     }
 
 
-def start_kvgate(name: str, config: dict[str, Any], workers: int = 1) -> Proc:
+def start_kvgate(name: str, config: dict[str, Any], workers: int = 1, src: str | None = None) -> Proc:
     d = Path(tempfile.mkdtemp(prefix=f"kvgate-overhead-{name}-"))
     cfg = d / "gw.yaml"
     cfg.write_text(yaml.safe_dump(config))
@@ -282,7 +283,10 @@ def start_kvgate(name: str, config: dict[str, Any], workers: int = 1) -> Proc:
     if workers > 1:
         argv += ["--workers", str(workers)]
     log = (d / "serve.log").open("wb")
-    p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    env = {**os.environ, "PYTHONPATH": src} if src else None  # another checkout's kvgate package (A/B)
+    p = subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env
+    )
     log.close()
     proc = Proc(name, f"http://127.0.0.1:{port}", popen=p, tmp=d)
     try:
@@ -393,6 +397,11 @@ def main() -> int:
     ap.add_argument("--workers-scaling", action="store_true", help="also measure kvgate serve --workers 2")
     ap.add_argument("--paths", nargs="*", help="only these paths (direct and bare always run)")
     ap.add_argument("--json", help="also write the results as JSON to this file")
+    ap.add_argument(
+        "--baseline-src",
+        help="A/B in the same run: also measure kvgate-off and kvgate-kv from this source tree (a checkout's root, "
+        "put first on PYTHONPATH), shown as kvgate-off@base and kvgate-kv@base",
+    )
     args = ap.parse_args()
     use_wrk = shutil.which("wrk") is not None
     ctx = mp.get_context("spawn")
@@ -419,6 +428,12 @@ def main() -> int:
             p = start_kvgate("kvgate-kv", kvgate_config(up_port, up.url, kvcache=True))
             procs.append(p)
             targets["kvgate-kv"] = (p.url, KV_BODY)
+        if args.baseline_src:
+            for name, kv, body in (("kvgate-off", False, BODY), ("kvgate-kv", True, KV_BODY)):
+                if name in want:
+                    p = start_kvgate(name + "@base", kvgate_config(up_port, up.url, kvcache=kv), src=args.baseline_src)
+                    procs.append(p)
+                    targets[name + "@base"] = (p.url, body)
         if args.workers_scaling and "kvgate-off-w2" in want:
             p = start_kvgate("kvgate-off-w2", kvgate_config(up_port, up.url, kvcache=False), workers=2)
             procs.append(p)
