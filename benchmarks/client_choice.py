@@ -1,7 +1,8 @@
 """Which pooled async HTTP client for the proxy: aiohttp vs httpx, same upstream, same run.
 
-A trivial upstream runs in a separate process; each client sends N POSTs at fixed concurrency over a
-keep-alive pool, alternating clients per round so machine noise hits both alike.
+A zero-cost upstream (nginx when installed, else a small uvicorn app) runs in a separate process; each
+client sends N POSTs at fixed concurrency over a keep-alive pool, alternating clients per round so machine
+noise hits both alike.
 
     python benchmarks/client_choice.py [--requests 3000] [--concurrency 8] [--rounds 3]
 """
@@ -11,13 +12,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing as mp
+import shutil
 import statistics
 import sys
 import time
 
 import aiohttp
 import httpx
-from overhead import BODY, _upstream, pct  # same trivial upstream as the overhead benchmark
+from overhead import BODY, start_nginx, start_py_upstream  # same zero-cost upstream as the overhead benchmark
+
+
+def pct(xs: list[float], p: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(p / 100 * len(s)))]
 
 
 async def run_aiohttp(url: str, n: int, conc: int) -> tuple[list[float], float]:
@@ -61,11 +68,8 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
-    ctx = mp.get_context("spawn")
-    q: mp.Queue = ctx.Queue()  # type: ignore[type-arg]
-    up = ctx.Process(target=_upstream, args=(q,), daemon=True)
-    up.start()
-    url = f"http://127.0.0.1:{q.get(timeout=30)}/v1/completions"
+    up = start_nginx() if shutil.which("nginx") else start_py_upstream(mp.get_context("spawn"))
+    url = f"{up.url}/v1/completions"
     res: dict[str, tuple[list[float], list[float]]] = {"aiohttp": ([], []), "httpx": ([], [])}
     try:
         for _ in range(args.rounds):
@@ -74,8 +78,7 @@ def main() -> int:
                 res[name][0].extend(lat)
                 res[name][1].append(len(lat) / wall)
     finally:
-        up.terminate()
-        up.join(5)
+        up.stop()
     base = statistics.median(res["aiohttp"][1])
     for name, (lat, rps) in res.items():
         print(

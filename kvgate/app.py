@@ -52,9 +52,11 @@ async def start_gateway(
     with_admin: bool = True,
     log_level: str = "warning",
     drain_timeout: float = 10.0,
+    reuse_port: bool = False,
 ) -> RunningGateway:
     """Serve every listener of ``config``. ``host``/``port`` override the first listener's address
-    (``port=0`` = ephemeral); ``admin_port=0`` = ephemeral admin port."""
+    (``port=0`` = ephemeral); ``admin_port=0`` = ephemeral admin port. ``reuse_port``: bind with SO_REUSEPORT
+    (one of several worker processes on the same ports)."""
     gw = Gateway(config)
     await gw.start()
     handles: list[ServerHandle] = []
@@ -71,7 +73,13 @@ async def start_gateway(
                 )
             handles.append(
                 await start_server(
-                    app, h, p, log_level=log_level, timeout_graceful_shutdown=drain_timeout, limits=app.server_limits()
+                    app,
+                    h,
+                    p,
+                    log_level=log_level,
+                    timeout_graceful_shutdown=drain_timeout,
+                    limits=app.server_limits(),
+                    reuse_port=reuse_port,
                 )
             )
         admin = None
@@ -84,7 +92,7 @@ async def start_gateway(
                     "anyone who can reach it; set admin.token or bind 127.0.0.1",
                     ah,
                 )
-            admin = await start_server(gw.admin_app(), ah, ap, log_level=log_level)
+            admin = await start_server(gw.admin_app(), ah, ap, log_level=log_level, reuse_port=reuse_port)
     except BaseException:
         for hd in handles:
             with contextlib.suppress(Exception):

@@ -33,6 +33,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"kvgate: invalid config: {exc}", file=sys.stderr)
         return 2
+    if args.workers > 1:
+        from kvgate.workers import serve_workers
+
+        return serve_workers(
+            cfg,
+            config_path=args.config,
+            workers=args.workers,
+            host=args.host,
+            port=args.port,
+            admin_host=args.admin_host,
+            admin_port=args.admin_port,
+            log_level=args.log_level,
+            drain_timeout=args.drain_timeout,
+        )
 
     async def main() -> None:
         running = await start_gateway(
@@ -123,6 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="admin port (default from config, 9901; env KVGATE_ADMIN_PORT)",
     )
     s.add_argument("--drain-timeout", type=float, default=10.0, help="seconds to drain in-flight requests on SIGTERM")
+    s.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=_env_int("KVGATE_WORKERS") or 1,
+        help="worker processes sharing the ports (SO_REUSEPORT), each with its own caches and breakers; "
+        "metrics are summed over workers (env KVGATE_WORKERS; default 1)",
+    )
     s.set_defaults(fn=cmd_serve)
 
     c = sub.add_parser("check-config", help="validate a config file without serving")
@@ -134,6 +155,16 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("rest", nargs=argparse.REMAINDER)
         sp.set_defaults(fn=_tool_runner(name))
     return p
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return n
 
 
 def _env_int(name: str) -> int | None:

@@ -12,6 +12,11 @@ keep-alive connections, and it answers protocol errors in plain text. This subcl
   JSON; they are logged once per minute per kind (WARNING) and reported through ``on_reject``.
 * ``kvgate.abort`` (a scope extension): the application drops the connection of a response it cannot
   complete (an upstream aborted mid-stream) without uvicorn logging an ERROR.
+* ``kvgate.on_disconnect`` (a scope extension): ``register(callback) -> unregister``; the callback runs when
+  the connection is lost before the response completed (no watcher task per request).
+
+Timers are lazy: one ``call_later`` per connection is re-armed only when it fires before the current deadline,
+instead of two timer handles created and cancelled per request.
 """
 
 from __future__ import annotations
@@ -80,6 +85,10 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0  # when self._timer fires (loop time)
+        self._deadline = 0.0  # when the armed check is due
+        self._due: Callable[[], None] | None = None  # the armed check (None: disarmed)
+        self._on_lost: dict[Any, Callable[[], None]] = {}  # request cycle -> disconnect callback
         self._in_head = True  # reading a request head (or waiting for the first byte of one)
         self._started = False  # some byte of the current request head arrived
         self._head_raw = 0
@@ -94,16 +103,39 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     # -- timers --------------------------------------------------------------------------------------
     def _arm(self, delay: float, fn: Callable[[], None]) -> None:
-        self._disarm()
-        self._timer = self.loop.call_later(delay, fn)
+        """Run ``fn`` after ``delay`` unless re-armed or disarmed before. A pending timer that fires no later
+        than the new deadline is kept (it re-arms itself for the rest); only an earlier deadline needs a new one."""
+        deadline = self.loop.time() + delay
+        self._deadline = deadline
+        self._due = fn
+        if self._timer is not None:
+            if self._timer_at <= deadline:
+                return
+            self._timer.cancel()
+        self._timer_at = deadline
+        self._timer = self.loop.call_at(deadline, self._fire)
 
     def _disarm(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._due = None  # a pending timer finds nothing to do when it fires
+
+    @property
+    def _armed(self) -> bool:
+        return self._due is not None
+
+    def _fire(self) -> None:
+        self._timer = None
+        fn = self._due
+        if fn is None:
+            return
+        now = self.loop.time()
+        if now < self._deadline:  # re-armed since this timer was set
+            self._timer_at = self._deadline
+            self._timer = self.loop.call_at(self._deadline, self._fire)
+            return
+        self._due = None
+        fn()
 
     def _header_timeout(self) -> None:
-        self._timer = None
         if self.transport.is_closing():
             return
         if not self._started:  # nothing of a request arrived: close silently (nginx does the same)
@@ -116,7 +148,6 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         )
 
     def _body_timeout(self) -> None:
-        self._timer = None
         if self.transport.is_closing() or self.cycle is None or self.cycle.response_complete:
             return
         if self.flow.read_paused:  # the application is not reading: not the client's fault
@@ -156,15 +187,22 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self.idle.pop(self, None)
         super().connection_lost(exc)
+        lost, self._on_lost = self._on_lost, {}
+        for cycle, callback in lost.items():
+            if not cycle.response_complete:
+                callback()
 
     def data_received(self, data: bytes) -> None:
         self._unset_keepalive_if_required()
         self.idle.pop(self, None)
         if self._in_head:
             self._head_raw += len(data)
-            if self._timer is None:
+            if not self._armed:
                 self._arm(self.limits.request_headers_timeout, self._header_timeout)
         try:
             self.parser.feed_data(data)
@@ -189,7 +227,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self._head_raw = self._head_count = self._head_bytes = 0
         self._refusal = None
         self.scope["extensions"] = {}
-        if self._timer is None:
+        if not self._armed:
             self._arm(self.limits.request_headers_timeout, self._header_timeout)
 
     def on_url(self, url: bytes) -> None:
@@ -226,13 +264,14 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         super().on_headers_complete()
         cycle = self.cycle
         if cycle is not None:
-            extensions: dict[str, Any] = self.scope["extensions"]  # typed as dict values; ours is a callable
-            extensions["kvgate.abort"] = lambda: self._abort(cycle)
+            ext: dict[str, Any] = self.scope["extensions"]
+            ext["kvgate.abort"] = lambda: self._abort(cycle)
+            ext["kvgate.on_disconnect"] = lambda callback: self._watch(cycle, callback)
             self._arm(self.limits.request_body_timeout, self._body_timeout)
 
     def on_body(self, body: bytes) -> None:
         super().on_body(body)
-        if self._timer is not None:
+        if self._armed:
             self._arm(self.limits.request_body_timeout, self._body_timeout)
 
     def on_message_complete(self) -> None:
@@ -250,9 +289,27 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             self.idle.pop(oldest, None)
             oldest.transport.close()
 
+    def _watch(self, cycle: Any, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback`` once if the connection is lost before ``cycle``'s response completes."""
+        if cycle.disconnected:
+            self.loop.call_soon(callback)
+            return _noop
+        if not cycle.response_complete:
+            self.flow.resume_reading()  # notice a client's close even if reading was paused
+        self._on_lost[cycle] = callback
+
+        def unregister() -> None:
+            self._on_lost.pop(cycle, None)
+
+        return unregister
+
     def _abort(self, cycle: Any) -> None:
         """Drop the connection of a response that cannot be completed; uvicorn then logs nothing."""
         cycle.disconnected = True
         cycle.keep_alive = False
         if not self.transport.is_closing():
             self.transport.close()
+
+
+def _noop() -> None:
+    return None

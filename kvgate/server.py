@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import ipaddress
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -98,7 +100,7 @@ class ListenerApp:
         if scope["type"] != "http":
             return
         path = scope["path"]
-        if any(seg in (".", "..") for seg in path.split("/")):
+        if "." in path and any(seg in (".", "..") for seg in path.split("/")):
             # Dot segments would be collapsed by the upstream client, escaping the matched route prefix.
             await self._local(
                 send, 400, "invalid request path (dot segments are not allowed)", "invalid_request_error", "bad_path"
@@ -132,21 +134,27 @@ class ListenerApp:
             timeout=self.hcm.timeout,
             raw_path=scope.get("raw_path") or path.encode("utf-8"),
         )
-        # One watcher task per request: a client disconnect cancels this handler (and so the upstream
-        # call or stream it is in), which closes the upstream connection and frees the endpoint slot.
+        # A client disconnect cancels this handler (and so the upstream call or stream it is in), which closes
+        # the upstream connection and frees the endpoint slot. kvgate's HTTP protocol calls back on connection
+        # loss (no task per request); under another ASGI server a watcher task waits for http.disconnect.
         me = asyncio.current_task()
         assert me is not None
         disconnected = False
 
-        def on_disconnect(t: asyncio.Task[None]) -> None:
+        def on_disconnect() -> None:
             nonlocal disconnected
-            if not t.cancelled() and t.exception() is None and not ctx.completed:
+            if not ctx.completed and not disconnected:
                 disconnected = True
                 me.cancel()
 
-        watch = asyncio.ensure_future(_wait_disconnect(receive))
-        watch.add_done_callback(on_disconnect)
-        ctx.params["_kvgate_abort"] = (scope.get("extensions") or {}).get("kvgate.abort")
+        ext = scope.get("extensions") or {}
+        ctx.params["_kvgate_abort"] = ext.get("kvgate.abort")
+        watch_disconnect = ext.get("kvgate.on_disconnect")
+        stop_watching: Callable[[], None]
+        if watch_disconnect is not None:
+            stop_watching = watch_disconnect(on_disconnect)
+        else:
+            stop_watching = _watcher_task(receive, on_disconnect)
         try:
             await self._handle(ctx, send, show_decisions)
         except asyncio.CancelledError:
@@ -156,8 +164,7 @@ class ListenerApp:
             self.metrics.requests.labels(route.cluster, _endpoint(ctx), "client_closed").inc()
             log.info("client disconnected; upstream request to %s cancelled", _endpoint(ctx) or route.cluster)
         finally:
-            watch.remove_done_callback(on_disconnect)
-            watch.cancel()
+            stop_watching()
 
     def _request_headers(self, scope: Scope) -> tuple[list[tuple[bytes, bytes]], bool]:
         """The headers to forward (debug token removed, X-Forwarded-For / Forwarded per the trust rule) and
@@ -269,10 +276,28 @@ async def _wait_disconnect(receive: Receive) -> None:
             return
 
 
+def _watcher_task(receive: Receive, on_disconnect: Callable[[], None]) -> Callable[[], None]:
+    """A task that calls ``on_disconnect`` when ``receive`` reports http.disconnect; returns its stop function."""
+
+    def done(t: asyncio.Task[None]) -> None:
+        if not t.cancelled() and t.exception() is None:
+            on_disconnect()
+
+    watch = asyncio.ensure_future(_wait_disconnect(receive))
+    watch.add_done_callback(done)
+
+    def stop() -> None:
+        watch.remove_done_callback(done)
+        watch.cancel()
+
+    return stop
+
+
 def _endpoint(ctx: RequestContext) -> str:
     return ctx.response.endpoint_id or "" if ctx.response is not None else ""
 
 
+@functools.lru_cache(maxsize=1024)
 def _is_ipv6(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).version == 6

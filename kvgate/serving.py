@@ -24,16 +24,31 @@ log = logging.getLogger("kvgate.serving")
 DEFAULT_HOST = "127.0.0.1"
 
 
-def bind_socket(host: str = DEFAULT_HOST, port: int = 0) -> socket.socket:
+def bind_socket(host: str = DEFAULT_HOST, port: int = 0, *, reuse_port: bool = False) -> socket.socket:
+    """A listening TCP socket. ``reuse_port``: SO_REUSEPORT, so several worker processes listen on one port
+    and the kernel spreads new connections over them (``kvgate serve --workers N``)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # proto=IPPROTO_TCP matters: asyncio sets TCP_NODELAY on accepted sockets only when their proto says
     # TCP, and Nagle + delayed ACK otherwise add ~40 ms to responses written as headers, then body.
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # inherited by accepted sockets on Linux
     sock.bind((host, port))
     sock.listen(2048)
     sock.setblocking(False)
+    return sock
+
+
+def reserve_port(host: str = DEFAULT_HOST) -> socket.socket:
+    """A bound, not listening SO_REUSEPORT socket on an ephemeral port: holds the port number while worker
+    processes bind it with :func:`bind_socket` ``(reuse_port=True)`` (a socket that does not listen gets no
+    connections)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, 0))
     return sock
 
 
@@ -108,10 +123,11 @@ async def start_server(
     timeout_graceful_shutdown: float | None = 10.0,
     ready_timeout: float = 10.0,
     limits: ServerLimits | None = None,
+    reuse_port: bool = False,
 ) -> ServerHandle:
     """Start ``app`` in the running loop; return once it accepts connections. The drain time is given
     to :meth:`ServerHandle.stop` (``timeout_graceful_shutdown`` is kept for callers' compatibility)."""
-    sock = bind_socket(host, port)
+    sock = bind_socket(host, port, reuse_port=reuse_port)
     real_port = sock.getsockname()[1]
     server = uvicorn.Server(_config(app, log_level, limits or ServerLimits()))
     task = asyncio.create_task(server.serve(sockets=[sock]), name=f"uvicorn:{host}:{real_port}")

@@ -40,7 +40,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from kvgate_bench.peers import find_peer
+from kvgate_bench import peers
 from kvgate_sim.engine_model import EngineConfig
 from kvgate_sim.merge import deep_merge
 
@@ -199,7 +199,7 @@ def peer_available(mode: Mode) -> tuple[bool, str]:
     """(available, reason) for a peer mode; gateway modes are always available."""
     if mode.kind != "peer":
         return True, ""
-    if find_peer(mode.peer or "") is None:
+    if peers.find_peer(mode.peer or "") is None:
         return False, (
             f"{mode.name}: skipped — the optional peer {mode.peer!r} is not installed "
             f"(pip install {mode.peer} into this environment to include it)"

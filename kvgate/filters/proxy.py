@@ -129,6 +129,7 @@ class ProxyFilter(HttpFilter):
         self.runtime = runtime
         self.metrics = runtime.metrics
         self._session: aiohttp.ClientSession | None = None
+        self._origins: dict[tuple[str, str], str] = {}  # (cluster, endpoint id) -> origin
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -146,6 +147,14 @@ class ProxyFilter(HttpFilter):
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.config.connect_timeout),
             )
         return self._session
+
+    def _origin(self, ep: EndpointState) -> str:
+        """``scheme://host:port`` of an endpoint (built once per endpoint)."""
+        key = (ep.cluster, ep.id)
+        origin = self._origins.get(key)
+        if origin is None:
+            origin = self._origins[key] = f"{self.config.scheme}://{ep.base_url.split('://', 1)[1]}"
+        return origin
 
     async def close(self) -> None:
         if self._session is not None and not self._session.closed:
@@ -249,7 +258,7 @@ class ProxyFilter(HttpFilter):
                 if attempt > 1:
                     await asyncio.sleep(delay(attempt - 1))
                 t0 = time.perf_counter()
-                raw = f"{self.config.scheme}://{ep.base_url.split('://', 1)[1]}"
+                raw = self._origin(ep)
                 raw += (ctx.raw_path or ctx.path.encode()).decode("latin-1")
                 if ctx.query_string:
                     raw += "?" + ctx.query_string.decode("latin-1")
@@ -360,9 +369,13 @@ class ProxyFilter(HttpFilter):
         async def body() -> AsyncGenerator[bytes, None]:
             first = True
             try:
+                content = resp.content
                 while True:
-                    async with asyncio.timeout(idle):  # a stalled upstream must not hold the slot forever
-                        chunk = await resp.content.readany()
+                    # Bytes already received are taken without a wait (and without arming a timer).
+                    chunk = content.read_nowait()
+                    if not chunk and not content.at_eof():
+                        async with asyncio.timeout(idle):  # a stalled upstream must not hold the slot forever
+                            chunk = await content.readany()
                     if not chunk:
                         break
                     if first:
