@@ -4,30 +4,23 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
-import logging
 import os
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
-from typing import Any, TypeVar, cast
+from typing import cast
 
 from kvgate import __version__
 from kvgate.errors import ConfigError
-
-
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+from kvgate.serving import run_async, setup_logging
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from kvgate.app import serve_forever, start_gateway
     from kvgate.config import load_config
 
-    _setup_logging(args.log_level)
+    setup_logging(args.log_level)
     try:
         cfg = load_config(args.config)
     except ConfigError as exc:
@@ -73,18 +66,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"kvgate: cannot bind: {exc}", file=sys.stderr)
         return 1
     return 0
-
-
-T = TypeVar("T")
-
-
-def run_async(coro: Coroutine[Any, Any, T]) -> T:
-    """Run a coroutine on uvloop when available (faster sockets), else the default loop."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)
-    return uvloop.run(coro)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

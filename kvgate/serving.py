@@ -11,13 +11,15 @@ import contextlib
 import logging
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import uvicorn
 
 from kvgate.httpproto import GatewayHttpProtocol, ServerLimits
+
+T = TypeVar("T")
 
 log = logging.getLogger("kvgate.serving")
 
@@ -226,3 +228,19 @@ def serve_in_thread(app: Any, host: str = DEFAULT_HOST, port: int = 0) -> Iterat
         yield server
     finally:
         server.stop()
+
+
+def setup_logging(level: str) -> None:
+    """The gateway's log format on the root logger (``kvgate serve`` and each ``--workers`` process)."""
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+def run_async(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro`` to completion on a fresh loop: uvloop when available (faster sockets), else asyncio's."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)

@@ -59,11 +59,11 @@ def _worker_main(spec: WorkerSpec, events: Any) -> None:
     """Entry point of one worker process (spawned: a fresh interpreter that imports prometheus_client after
     ``PROMETHEUS_MULTIPROC_DIR`` is set)."""
     from kvgate.app import serve_forever, start_gateway
-    from kvgate.cli import _setup_logging, run_async
     from kvgate.config import load_config
     from kvgate.errors import ConfigError
+    from kvgate.serving import run_async, setup_logging
 
-    _setup_logging(spec.log_level)
+    setup_logging(spec.log_level)
 
     async def main() -> None:
         running = await start_gateway(

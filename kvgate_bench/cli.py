@@ -322,7 +322,7 @@ def run_one(name: str, args: argparse.Namespace, modes: list[Mode], out_dir: Pat
 
         wl = build_workload(name, params, args.requests, args.seed)
         if fleet is not None:
-            from kvgate_bench.aio import run_async
+            from kvgate.serving import run_async
             from kvgate_bench.realfleet import prepare_workload
 
             wl, fleet_meta = run_async(prepare_workload(fleet, wl))

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
-from kvgate_bench.aio import run_async
+from kvgate.serving import run_async
 from kvgate_bench.modes import FleetSpec, Mode, gateway_config, local_routing_supported, tokenize_on_miss_supported
 from kvgate_bench.results import STATUS_OK, ModeRun, RequestResult
 from kvgate_bench.workloads import Request, Workload
