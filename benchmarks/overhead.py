@@ -9,6 +9,9 @@ Debian package is installed, else a tiny uvicorn app, with a note):
 * ``kvgate-off``: ``kvgate serve`` with the proxy filter only (routing off);
 * ``kvgate-kv``: ``kvgate serve`` with the kvcache filter on: a long prompt, token-cache hit on every
   measured request, a routing ``/lookup`` to a zero-cost controller (the same upstream);
+* ``kvgate-local``: the kvcache filter with the recommended local routing (``local_tokenizer`` = the simulator's
+  tokenizer directory, ``index_source: events``): a token-cache hit routed from the event index, which the
+  benchmark fills by publishing the prompt's blocks as vLLM ``BlockStored`` events (no controller call);
 * ``vllm-router``: when installed (optional peer, never a dependency), ``cache_aware`` policy;
 * ``kvgate-off-w2``: with ``--workers-scaling``, ``kvgate serve --workers 2`` (routing off).
 
@@ -238,7 +241,44 @@ def start_bare(ctx: Any, upstream: str) -> Proc:
 
 
 # -- kvgate ----------------------------------------------------------------------------------------------------------
-def kvgate_config(up_port: int, upstream: str, kvcache: bool) -> dict[str, Any]:
+def local_routing_keys(events_port: int) -> dict[str, Any]:
+    """The recommended local-routing keys: the simulator's tokenizer files and an event index for endpoint ``up``."""
+    from kvgate_sim.tokenizer import tokenizer_dir
+
+    return {
+        "local_tokenizer": {"path": str(tokenizer_dir())},
+        "index_source": "events",
+        "kv_events": {"bind": f"tcp://127.0.0.1:{events_port}", "sources": [{"instance": "up", "topic": "kv.up"}]},
+    }
+
+
+def publish_prompt_blocks(events_port: int, prompt: str, block_size: int = 16, seconds: float = 2.0) -> None:
+    """Tell the gateway's event index that endpoint ``up`` holds every full block of ``prompt`` (as vLLM would)."""
+    import zmq
+
+    from kvgate.kvevents.wire import BlockStored, KVEventBatch, encode_message
+    from kvgate.tokenization import LocalTokenizer
+    from kvgate_sim.tokenizer import tokenizer_dir
+
+    ids = LocalTokenizer.from_dir(tokenizer_dir()).encode_prompt(prompt)
+    n = len(ids) // block_size * block_size
+    event = BlockStored(list(range(1, n // block_size + 1)), None, ids[:n], block_size, medium="GPU")
+    ctx = zmq.Context()
+    pub = ctx.socket(zmq.PUB)
+    try:
+        pub.connect(f"tcp://127.0.0.1:{events_port}")
+        deadline = time.monotonic() + seconds
+        seq = 0
+        while time.monotonic() < deadline:  # PUB drops what it sends before the subscription arrives: resend
+            pub.send_multipart(encode_message(b"kv.up", seq, KVEventBatch(time.time(), [event])))  # idempotent
+            seq += 1
+            time.sleep(0.1)
+    finally:
+        pub.close(linger=500)
+        ctx.term()
+
+
+def kvgate_config(up_port: int, upstream: str, kvcache: bool, local: dict[str, Any] | None = None) -> dict[str, Any]:
     filters: list[dict[str, Any]] = []
     if kvcache:
         filters.append(
@@ -253,6 +293,7 @@ def kvgate_config(up_port: int, upstream: str, kvcache: bool) -> dict[str, Any]:
                     "lookup_routing_timeout": "100ms",
                     "token_cache": {"enabled": True, "max_size": 1024, "ttl": "10m"},
                     "tokenize_on_miss": True,  # the first request fills the token cache; the measured ones hit it
+                    **(local or {}),
                 },
             }
         )
@@ -422,7 +463,7 @@ def main() -> int:
         bare = start_bare(ctx, up.url)
         procs.append(bare)
         targets["bare"] = (bare.url, BODY)
-        want = set(args.paths or ["kvgate-off", "kvgate-kv", "vllm-router", "kvgate-off-w2"])
+        want = set(args.paths or ["kvgate-off", "kvgate-kv", "kvgate-local", "vllm-router", "kvgate-off-w2"])
         if "kvgate-off" in want:
             p = start_kvgate("kvgate-off", kvgate_config(up_port, up.url, kvcache=False))
             procs.append(p)
@@ -431,6 +472,12 @@ def main() -> int:
             p = start_kvgate("kvgate-kv", kvgate_config(up_port, up.url, kvcache=True))
             procs.append(p)
             targets["kvgate-kv"] = (p.url, KV_BODY)
+        if "kvgate-local" in want:
+            ev_port = free_port()
+            p = start_kvgate("kvgate-local", kvgate_config(up_port, up.url, True, local_routing_keys(ev_port)))
+            procs.append(p)
+            publish_prompt_blocks(ev_port, LONG_PROMPT)
+            targets["kvgate-local"] = (p.url, KV_BODY)
         if args.baseline_src:
             for name, kv, body in (("kvgate-off", False, BODY), ("kvgate-kv", True, KV_BODY)):
                 if name in want:
@@ -513,6 +560,12 @@ def report(results: dict[str, dict[int, list[Sample]]], use_wrk: bool, args: arg
             lines.append(
                 f"- kvcache on c16 req/s vs routing off: {_med(kv[16], 'rps') / _med(off[16], 'rps'):.2f} "
                 "(target >= 0.70)"
+            )
+        local = results.get("kvgate-local")
+        if local:
+            lines.append(
+                f"- local routing c16 req/s vs routing off: {_med(local[16], 'rps') / _med(off[16], 'rps'):.2f} "
+                "(issue 9 target >= 0.85)"
             )
         w2 = results.get("kvgate-off-w2")
         if w2:
