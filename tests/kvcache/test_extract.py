@@ -39,7 +39,25 @@ from kvgate.filters.kvcache.extract import (
             "",
             "text",
         ),
-        ({"messages": [{"role": "user", "content": [{"type": "text", "text": "only multimodal"}]}]}, "", ""),
+        # kvgate fix (Pixiu skipped list content, so such chats were never routed): text parts count
+        ({"messages": [{"role": "user", "content": [{"type": "text", "text": "only parts"}]}]}, "", "only parts"),
+        (
+            {
+                "messages": [
+                    {"role": "system", "content": "sys"},
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "image_url", "image_url": {"url": "u"}},
+                            {"type": "text", "text": "a"},
+                            {"type": "text", "text": "b"},
+                        ],
+                    },
+                ]
+            },
+            "",
+            "sys\na\nb",
+        ),
         ({"prompt": "   ", "messages": [{"role": "user", "content": "ignored"}]}, "", ""),
         ({}, "", ""),
         (None, "", ""),

@@ -5,7 +5,8 @@ Extraction is Pixiu's exactly:
 * ``model`` only if it is a string (else ``default_model`` later);
 * ``prompt`` string as is, array → its string items joined by ``"\\n"``, anything else → "";
 * empty prompt → the string ``content`` of each object in ``messages`` joined by ``"\\n"``
-  (roles ignored, multimodal / non-string content skipped);
+  (roles ignored; kvgate also takes the text parts of a content list, which Pixiu skipped, so chats in the
+  OpenAI content-part form — e.g. ``vllm bench serve``'s — are routed too; other parts are skipped);
 * the result is stripped.
 
 What differs from Pixiu (defect fixes): the ``/tokenize`` body is *built* (``{model, prompt}`` or
@@ -128,10 +129,21 @@ def _prompt_text(value: Any) -> str:
     return ""
 
 
+def _content_text(content: Any) -> str | None:
+    """A message's text: a string as is, a list of OpenAI content parts → its text parts joined by ``"\\n"``."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = [p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)]
+        return "\n".join(texts) if texts else None
+    return None
+
+
 def _messages_text(value: Any) -> str:
     if not isinstance(value, list):
         return ""
-    return "\n".join(m["content"] for m in value if isinstance(m, dict) and isinstance(m.get("content"), str))
+    texts = (_content_text(m.get("content")) for m in value if isinstance(m, dict))
+    return "\n".join(t for t in texts if t is not None)
 
 
 def extract(data: Any, default_model: str = "") -> Extracted | None:
