@@ -131,3 +131,14 @@ def test_forget_instance_and_pin_failed_release_the_share() -> None:
     assert m.pins() == {"a": ["k"]}
     m.forget_instance("a")
     assert m.pins() == {}
+
+
+def test_pin_is_not_renewed_under_pressure_and_lapses() -> None:
+    clock = Clock()
+    m = CacheManager(POLICY, capacity_chunks={"a": 100}, clock=clock)
+    m.decide("k", ["a"], {"a": snap("a")}, 3, 4)
+    clock.t += 40  # past half the TTL, still hot, but now under memory pressure
+    d = m.decide("k", ["a"], {"a": snap("a", kv=0.9, at=clock.t)}, 5, 4)
+    assert kinds(d) == [] and ("pin", "memory_pressure") in [(s.action, s.reason) for s in d.skipped]
+    clock.t += 21
+    assert [a.kind for a in m.expire()] == ["lapse"]

@@ -19,7 +19,8 @@ Rules, for a request whose prefix is held by ``holders`` (from ``/lookup`` or th
 * **pin** (``enable_pinning``) a hot prefix on each holder that is *not* under memory pressure, for
   ``pin_ttl`` seconds, while the pinned chunks of that instance stay within ``max_pinned_share`` (default 0.2,
   as vLLM's pinned-prefix work) of its LMCache capacity (``capacity_chunks``; unknown capacity → no pin).
-  A pin already held is renewed (a new ``pin`` action) once half its TTL has passed and the prefix is still hot;
+  A pin already held is renewed (a new ``pin`` action) once half its TTL has passed and the prefix is still hot
+  (not on an instance under pressure: there it lapses);
 * **unpin** a pinned prefix that cooled (seen again but below the threshold); **lapse** pins whose TTL passed
   (``expire()``). LMCache 0.5.6 has no unpin route: its pins time out by themselves, so an executor may only
   drop its record for ``unpin``/``lapse``; the record is what the share cap counts.
