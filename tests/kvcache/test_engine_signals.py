@@ -228,3 +228,22 @@ def test_static_signals_and_snapshot_load() -> None:
     assert snap.inflight == 4 and snap.stale(10.0, 5.0) and not snap.stale(3.0, 5.0)
     with pytest.raises(ValueError):
         EngineScraper([], interval=0)
+
+
+async def test_lmcache_page_failure_keeps_engine_values(engines: tuple[list[Engine], list[str]]) -> None:
+    engs, urls = engines
+    engs[1].page = LMCACHE
+    s = EngineScraper(
+        [ScrapeTarget("a", urls[0], lmcache_metrics_url=urls[1], lmcache_capacity_bytes=600)], timeout=0.3
+    )
+    try:
+        await s.scrape_once()
+        assert s.snapshot("a").lmcache_cpu_usage == 0.5  # type: ignore[union-attr]
+        engs[1].mode = "hang"
+        await asyncio.wait_for(s.scrape_once(), 5.0)
+        a = s.snapshot("a")
+        assert a is not None and a.kv_usage == 0.9 and a.consecutive_failures == 0
+        assert a.lmcache_cpu_usage is None and a.lmcache_failures == 1
+        assert s.stats.get("a", "lmcache_timeout") == 1 and s.stats.get("a", "ok") == 2
+    finally:
+        await s.aclose()

@@ -20,6 +20,8 @@ usage ratio. Parsing uses ``prometheus_client.parser``. A scrape that times out,
 or does not parse leaves the previous values in place (their age grows: ``EngineSnapshot.stale``), is counted
 per instance and reason, and is logged once per outage (WARNING on the first failure, INFO on recovery). A
 dead endpoint never blocks anything: every scrape is bounded by ``timeout`` and scrapes run concurrently.
+When only ``lmcache_metrics_url`` fails, the engine's values are used and the LMCache ones are None (unknown)
+that round, counted as ``lmcache_<reason>`` and logged once per outage.
 
 :class:`EngineSignals` is the read side. ``sample(instance)`` returns a :class:`~.signals.LoadSnapshot`
 (``cpu_usage`` = the engine's load ratio, ``memory_usage`` = its KV usage), so the seed's ``make_decision``
@@ -81,6 +83,7 @@ class EngineSnapshot:
     at: float | None = None
     consecutive_failures: int = 0
     last_error: str = ""
+    lmcache_failures: int = 0  # consecutive failures of ``lmcache_metrics_url`` (LMCache values None meanwhile)
 
     def age(self, now: float) -> float:
         return math.inf if self.at is None else max(0.0, now - self.at)
@@ -272,20 +275,43 @@ class EngineScraper:
             raise _ScrapeError("too_large", f"page larger than {MAX_BODY} bytes")
         return body.decode("utf-8", "replace")
 
+    async def _page(self, url: str) -> dict[str, float] | _ScrapeError:
+        try:
+            return self._parse(await self._fetch(url))
+        except _ScrapeError as exc:
+            return exc
+
     async def _scrape(self, t: ScrapeTarget) -> None:
         prev = self._snapshots.get(t.instance, EngineSnapshot(t.instance))
-        try:
-            values = self._parse(await self._fetch(t.metrics_url))
-            if t.lmcache_metrics_url:
-                values = {**self._parse(await self._fetch(t.lmcache_metrics_url)), **values}
-        except _ScrapeError as exc:
-            self._failed(t, prev, exc)
-            return
+        if t.lmcache_metrics_url:  # both pages at once: one round stays bounded by one timeout
+            values, lm = await asyncio.gather(self._page(t.metrics_url), self._page(t.lmcache_metrics_url))
+        else:
+            values, lm = await self._page(t.metrics_url), None
         if t.instance not in self._targets:  # removed while scraping
+            return
+        if isinstance(values, _ScrapeError):
+            self._failed(t, prev, values)
             return
         if prev.consecutive_failures:
             log.info("[kvcache] engine metrics of %s answer again", t.instance)
-        cpu_bytes = values.get(LMCACHE_CPU_USAGE)
+        cpu_bytes: float | None = None
+        pinned: float | None = None
+        lm_failures = 0
+        if isinstance(lm, _ScrapeError):  # the engine answered: use its values; LMCache's are unknown this round
+            lm_failures = prev.lmcache_failures + 1
+            if lm_failures == 1:
+                log.warning(
+                    "[kvcache] LMCache metrics of %s failed (%s: %s) at %s (logged once per outage)",
+                    t.instance,
+                    lm.reason,
+                    lm,
+                    redact_url(t.lmcache_metrics_url),
+                )
+            self.stats.add(t.instance, f"lmcache_{lm.reason}")
+            self._on_result(t.instance, f"lmcache_{lm.reason}")
+        else:
+            merged = {**(lm or {}), **values}
+            cpu_bytes, pinned = merged.get(LMCACHE_CPU_USAGE), merged.get(LMCACHE_PINNED)
         ratio = (
             _clamp(cpu_bytes / t.lmcache_capacity_bytes)
             if cpu_bytes is not None and t.lmcache_capacity_bytes > 0
@@ -298,8 +324,9 @@ class EngineScraper:
             waiting=values.get(WAITING),
             lmcache_cpu_bytes=cpu_bytes,
             lmcache_cpu_usage=ratio,
-            lmcache_pinned_objs=values.get(LMCACHE_PINNED),
+            lmcache_pinned_objs=pinned,
             at=self._clock(),
+            lmcache_failures=lm_failures,
         )
         self.stats.add(t.instance, "ok")
         self._on_result(t.instance, "ok")
