@@ -2,7 +2,8 @@
 
 Routes (shapes of vLLM 0.32, see shared reference ``vllm-and-workloads.md`` §1): ``POST /v1/completions``,
 ``POST /v1/chat/completions`` (SSE streaming or not), ``POST /tokenize``, ``POST /detokenize``,
-``GET /v1/models``, ``GET /health``, ``GET /metrics`` (current and deprecated vLLM names),
+``GET /v1/models``, ``GET /health``, ``GET /metrics`` (current and deprecated vLLM names; LMCache 0.5.6
+CPU-tier gauges when the tier is on),
 ``GET /kv_event_sources`` (the KV-events config in force per DP rank; ``{}`` when off), plus
 simulator-only ``GET /sim/state`` and ``POST /reset_prefix_cache``. Every response carries
 ``x-kvgate-sim-instance``. A real-time driver task steps the model and sleeps each step's modelled
@@ -328,7 +329,35 @@ class _EngineCollector:
                 st.prefix_cache_hits,
             ),
             g("vllm:gpu_prefix_cache_hit_rate", "GPU prefix cache block hit rate (V0 name).", rate),
+            *self._lmcache(),
         ]
+
+    def _lmcache(self) -> list[Metric]:
+        """LMCache 0.5.6's CPU-tier gauges (names and labels of ``lmcache/observability.py``), when enabled.
+
+        Real vLLM shows them on its ``/metrics`` only in Prometheus multiprocess mode; the simulator always
+        does. ``lmcache:local_cache_usage`` is bytes (LMCache exports no capacity)."""
+        tier = self.engine.core.tier
+        if tier is None:
+            return []
+        names = ["model_name", "worker_id", "role", "served_model_name"]
+        values = [self.labels[0], str(tier.worker_id), "worker", self.labels[0]]
+        pinned = sum(1 for k in tier.keys() if tier.is_pinned(k))
+        out: list[Metric] = []
+        for name, doc, value in (
+            ("lmcache:local_cache_usage", "Local cache usage (bytes) of lmcache", tier.used_bytes),
+            ("lmcache:pinned_memory_objs_count", "The number of pinned memory objects", pinned),
+            ("lmcache:active_memory_objs_count", "The number of active memory objects", len(tier)),
+        ):
+            m = GaugeMetricFamily(name, doc, labels=names)
+            m.add_metric(values, value)
+            out.append(m)
+        ev = CounterMetricFamily(
+            "lmcache:local_cpu_evict_count", "Total number of evict in local cpu backend", labels=names
+        )
+        ev.add_metric(values, tier.evictions, created=self.created)
+        out.append(ev)
+        return out
 
 
 # --------------------------------------------------------------------------------------------- helpers

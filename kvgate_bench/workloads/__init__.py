@@ -12,18 +12,22 @@ identical requests, byte for byte):
 * :func:`mooncake_trace` — replay of the Mooncake FAST'25 conversation trace: every 512-token hash id
   becomes a deterministic block of token ids, so equal hash ids give equal blocks (shared prefixes).
 
+Plus two kvgate workloads for cache management (issue 13): :func:`hot_prefix_churn` (hot system prompts
+churned out of the cache between visits) and :func:`hot_prefix_overload` (one prefix carries most traffic).
+
 Every :class:`Request` carries both what is sent over HTTP (``messages`` or ``prompt``) and
 ``prompt_token_ids``, exactly what the simulated engine sees after tokenisation with the real offline
 Qwen2.5 tokenizer (:mod:`kvgate_sim.tokenizer`): ``encode_chat(messages)`` for chat requests,
 ``encode(prompt)`` for completions. The generators never log prompt text.
 
 One module per concept: :mod:`.model` (data model), :mod:`.text` (token helpers), one module per family
-(:mod:`.multi_round`, :mod:`.shared_prefix`, :mod:`.long_doc`, :mod:`.mooncake`) and :mod:`.registry` (the named
-workloads). This package re-exports their public names.
+(:mod:`.multi_round`, :mod:`.shared_prefix`, :mod:`.long_doc`, :mod:`.mooncake`, :mod:`.hot_prefix`) and
+:mod:`.registry` (the named workloads). This package re-exports their public names.
 """
 
 from __future__ import annotations
 
+from kvgate_bench.workloads.hot_prefix import hot_prefix_churn, hot_prefix_overload
 from kvgate_bench.workloads.long_doc import long_doc_qa
 from kvgate_bench.workloads.model import ClosedLoop, Request, RequestKind, Workload, iter_token_ids
 from kvgate_bench.workloads.mooncake import (
@@ -41,13 +45,22 @@ from kvgate_bench.workloads.multi_round import (
     multi_round_question,
     placeholder_answer,
 )
-from kvgate_bench.workloads.registry import WORKLOADS, WorkloadSpec, describe, get_workload
+from kvgate_bench.workloads.registry import (
+    ALL_WORKLOADS,
+    MANAGEMENT_WORKLOADS,
+    WORKLOADS,
+    WorkloadSpec,
+    describe,
+    get_workload,
+)
 from kvgate_bench.workloads.shared_prefix import shared_prefix, zipf_weights
 from kvgate_bench.workloads.text import word_block
 
 __all__ = [
+    "ALL_WORKLOADS",
     "BUNDLED_TRACE_PATH",
     "DEFAULT_TRACE_PATH",
+    "MANAGEMENT_WORKLOADS",
     "MOONCAKE_BLOCK_TOKENS",
     "WORKLOADS",
     "ClosedLoop",
@@ -57,6 +70,8 @@ __all__ = [
     "WorkloadSpec",
     "describe",
     "get_workload",
+    "hot_prefix_churn",
+    "hot_prefix_overload",
     "iter_token_ids",
     "load_mooncake_trace",
     "long_doc_qa",

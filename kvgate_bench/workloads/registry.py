@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from kvgate_bench.workloads.hot_prefix import hot_prefix_churn, hot_prefix_overload
 from kvgate_bench.workloads.long_doc import long_doc_qa
 from kvgate_bench.workloads.model import Workload
 from kvgate_bench.workloads.mooncake import DEFAULT_TRACE_PATH, mooncake_trace
@@ -107,12 +108,55 @@ WORKLOADS: dict[str, WorkloadSpec] = {
 }
 
 
+# Cache-management workloads (issue 13). Kept apart from ``WORKLOADS`` (the routing set that ``--workload all``
+# runs, where management has nothing to do); ``get_workload`` builds both.
+MANAGEMENT_WORKLOADS: dict[str, WorkloadSpec] = {
+    spec.name: spec
+    for spec in (
+        WorkloadSpec(
+            "hot_prefix_churn",
+            hot_prefix_churn,
+            {
+                "num_hot_prefixes": 3,
+                "hot_prefix_len": 1536,
+                "question_len": 32,
+                "hot_requests_per_visit": 2,
+                "num_rounds": 5,
+                "period_s": 30.0,
+                "one_off_len": 2048,
+                "one_offs_per_gap": 80,
+                "output_len": 16,
+                "seed": 0,
+            },
+            "hot system prompts revisited every period; one-off long prompts churn them out of the cache "
+            "in between (size for --gpu-blocks 800 --lmcache-chunks 64, 4 engines)",
+        ),
+        WorkloadSpec(
+            "hot_prefix_overload",
+            hot_prefix_overload,
+            {
+                "num_prefixes": 4,
+                "hot_share": 0.8,
+                "prefix_len": 1024,
+                "question_len": 32,
+                "num_requests": 320,
+                "request_rate": 16.0,
+                "output_len": 64,
+                "seed": 0,
+            },
+            "one prefix carries 80% of the traffic (its holder overloads unless a second one is warmed)",
+        ),
+    )
+}
+ALL_WORKLOADS: dict[str, WorkloadSpec] = {**WORKLOADS, **MANAGEMENT_WORKLOADS}
+
+
 def get_workload(name: str, **overrides: Any) -> Workload:
     """Build a registered workload with its defaults, overridden by ``overrides`` (unknown keys fail)."""
     try:
-        spec = WORKLOADS[name]
+        spec = ALL_WORKLOADS[name]
     except KeyError:
-        raise KeyError(f"unknown workload {name!r}; choose from {', '.join(sorted(WORKLOADS))}") from None
+        raise KeyError(f"unknown workload {name!r}; choose from {', '.join(sorted(ALL_WORKLOADS))}") from None
 
     accepted = set(inspect.signature(spec.factory).parameters)
     bad = sorted(set(overrides) - accepted)
@@ -126,10 +170,12 @@ def get_workload(name: str, **overrides: Any) -> Workload:
     return wl
 
 
-def describe() -> str:
-    """Human-readable list of registered workloads and their default parameters (for CLI help)."""
+def describe(*, management: bool = False) -> str:
+    """Human-readable list of registered workloads and their default parameters (for CLI help).
+
+    ``management`` adds the cache-management workloads."""
     lines: list[str] = []
-    for spec in WORKLOADS.values():
+    for spec in (ALL_WORKLOADS if management else WORKLOADS).values():
         lines.append(f"{spec.name}: {spec.help}")
         lines.append("    " + ", ".join(f"{k}={_fmt(v)}" for k, v in spec.defaults.items()))
     return "\n".join(lines)
