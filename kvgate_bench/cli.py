@@ -32,6 +32,8 @@ from rich.console import Console
 from kvgate_bench.modes import DEFAULT_MODES, MODES, FleetSpec, Mode, kvcache_overrides, resolve_modes
 
 WORKLOAD_CHOICES = ("multi_round_qa", "shared_prefix", "shared_prefix_zipf", "long_doc_qa", "mooncake")
+# Cache-management workloads (docs/cache-management.md): selectable by name, not part of "all".
+MANAGEMENT_CHOICES = ("hot_prefix_churn", "hot_prefix_overload")
 TRACE_LEN_HINT = 12031
 
 
@@ -78,8 +80,9 @@ def build_parser(prog: str = "kvgate bench") -> argparse.ArgumentParser:
     p.add_argument(
         "--workload",
         default="multi_round_qa",
-        choices=[*WORKLOAD_CHOICES, "all"],
-        help="workload family, or 'all' (one report sub-folder each). Default: multi_round_qa",
+        choices=[*WORKLOAD_CHOICES, *MANAGEMENT_CHOICES, "all"],
+        help="workload family, or 'all' (one report sub-folder each; the hot_prefix_* cache-management "
+        "workloads are not part of it). Default: multi_round_qa",
     )
     p.add_argument(
         "--param",
