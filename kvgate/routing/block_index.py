@@ -68,6 +68,9 @@ class BlockIndex:
         self._engine: dict[str, dict[EngineKey, tuple[int, int]]] = {}  # instance -> engine key -> (key, medium bit)
         self._media: dict[str, int] = {"GPU": 1, "CPU": 2, "STORAGE": 4}  # medium name -> bit; vLLM's first
         self._size = 0
+        # Bumped on every change that can change a ``match`` answer (a holder added or dropped, a block created
+        # or deleted), so callers may memoize answers stamped with it (kvgate/filters/kvcache/event_index.py).
+        self.version = 0
 
     # --- introspection ---
 
@@ -135,7 +138,10 @@ class BlockIndex:
                     return done
                 entry = blocks[key] = _Entry(parent_key)
                 self._size += 1
-            entry.holders[instance] = entry.holders.get(instance, 0) | med
+            old = entry.holders.get(instance, 0)
+            if old | med != old:
+                entry.holders[instance] = old | med
+                self.version += 1
             emap[(block_size, engine_hash)] = (key, med)
             parent_key = key
             done += 1
@@ -159,6 +165,7 @@ class BlockIndex:
         media = entry.holders.get(instance)
         if media is None:
             return
+        self.version += 1
         media &= ~medium
         if media:
             entry.holders[instance] = media
