@@ -210,6 +210,18 @@ class BlockIndex:
 
     # --- lookup ---
 
+    def first_block_held(self, token_ids: Sequence[int], limit: int) -> bool:
+        """Whether any instance holds the first block of ``token_ids`` at a block size that fits in ``limit``
+        tokens (capped at ``len(token_ids)``). ``False`` means ``match`` is empty (no block chain can start) for
+        every prompt that starts with these ids and whose limit is at least ``limit``, provided ``limit`` covers
+        every block size in the index or these ids are the whole prompt (then ``limit`` is the prompt's own).
+        A caller that knows only a prefix of a prompt can stop there (lazy tokenization)."""
+        limit = min(limit, len(token_ids))
+        for size, blocks in self._blocks.items():
+            if blocks and limit >= size and hash((None, tuple(token_ids[:size]))) in blocks:
+                return True
+        return False
+
     def match(
         self, token_ids: Sequence[int], media: Iterable[str] | None = None, limit: int | None = None
     ) -> dict[str, int]:

@@ -140,6 +140,11 @@ class EventIndex:
         sizes = self.index.block_sizes
         return sizes[0] if sizes else None
 
+    def max_block_tokens(self) -> int | None:
+        """The largest block size in the index; None when empty."""
+        sizes = self.index.block_sizes
+        return sizes[-1] if sizes else None
+
     def spread_tokens(self) -> int:
         return self.cfg.spread_tokens or (self.min_block_tokens() or 0)
 
