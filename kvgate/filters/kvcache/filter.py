@@ -43,6 +43,7 @@ import aiohttp
 from kvgate.chain import JSON_OFFLOAD_BYTES, PREFERRED_ENDPOINT_PARAM, FilterStatus, HttpFilter, RequestContext
 from kvgate.config import unknown_keys
 from kvgate.errors import ConfigError
+from kvgate.filters.kvcache.body_memo import BodyMemo
 from kvgate.filters.kvcache.config import KVCacheConfig
 from kvgate.filters.kvcache.errors import CallTimeout, CircuitOpenError, DecodeError, KVCacheError, PoolTimeout
 from kvgate.filters.kvcache.events import FilterEvents
@@ -113,14 +114,25 @@ def _extract_and_key(data: Any, default_model: str) -> tuple[Extracted, str] | N
     return None if req is None else (req, req.key)
 
 
-async def read_request(ctx: RequestContext, default_model: str) -> tuple[Extracted, str] | None:
+async def read_request(
+    ctx: RequestContext, default_model: str, memo: BodyMemo | None = None
+) -> tuple[Extracted, str] | None:
     """Parse, extract and key the request. Above ``JSON_OFFLOAD_BYTES`` the parse and the canonical-JSON +
     SHA-256 key run on worker threads, so a large body does not stall every other stream on the loop.
+    With ``memo`` a body seen before reuses its result (see :mod:`.body_memo`).
     Raises ``ValueError`` (malformed JSON, :class:`ExtractError`)."""
+    if memo is not None:
+        hit = memo.get(ctx.body)
+        if hit is not None:
+            return hit
     data = await ctx.json_async()
     if len(ctx.body) > JSON_OFFLOAD_BYTES:
-        return await asyncio.to_thread(_extract_and_key, data, default_model)
-    return _extract_and_key(data, default_model)
+        parsed = await asyncio.to_thread(_extract_and_key, data, default_model)
+    else:
+        parsed = _extract_and_key(data, default_model)
+    if memo is not None and parsed is not None:
+        memo.put(ctx.body, parsed)
+    return parsed
 
 
 class KVCacheFilter(HttpFilter):
@@ -228,6 +240,7 @@ class KVCacheFilter(HttpFilter):
                     "(their blocks are indexed but never chosen)",
                     ", ".join(strangers),
                 )
+        self.body_memo = BodyMemo()
         self._hinted: OrderedDict[str, float] = OrderedDict()
         self._clock = clock
 
@@ -280,7 +293,7 @@ class KVCacheFilter(HttpFilter):
 
     async def _decode(self, ctx: RequestContext) -> None:
         try:
-            parsed = await read_request(ctx, self.cfg.default_model)
+            parsed = await read_request(ctx, self.cfg.default_model, self.body_memo)
         except ValueError as exc:  # includes ExtractError
             self.events.warn(
                 "parse_body",
