@@ -241,6 +241,10 @@ class KVCacheFilter(HttpFilter):
                     ", ".join(strangers),
                 )
         self.body_memo = BodyMemo()
+        # the index path's per-request metric children, resolved once (labels() costs a lock and a lookup)
+        self._outcomes = {o: self.metrics.routing_lookups.labels(o) for o in ("empty", "routed", "no_match")}
+        self._predicted_chosen = self.metrics.predicted_matched_tokens.labels("chosen")
+        self._predicted_best = self.metrics.predicted_matched_tokens.labels("best")
         self._hinted: OrderedDict[str, float] = OrderedDict()
         self._clock = clock
 
@@ -399,7 +403,7 @@ class KVCacheFilter(HttpFilter):
             outcome, choice = "empty", None
         else:
             outcome, choice = self._apply_choice(ctx, matches, num_tokens, self.event_index.spread_tokens())
-        self.metrics.routing_lookups.labels(outcome).inc()
+        self._outcomes[outcome].inc()
         label = f"{outcome};source=events;match_ms={(time.perf_counter() - t0) * 1e3:.2f}" + _predicted(choice)
         ctx.response_headers.append((b"x-kvgate-kvcache", label.encode()))
 
@@ -558,8 +562,8 @@ class KVCacheFilter(HttpFilter):
             log.debug("[kvcache] routing lookup found no eligible instance (rejected: %s)", dict(choice.rejected))
             return "no_match", choice
         ctx.params[PREFERRED_ENDPOINT_PARAM] = choice.endpoint_id
-        self.metrics.predicted_matched_tokens.labels("chosen").observe(choice.matched_tokens)
-        self.metrics.predicted_matched_tokens.labels("best").observe(choice.best_tokens)
+        self._predicted_chosen.observe(choice.matched_tokens)
+        self._predicted_best.observe(choice.best_tokens)
         log.debug("[kvcache] routing preferred endpoint set: %s (%d tokens)", choice.endpoint_id, choice.matched_tokens)
         return "routed", choice
 
