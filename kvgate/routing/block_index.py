@@ -68,6 +68,9 @@ class BlockIndex:
         self._engine: dict[str, dict[EngineKey, tuple[int, int]]] = {}  # instance -> engine key -> (key, medium bit)
         self._media: dict[str, int] = {"GPU": 1, "CPU": 2, "STORAGE": 4}  # medium name -> bit; vLLM's first
         self._size = 0
+        # Bumped on every change that can change a ``match`` answer (a holder added or dropped, a block created
+        # or deleted), so callers may memoize answers stamped with it (kvgate/filters/kvcache/event_index.py).
+        self.version = 0
 
     # --- introspection ---
 
@@ -135,7 +138,10 @@ class BlockIndex:
                     return done
                 entry = blocks[key] = _Entry(parent_key)
                 self._size += 1
-            entry.holders[instance] = entry.holders.get(instance, 0) | med
+            old = entry.holders.get(instance, 0)
+            if old | med != old:
+                entry.holders[instance] = old | med
+                self.version += 1
             emap[(block_size, engine_hash)] = (key, med)
             parent_key = key
             done += 1
@@ -159,6 +165,7 @@ class BlockIndex:
         media = entry.holders.get(instance)
         if media is None:
             return
+        self.version += 1
         media &= ~medium
         if media:
             entry.holders[instance] = media
@@ -202,6 +209,18 @@ class BlockIndex:
         return len(emap)
 
     # --- lookup ---
+
+    def first_block_held(self, token_ids: Sequence[int], limit: int) -> bool:
+        """Whether any instance holds the first block of ``token_ids`` at a block size that fits in ``limit``
+        tokens (capped at ``len(token_ids)``). ``False`` means ``match`` is empty (no block chain can start) for
+        every prompt that starts with these ids and whose limit is at least ``limit``, provided ``limit`` covers
+        every block size in the index or these ids are the whole prompt (then ``limit`` is the prompt's own).
+        A caller that knows only a prefix of a prompt can stop there (lazy tokenization)."""
+        limit = min(limit, len(token_ids))
+        for size, blocks in self._blocks.items():
+            if blocks and limit >= size and hash((None, tuple(token_ids[:size]))) in blocks:
+                return True
+        return False
 
     def match(
         self, token_ids: Sequence[int], media: Iterable[str] | None = None, limit: int | None = None

@@ -172,7 +172,19 @@ class LocalTokenizer:
         self, messages: Any, *, add_special_tokens: bool = False, **options: Unpack[RenderOptions]
     ) -> list[int]:
         # rendering is pure-Python jinja (tens of microseconds for ordinary chats): done inline
-        text = self.render_chat(messages, **options)
+        return await self.aencode_rendered_chat(self.render_chat(messages, **options), add_special_tokens)
+
+    def chat_prefix(self, text: str, min_tokens: int) -> tuple[list[int], bool] | None:
+        """Lazy tokenization of a rendered chat: an exact prefix of its ids holding at least ``min_tokens`` ids
+        (``(ids, complete)``), encoded piece by piece between added tokens (segments.py proves the pieces encode
+        independently). ``None`` when that is not provable, or would encode more than ``thread_threshold``
+        characters inline (then encode the whole chat with :meth:`aencode_rendered_chat`)."""
+        if self.segments is None:
+            return None
+        return self.segments.encode_prefix(text, min_tokens, self.thread_threshold)
+
+    async def aencode_rendered_chat(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """:meth:`aencode_chat` for a chat already rendered with :meth:`render_chat`."""
         if self.segments is not None and not add_special_tokens:
             if len(text) <= self.thread_threshold:
                 return self.segments.encode(text)

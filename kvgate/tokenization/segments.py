@@ -19,7 +19,7 @@ import re
 import threading
 import unicodedata
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 Encode = Callable[[str], list[int]]
 
@@ -56,18 +56,58 @@ class SegmentEncoder:
         with self._lock:
             self._cache.clear()
 
-    def encode(self, text: str) -> list[int]:
+    def parts(self, text: str) -> list[str | int] | None:
+        """``text`` cut into text pieces and added-token ids, in order (``encode(text)`` is the concatenation of
+        their ids); ``None`` when piecewise encoding is not provably identical for this text (not NFC)."""
+        it = self._iter_parts(text)
+        return None if it is None else list(it)
+
+    def _iter_parts(self, text: str) -> Iterator[str | int] | None:
         if self._split is None or (self._nfc and not unicodedata.is_normalized("NFC", text)):
+            return None
+        split, added = self._split, self._added
+
+        def gen() -> Iterator[str | int]:
+            pos = 0
+            for m in split.finditer(text):
+                if m.start() > pos:
+                    yield text[pos : m.start()]
+                yield added[m.group()]
+                pos = m.end()
+            if pos < len(text):
+                yield text[pos:]
+
+        return gen()
+
+    def encode_prefix(self, text: str, min_tokens: int, max_chars: int) -> tuple[list[int], bool] | None:
+        """The first ids of ``encode(text)``, piece by piece, until at least ``min_tokens`` are known:
+        ``(ids, complete)`` where ``ids`` is an exact prefix of ``encode(text)`` (all of it when ``complete``).
+        ``None`` when piecewise encoding is not provable for ``text``, or when more than ``max_chars`` characters
+        of new (uncached) pieces would have to be encoded (the caller then encodes the whole text its own way)."""
+        parts = self._iter_parts(text)  # lazily: a long chat is only split as far as needed
+        if parts is None:
+            return None
+        out: list[int] = []
+        budget = max_chars
+        for p in parts:
+            if len(out) >= min_tokens:
+                return out, False
+            if isinstance(p, int):
+                out.append(p)
+                continue
+            with self._lock:
+                cached = p in self._cache
+            if not cached:
+                budget -= len(p)
+                if budget < 0:
+                    return None
+            out += self._piece(p)
+        return out, True
+
+    def encode(self, text: str) -> list[int]:
+        parts = self.parts(text)
+        if parts is None:
             return self._encode(text)
-        parts: list[str | int] = []  # text pieces and added-token ids, in order
-        pos = 0
-        for m in self._split.finditer(text):
-            if m.start() > pos:
-                parts.append(text[pos : m.start()])
-            parts.append(self._added[m.group()])
-            pos = m.end()
-        if pos < len(text):
-            parts.append(text[pos:])
         with self._lock:
             missing = sum(len(p) for p in parts if isinstance(p, str) and p not in self._cache)
         if missing * 2 > len(text):

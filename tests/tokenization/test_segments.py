@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -71,3 +72,41 @@ async def test_async_chat_uses_the_same_segments() -> None:
     tok = LocalTokenizer.from_dir(ASSET, thread_threshold=50)
     chat = [{"role": "user", "content": "words " * 100}]
     assert await tok.aencode_chat(chat) == tok.encode_prompt(tok.render_chat(chat), add_special_tokens=False)
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["tiktoken-engine", "tokenizers-engine"])
+def test_chat_prefix_is_an_exact_prefix_of_the_full_ids(fast: bool) -> None:
+    """Lazy tokenization: the pieces encoded so far are exactly the first ids of the whole chat."""
+    tok = LocalTokenizer.from_dir(ASSET, fast=fast)
+    rng = random.Random(11)
+    partial = complete = 0
+    for _ in range(300):
+        if tok.segments is not None and rng.random() < 0.5:
+            tok.segments.clear()
+        msgs = random_chat(rng)
+        if rng.random() < 0.9:  # mostly NFC texts (the others are encoded whole)
+            msgs = [{**m, "content": m["content"].replace("e\u0301", "é")} for m in msgs]
+        text = tok.render_chat(msgs)
+        full = tok.encode_prompt(text, add_special_tokens=False)
+        need = rng.choice((1, 5, 17, 65, 257))
+        got = tok.chat_prefix(text, need)
+        if got is None:  # a text that is not NFC is only ever encoded whole
+            assert not unicodedata.is_normalized("NFC", text)
+            continue
+        ids, done = got
+        if done:
+            complete += 1
+            assert ids == full
+        else:
+            partial += 1
+            assert len(ids) >= need and ids == full[: len(ids)] and len(ids) < len(full)
+    assert partial > 50 and complete > 50
+
+
+def test_chat_prefix_gives_up_beyond_its_character_budget() -> None:
+    tok = LocalTokenizer.from_dir(ASSET, thread_threshold=100)
+    text = tok.render_chat([{"role": "system", "content": "word " * 200}, {"role": "user", "content": "hi"}])
+    assert tok.chat_prefix(text, 10) is None  # the first piece alone is over 100 new characters
+    tok.encode_chat([{"role": "system", "content": "word " * 200}])  # now that piece is cached
+    got = tok.chat_prefix(text, 10)
+    assert got is not None and got[0] == tok.encode_prompt(text, add_special_tokens=False)[: len(got[0])]

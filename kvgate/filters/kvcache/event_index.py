@@ -8,9 +8,11 @@
 - a maintenance task (every ``MAINTENANCE_INTERVAL``): expires aged entries and exports the index size, the
   event lag and the subscriber / index counters; drops are logged once per interval (rate-limited).
 
-The request path only calls :meth:`match` (pure, in-memory): no controller call, no I/O. A prompt's block
-chain keys are memoized per request key (LRU, the token cache's size), so a token-cache hit costs dict
-lookups only.
+The request path only calls :meth:`match` (pure, in-memory): no controller call, no I/O. Per request key (LRU,
+the token cache's size) a prompt's block chain keys are memoized, and so is its last answer, stamped with the
+index's ``version`` (bumped by every change that can alter an answer: a holder added or dropped by a store, a
+removal, a clear, an expiry). A repeated prompt on an unchanged index costs one dict lookup; after a change it
+walks the memoized chain keys (dict lookups, no hashing).
 """
 
 from __future__ import annotations
@@ -45,6 +47,13 @@ _INDEX_DROPS = {
     "refused_blocks": "event index full (kv_events.max_blocks): blocks refused",
     "refused_sizes": "KV events of too many distinct block sizes were refused",
 }
+
+
+@dataclasses.dataclass(slots=True)
+class _Memo:
+    chains: dict[int, array[int]]  # block size -> the prompt's chain keys
+    version: int = -1  # index version the answer below was computed at (-1: none yet)
+    answer: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 class EventIndex:
@@ -89,7 +98,7 @@ class EventIndex:
         self.instances = [s.instance for s in cfg.sources]
         self._seen: dict[str, int] = {}
         self.memo_size = memo_size
-        self._chains: OrderedDict[str, dict[int, array[int]]] = OrderedDict()  # request key -> size -> keys
+        self._memo: OrderedDict[str, _Memo] = OrderedDict()  # request key -> chain keys + last answer
         self._task: asyncio.Task[None] | None = None
 
     # --- lifecycle ---
@@ -131,30 +140,40 @@ class EventIndex:
         sizes = self.index.block_sizes
         return sizes[0] if sizes else None
 
+    def max_block_tokens(self) -> int | None:
+        """The largest block size in the index; None when empty."""
+        sizes = self.index.block_sizes
+        return sizes[-1] if sizes else None
+
     def spread_tokens(self) -> int:
         return self.cfg.spread_tokens or (self.min_block_tokens() or 0)
 
     def match(self, tokens: Sequence[int], key: str | None = None) -> dict[str, int]:
         """Each instance's longest held prefix; the last token is left out (vLLM recomputes it). With the
-        request ``key`` the prompt's block chain keys are memoized (a repeated prompt skips the hashing)."""
+        request ``key`` (whose tokens must not change: :meth:`forget_tokens`) the prompt's block chain keys and
+        the answer are memoized; the answer is reused while the index's ``version`` is unchanged."""
         t0 = time.perf_counter()
         try:
             if key is None:
                 return self.index.match(tokens, limit=len(tokens) - 1)
-            chains = self._chains.get(key)
-            if chains is None:
-                chains = self._chains[key] = {}
-                if len(self._chains) > self.memo_size:
-                    self._chains.popitem(last=False)
+            memo = self._memo.get(key)
+            if memo is None:
+                memo = self._memo[key] = _Memo({})
+                if len(self._memo) > self.memo_size:
+                    self._memo.popitem(last=False)
             else:
-                self._chains.move_to_end(key)
-            return self.index.match_chains(tokens, chains, limit=len(tokens) - 1)
+                self._memo.move_to_end(key)
+                if memo.version == self.index.version:
+                    return dict(memo.answer)
+            answer = self.index.match_chains(tokens, memo.chains, limit=len(tokens) - 1)
+            memo.version, memo.answer = self.index.version, answer
+            return dict(answer)
         finally:
             self.metrics.index_match_latency.observe(time.perf_counter() - t0)
 
     def forget_tokens(self, key: str) -> None:
-        """The tokens cached for ``key`` were replaced: drop its memoized chain keys."""
-        self._chains.pop(key, None)
+        """The tokens cached for ``key`` were replaced: drop its memoized chain keys and answer."""
+        self._memo.pop(key, None)
 
     # --- background ---
 

@@ -43,6 +43,7 @@ import aiohttp
 from kvgate.chain import JSON_OFFLOAD_BYTES, PREFERRED_ENDPOINT_PARAM, FilterStatus, HttpFilter, RequestContext
 from kvgate.config import unknown_keys
 from kvgate.errors import ConfigError
+from kvgate.filters.kvcache.body_memo import BodyMemo
 from kvgate.filters.kvcache.config import KVCacheConfig
 from kvgate.filters.kvcache.errors import CallTimeout, CircuitOpenError, DecodeError, KVCacheError, PoolTimeout
 from kvgate.filters.kvcache.events import FilterEvents
@@ -77,6 +78,11 @@ LMCACHE_CHUNK_TOKENS = 256  # the controller's hard-coded lookup granularity
 _TEMPLATE_TOKENS_PER_MESSAGE = 8  # generous bound on chat-template tokens around each message
 
 
+class _Unheld:
+    """A token-cache miss decided without full tokens: nobody holds the prompt's first block (lazy tokenization)."""
+
+
+UNHELD = _Unheld()
 HINT_CACHE_SIZE = 4096  # request keys whose controller holders were fetched recently (index_source: both)
 
 
@@ -108,14 +114,25 @@ def _extract_and_key(data: Any, default_model: str) -> tuple[Extracted, str] | N
     return None if req is None else (req, req.key)
 
 
-async def read_request(ctx: RequestContext, default_model: str) -> tuple[Extracted, str] | None:
+async def read_request(
+    ctx: RequestContext, default_model: str, memo: BodyMemo | None = None
+) -> tuple[Extracted, str] | None:
     """Parse, extract and key the request. Above ``JSON_OFFLOAD_BYTES`` the parse and the canonical-JSON +
     SHA-256 key run on worker threads, so a large body does not stall every other stream on the loop.
+    With ``memo`` a body seen before reuses its result (see :mod:`.body_memo`).
     Raises ``ValueError`` (malformed JSON, :class:`ExtractError`)."""
+    if memo is not None:
+        hit = memo.get(ctx.body)
+        if hit is not None:
+            return hit
     data = await ctx.json_async()
     if len(ctx.body) > JSON_OFFLOAD_BYTES:
-        return await asyncio.to_thread(_extract_and_key, data, default_model)
-    return _extract_and_key(data, default_model)
+        parsed = await asyncio.to_thread(_extract_and_key, data, default_model)
+    else:
+        parsed = _extract_and_key(data, default_model)
+    if memo is not None and parsed is not None:
+        memo.put(ctx.body, parsed)
+    return parsed
 
 
 class KVCacheFilter(HttpFilter):
@@ -223,6 +240,11 @@ class KVCacheFilter(HttpFilter):
                     "(their blocks are indexed but never chosen)",
                     ", ".join(strangers),
                 )
+        self.body_memo = BodyMemo()
+        # the index path's per-request metric children, resolved once (labels() costs a lock and a lookup)
+        self._outcomes = {o: self.metrics.routing_lookups.labels(o) for o in ("empty", "routed", "no_match")}
+        self._predicted_chosen = self.metrics.predicted_matched_tokens.labels("chosen")
+        self._predicted_best = self.metrics.predicted_matched_tokens.labels("best")
         self._hinted: OrderedDict[str, float] = OrderedDict()
         self._clock = clock
 
@@ -275,7 +297,7 @@ class KVCacheFilter(HttpFilter):
 
     async def _decode(self, ctx: RequestContext) -> None:
         try:
-            parsed = await read_request(ctx, self.cfg.default_model)
+            parsed = await read_request(ctx, self.cfg.default_model, self.body_memo)
         except ValueError as exc:  # includes ExtractError
             self.events.warn(
                 "parse_body",
@@ -309,7 +331,13 @@ class KVCacheFilter(HttpFilter):
         m.token_cache_size.set(len(self.token_cache))
         if tokens is None:
             m.token_cache_misses.inc()
-            tokens = await self._tokens_on_miss(req, key, deadline, ctx.cluster_name)
+            t0 = time.perf_counter()
+            missed = await self._tokens_on_miss(req, key, deadline, ctx.cluster_name)
+            if isinstance(missed, _Unheld):  # the index cannot match it: the background job tokenizes it all
+                assert self.event_index is not None
+                self._index_decision(ctx, {}, 0, t0)
+                return None
+            tokens = missed
             if tokens is None:
                 m.routing_lookups.labels("no_tokens").inc()
                 log.debug("[kvcache] routing lookup skipped: token cache miss (key=%s)", key[:12])
@@ -367,12 +395,15 @@ class KVCacheFilter(HttpFilter):
     def _route_from_index(self, ctx: RequestContext, index: EventIndex, tokens: Sequence[int], key: str) -> None:
         """``index_source: events | both``: match the event index (in memory, no controller call)."""
         t0 = time.perf_counter()
-        matches = index.match(tokens, key)
+        self._index_decision(ctx, index.match(tokens, key), len(tokens), t0)
+
+    def _index_decision(self, ctx: RequestContext, matches: Mapping[str, int], num_tokens: int, t0: float) -> None:
+        assert self.event_index is not None
         if not matches:
             outcome, choice = "empty", None
         else:
-            outcome, choice = self._apply_choice(ctx, matches, len(tokens), index.spread_tokens())
-        self.metrics.routing_lookups.labels(outcome).inc()
+            outcome, choice = self._apply_choice(ctx, matches, num_tokens, self.event_index.spread_tokens())
+        self._outcomes[outcome].inc()
         label = f"{outcome};source=events;match_ms={(time.perf_counter() - t0) * 1e3:.2f}" + _predicted(choice)
         ctx.response_headers.append((b"x-kvgate-kvcache", label.encode()))
 
@@ -382,12 +413,24 @@ class KVCacheFilter(HttpFilter):
             return self.event_index.min_block_tokens() or LMCACHE_CHUNK_TOKENS
         return LMCACHE_CHUNK_TOKENS
 
-    async def _tokens_on_miss(self, req: Extracted, key: str, deadline: float, cluster: str) -> list[int] | None:
-        """Token-cache miss on the request path: local tokenizer first, then (``tokenize_on_miss``) remote."""
+    async def _tokens_on_miss(
+        self, req: Extracted, key: str, deadline: float, cluster: str
+    ) -> list[int] | _Unheld | None:
+        """Token-cache miss on the request path: local tokenizer first, then (``tokenize_on_miss``) remote.
+        ``UNHELD``: the event index provably matches nothing for this chat (see :meth:`_lazy_chat`)."""
         if not _may_fill_a_chunk(req, self._min_prompt_tokens()):
             return None
         if self.local_tokenizer is not None:
-            tokens = await self._tokenize_local(self.local_tokenizer, req, key)
+            text: str | None = None
+            if self.event_index is not None and req.kind == "chat":
+                lazy = self._lazy_chat(self.local_tokenizer, self.event_index, req)
+                if isinstance(lazy, _Unheld):
+                    return lazy
+                if isinstance(lazy, list):
+                    self._store_tokens(key, lazy)
+                    return lazy
+                text = lazy
+            tokens = await self._tokenize_local(self.local_tokenizer, req, key, text)
             if tokens is not None:
                 self._store_tokens(key, tokens)
                 return tokens
@@ -395,13 +438,47 @@ class KVCacheFilter(HttpFilter):
             return await self._tokenize_within(req, key, deadline, cluster)
         return None
 
-    async def _tokenize_local(self, tok: LocalTokenizer, req: Extracted, key: str) -> list[int] | None:
-        """In-process tokenization (long texts on a worker thread); ``None`` when it fails (counted, logged)."""
+    def _lazy_chat(self, tok: LocalTokenizer, index: EventIndex, req: Extracted) -> _Unheld | list[int] | str | None:
+        """Lazy tokenization for the event index: render the chat, encode its pieces (between added tokens) only
+        until one more token than the index's largest block size is known, and stop when nobody holds the first
+        block at any size: ``match`` of the full ids would be empty too (``BlockIndex.first_block_held``), so the
+        decision is identical. Returns ``UNHELD``, the full ids (the whole chat fit in the prefix), or the rendered
+        text to encode in full (``None``: rendering failed; the full path repeats it and reports the failure).
+        Nothing partial is cached: the background job tokenizes an ``UNHELD`` chat in full."""
+        t0 = time.perf_counter()
+        try:
+            text = tok.render_chat(list(req.messages), tools=req.tools)
+        except TokenizationError:
+            return None
+        biggest = index.max_block_tokens()
+        if biggest is None:  # an empty index matches nothing
+            self.metrics.local_tokenize.labels("unheld").inc()
+            return UNHELD
+        prefix = tok.chat_prefix(text, biggest + 1)
+        if prefix is None:
+            return text
+        ids, complete = prefix
+        if complete:
+            self.metrics.local_tokenize.labels("ok").inc()
+            self.metrics.local_tokenize_latency.observe(time.perf_counter() - t0)
+            return ids
+        if index.index.first_block_held(ids, len(ids) - 1):
+            return text
+        self.metrics.local_tokenize.labels("unheld").inc()
+        return UNHELD
+
+    async def _tokenize_local(
+        self, tok: LocalTokenizer, req: Extracted, key: str, text: str | None = None
+    ) -> list[int] | None:
+        """In-process tokenization (long texts on a worker thread); ``None`` when it fails (counted, logged).
+        ``text``: the chat already rendered."""
         m = self.metrics
         t0 = time.perf_counter()
         try:
             if req.kind == "prompt":
                 tokens = await tok.aencode_prompt(req.engine_text)
+            elif text is not None:
+                tokens = await tok.aencode_rendered_chat(text)
             else:
                 tokens = await tok.aencode_chat(list(req.messages), tools=req.tools)
         except TokenizationError as exc:
@@ -485,8 +562,8 @@ class KVCacheFilter(HttpFilter):
             log.debug("[kvcache] routing lookup found no eligible instance (rejected: %s)", dict(choice.rejected))
             return "no_match", choice
         ctx.params[PREFERRED_ENDPOINT_PARAM] = choice.endpoint_id
-        self.metrics.predicted_matched_tokens.labels("chosen").observe(choice.matched_tokens)
-        self.metrics.predicted_matched_tokens.labels("best").observe(choice.best_tokens)
+        self._predicted_chosen.observe(choice.matched_tokens)
+        self._predicted_best.observe(choice.best_tokens)
         log.debug("[kvcache] routing preferred endpoint set: %s (%d tokens)", choice.endpoint_id, choice.matched_tokens)
         return "routed", choice
 

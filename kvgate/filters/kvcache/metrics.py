@@ -135,7 +135,8 @@ class KVCacheMetrics:
         )
         self.local_tokenize = Counter(
             p + "local_tokenize",
-            "In-process tokenizations by result (ok; fallback = raised, the remote /tokenize path is used)",
+            "In-process tokenizations by result (ok; fallback = raised, the remote /tokenize path is used; "
+            "unheld = a chat's first blocks are held by nobody, so its first pieces sufficed: routed as empty)",
             ["result"],
             registry=r,
         )
