@@ -8,15 +8,7 @@ import pytest
 
 from kvgate_bench import workloads as wl
 from kvgate_sim.tokenizer import get_tokenizer
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
+from tests.bench.test_workloads import _common_prefix
 
 
 def _round_trip(w: wl.Workload) -> None:
