@@ -18,6 +18,15 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from kvgate.config import Duration
 from kvgate.errors import ConfigError
+from kvgate.filters.kvcache.management_config import (
+    DEFAULT_HOT_PREFIX_TOKENS,
+    DEFAULT_MANAGE_INTERVAL,
+    DEFAULT_MAX_PINNED_SHARE,
+    DEFAULT_PIN_TTL,
+    EngineMetricsConfig,
+    ReplicationConfig,
+    validate_management,
+)
 
 DEFAULT_REQUEST_TIMEOUT = 2.0
 DEFAULT_LOOKUP_ROUTING_TIMEOUT = 0.05
@@ -63,6 +72,12 @@ class CacheStrategyConfig(_Section):
     compress_location: str = ""
     compress_method: str = ""
     evict_instance_id: str = ""
+    # --- kvgate additions (issue 13, docs/kvcache-filter.md "Cache management") ---
+    signals: str = "process"  # process (Pixiu: this gateway's CPU/RSS) | engine (each instance's metrics)
+    pin_ttl: Duration = DEFAULT_PIN_TTL
+    max_pinned_share: float = DEFAULT_MAX_PINNED_SHARE
+    interval: Duration = DEFAULT_MANAGE_INTERVAL  # the management loop's period (signals: engine)
+    hot_prefix_tokens: int = DEFAULT_HOT_PREFIX_TOKENS  # hotness is counted per prefix of this many tokens
 
     @model_validator(mode="after")
     def _default_method(self) -> CacheStrategyConfig:
@@ -172,6 +187,9 @@ class KVCacheConfig(_Section):
     local_tokenizer: LocalTokenizerConfig | None = None  # absent = remote /tokenize (seed)
     index_source: str = "lookup"  # lookup (seed) | events | both
     kv_events: KVEventsConfig = Field(default_factory=KVEventsConfig)
+    # --- cache management (issue 13) ---
+    engine_metrics: EngineMetricsConfig = Field(default_factory=EngineMetricsConfig)
+    replication: ReplicationConfig = Field(default_factory=ReplicationConfig)
 
     @model_validator(mode="after")
     def _apply(self) -> KVCacheConfig:
@@ -261,6 +279,15 @@ class KVCacheConfig(_Section):
         if self.max_imbalance_rel < 1:
             raise ConfigError("max_imbalance_rel", "[kvcache] max_imbalance_rel must be >= 1")
         self._validate_local_routing()
+        validate_management(
+            cs.signals,
+            cs.pin_ttl,
+            cs.max_pinned_share,
+            cs.interval,
+            cs.hot_prefix_tokens,
+            self.engine_metrics,
+            self.replication,
+        )
 
     def _validate_local_routing(self) -> None:
         lt = self.local_tokenizer
@@ -329,6 +356,15 @@ class KVCacheConfig(_Section):
         """Pinning can fire, so request hotness must be recorded."""
         cs = self.cache_strategy
         return cs.enable_pinning and cs.hot_content_threshold > 0
+
+    @property
+    def engine_managed(self) -> bool:
+        """Management decides per instance from engine signals (``cache_strategy.signals: engine``)."""
+        return self.cache_strategy.signals == "engine"
+
+    @property
+    def needs_engine_metrics(self) -> bool:
+        return self.enabled and (self.engine_managed or self.replication.enabled)
 
     def effective_timeout(self, hcm_timeout: float) -> float:
         """Pixiu's ``effectiveTimeout``: request_timeout, lowered to the HCM timeout if smaller; <= 0 → 2s."""

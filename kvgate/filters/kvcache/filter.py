@@ -51,6 +51,7 @@ from kvgate.filters.kvcache.extract import Extracted, ExtractError, extract
 from kvgate.filters.kvcache.hotstats import HotStats
 from kvgate.filters.kvcache.jobs import Job, JobPool
 from kvgate.filters.kvcache.lmcache_client import LMCacheClient, LookupResult, TokenizerClient
+from kvgate.filters.kvcache.managed import CacheManagement
 from kvgate.filters.kvcache.metrics import KVCacheMetrics
 from kvgate.filters.kvcache.pool import HostSlots, PoolLimits, make_session
 from kvgate.filters.kvcache.remote_tokenizer import RemoteTokenizer
@@ -203,7 +204,8 @@ class KVCacheFilter(HttpFilter):
             clock=clock,
         )
         cs = config.cache_strategy
-        self._strategy_active = bool(
+        # the seed's per-request decision from process signals; with signals: engine the management loop decides
+        self._strategy_active = not config.engine_managed and bool(
             (cs.enable_compression and cs.load_threshold > 0)
             or (cs.enable_eviction and cs.memory_threshold > 0)
             or (cs.enable_pinning and cs.hot_content_threshold > 0)
@@ -247,6 +249,21 @@ class KVCacheFilter(HttpFilter):
         self._predicted_best = self.metrics.predicted_matched_tokens.labels("best")
         self._hinted: OrderedDict[str, float] = OrderedDict()
         self._clock = clock
+        self.management: CacheManagement | None = None
+        if config.needs_engine_metrics:
+            self.management = CacheManagement(
+                config,
+                runtime,
+                executor=self.executor,
+                lookup=lambda tokens, deadline: self._manage_call(
+                    lambda: self.lmcache.lookup(tokens, deadline=deadline), deadline
+                ),
+                index=self.event_index,
+                metrics=self.metrics,
+                events=self.events,
+                session_factory=factory,
+                clock=clock,
+            )
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -255,6 +272,8 @@ class KVCacheFilter(HttpFilter):
             self.jobs.start()
             if self.event_index is not None:
                 await self.event_index.start()
+            if self.management is not None:
+                self.management.start()
 
     def _session(self) -> aiohttp.ClientSession:
         """The filter's own client session (created on first use, inside the event loop)."""
@@ -265,6 +284,8 @@ class KVCacheFilter(HttpFilter):
     async def close(self) -> None:
         """Cancel the workers, drop queued jobs and close the filter's own client session."""
         await self.jobs.close()
+        if self.management is not None:
+            await self.management.close()
         if self.event_index is not None:
             await self.event_index.close()
         if self._own_session is not None and not self._own_session.closed:
@@ -308,7 +329,7 @@ class KVCacheFilter(HttpFilter):
         if parsed is None:
             return
         req, key = parsed
-        if self.cfg.pin_active:  # hotness only feeds the pin decision: no map without pinning
+        if self.cfg.pin_active and self.management is None:  # hotness only feeds the seed's pin decision
             self.hot.record(key)
             self.metrics.hot_keys.set(len(self.hot))
             self.metrics.hot_bytes.set(self.hot.approx_bytes)
@@ -385,7 +406,7 @@ class KVCacheFilter(HttpFilter):
             log.debug("[kvcache] routing lookup returned empty instance")
             outcome, choice = "empty", None
         else:
-            outcome, choice = self._apply_choice(ctx, lookup.matches, len(tokens))
+            outcome, choice = self._apply_choice(ctx, lookup.matches, len(tokens), 0, tokens)
         m.routing_lookups.labels(outcome).inc()
         # Decision label for clients and benchmarks: which instance was preferred and why.
         label = f"{outcome};lookup_ms={(time.perf_counter() - t0) * 1e3:.1f}" + _predicted(choice)
@@ -395,14 +416,21 @@ class KVCacheFilter(HttpFilter):
     def _route_from_index(self, ctx: RequestContext, index: EventIndex, tokens: Sequence[int], key: str) -> None:
         """``index_source: events | both``: match the event index (in memory, no controller call)."""
         t0 = time.perf_counter()
-        self._index_decision(ctx, index.match(tokens, key), len(tokens), t0)
+        self._index_decision(ctx, index.match(tokens, key), len(tokens), t0, tokens)
 
-    def _index_decision(self, ctx: RequestContext, matches: Mapping[str, int], num_tokens: int, t0: float) -> None:
+    def _index_decision(
+        self,
+        ctx: RequestContext,
+        matches: Mapping[str, int],
+        num_tokens: int,
+        t0: float,
+        tokens: Sequence[int] | None = None,
+    ) -> None:
         assert self.event_index is not None
         if not matches:
             outcome, choice = "empty", None
         else:
-            outcome, choice = self._apply_choice(ctx, matches, num_tokens, self.event_index.spread_tokens())
+            outcome, choice = self._apply_choice(ctx, matches, num_tokens, self.event_index.spread_tokens(), tokens)
         self._outcomes[outcome].inc()
         label = f"{outcome};source=events;match_ms={(time.perf_counter() - t0) * 1e3:.2f}" + _predicted(choice)
         ctx.response_headers.append((b"x-kvgate-kvcache", label.encode()))
@@ -543,9 +571,26 @@ class KVCacheFilter(HttpFilter):
         ctx.response_headers.append((b"x-kvgate-kvcache-cold", target.encode()))
 
     def _apply_choice(
-        self, ctx: RequestContext, matches: Mapping[str, int], num_tokens: int, spread_tokens: int = 0
+        self,
+        ctx: RequestContext,
+        matches: Mapping[str, int],
+        num_tokens: int,
+        spread_tokens: int = 0,
+        tokens: Sequence[int] | None = None,
     ) -> tuple[str, PrefixChoice]:
         cluster = self.runtime.clusters.get(ctx.cluster_name) if ctx.cluster_name else None
+        mgmt = self.management
+        if mgmt is not None and mgmt.planner is not None and tokens is not None and cluster is not None:
+            matches = mgmt.add_replicas(tokens, matches)
+            mgmt.consider_replica(
+                tokens,
+                matches,
+                cluster.endpoints,
+                spread_tokens,
+                ctx.body,
+                (ctx.raw_path or ctx.path.encode()).decode("latin-1"),
+                ctx.header("authorization"),
+            )
         choice = choose_prefix_endpoint(
             matches,
             cluster.endpoints if cluster is not None else None,
@@ -575,7 +620,7 @@ class KVCacheFilter(HttpFilter):
         if self.jobs.closed:
             return
         needs_tokens = self.cfg.token_cache.enabled and not self.token_cache.contains(key)
-        if not (needs_tokens or self._strategy_active or self._hint_due(key)):
+        if not (needs_tokens or self._strategy_active or self.management is not None or self._hint_due(key)):
             return  # nothing a job could do
         self.jobs.submit(Job(key, req, lookup, timeout, asyncio.get_running_loop().time(), cluster))
 
@@ -585,6 +630,8 @@ class KVCacheFilter(HttpFilter):
             tokens = await self._tokenize(job, deadline)
             if self.cfg.token_cache.enabled:
                 self._store_tokens(job.key, tokens)
+        if self.management is not None:
+            self.management.observe(tokens)
         hint = self._hint_due(job.key)
         if not (self._strategy_active or hint) or not tokens:
             return

@@ -166,6 +166,45 @@ class KVCacheMetrics:
             ["result"],
             registry=r,
         )
+        # --- cache management (issue 13) ---
+        self.engine_scrapes = Counter(
+            p + "engine_scrapes",
+            "Scrapes of the engines' /metrics by instance and result (ok, timeout, connect, status, parse, "
+            "too_large, lmcache_<reason>)",
+            ["instance", "result"],
+            registry=r,
+        )
+        self.engine_kv_usage = Gauge(
+            p + "engine_kv_usage",
+            "The instance's memory ratio (max of KV usage and LMCache CPU usage)",
+            ["instance"],
+            registry=r,
+        )
+        self.engine_load = Gauge(
+            p + "engine_load", "The instance's load ratio (1 while requests wait)", ["instance"], registry=r
+        )
+        self.engine_signal_age = Gauge(
+            p + "engine_signal_age_seconds", "Age of the instance's last good metrics scrape", ["instance"], registry=r
+        )
+        self.management_decisions = Counter(
+            p + "management_decisions",
+            "Per-instance management decisions and skips by action (pin, unpin, lapse, compress, evict, "
+            "skip_<action>) and reason",
+            ["action", "reason"],
+            registry=r,
+        )
+        self.pinned_chunks = Gauge(
+            p + "pinned_chunks", "LMCache chunks the gateway holds pinned, by instance", ["instance"], registry=r
+        )
+        self.hot_prefixes = Gauge(p + "hot_prefixes", "Prefix keys tracked for hotness", registry=r)
+        self.replications = Counter(
+            p + "replications",
+            "Hot-prefix replication by result (planned, ok, error, and the planner's refusals: rate_limited, "
+            "pending, max_replicas, no_candidate)",
+            ["result"],
+            registry=r,
+        )
+        self.replicas = Gauge(p + "replicas", "Replica holders the gateway created and still records", registry=r)
         self.errors = Counter(p + "decode_errors", "Unexpected errors swallowed on the decode path", registry=r)
         for outcome in LOOKUP_OUTCOMES:
             self.routing_lookups.labels(outcome)

@@ -101,6 +101,9 @@ class ReplicaPlanner:
     def __len__(self) -> int:
         return len(self._keys)
 
+    def keys(self) -> list[str]:
+        return list(self._keys)
+
     # -- planning
     def _take_token(self, now: float) -> bool:
         p = self.policy

@@ -135,6 +135,29 @@ class StrategyExecutor:
             return resolve_target(cfg.pin_instance_id, cfg.pin_location, lookup)
         return resolve_target(cfg.evict_instance_id, "", lookup)
 
+    async def run_action(
+        self, action: str, tokens: Sequence[int], target: Target | None, deadline: float | None = None
+    ) -> str:
+        """One action on ``target``: ``ok``, ``unsupported`` (404/405 back-off) or ``no_target``; other failures
+        raise (the caller counts them)."""
+        disabled = self._disabled.get(action)
+        if disabled is not None and self._clock() < disabled.retry_at:
+            return "unsupported"
+        if target is None:
+            return "no_target"
+        try:
+            await self._run(self._call(action, tokens, target, deadline))
+        except NotSupportedError as exc:
+            strikes = disabled.strikes + 1 if disabled is not None else 1
+            backoff = unsupported_backoff(strikes)
+            self._disabled[action] = _Disabled(self._clock() + backoff, strikes)
+            self._on_unsupported(action, exc, strikes, backoff)
+            return "unsupported"
+        if disabled is not None:
+            del self._disabled[action]
+            self._on_supported(action)
+        return "ok"
+
     async def execute(
         self, decision: Decision, tokens: Sequence[int], lookup: LookupResult | None, deadline: float | None = None
     ) -> list[tuple[str, str]]:
@@ -146,23 +169,9 @@ class StrategyExecutor:
             self._on_result(action, result)
 
         for action in decision.actions():
-            disabled = self._disabled.get(action)
-            if disabled is not None and self._clock() < disabled.retry_at:
-                note(action, "unsupported")
-                continue
             target = self._target(action, lookup)
-            if target is None:
-                note(action, "no_target")
-                continue
             try:
-                await self._run(self._call(action, tokens, target, deadline))
-            except NotSupportedError as exc:
-                strikes = disabled.strikes + 1 if disabled is not None else 1
-                backoff = unsupported_backoff(strikes)
-                self._disabled[action] = _Disabled(self._clock() + backoff, strikes)
-                self._on_unsupported(action, exc, strikes, backoff)
-                note(action, "unsupported")
-                continue
+                result = await self.run_action(action, tokens, target, deadline)
             except CircuitOpenError:
                 note(action, "breaker_open")
                 raise
@@ -172,8 +181,5 @@ class StrategyExecutor:
             except Exception:
                 note(action, "error")
                 raise
-            if disabled is not None:
-                del self._disabled[action]
-                self._on_supported(action)
-            note(action, "ok")
+            note(action, result)
         return done

@@ -1,0 +1,402 @@
+"""Engine-aware cache management of the kvcache filter (issue 13): the I/O around the pure decision blocks.
+
+* :class:`~.engine_signals.EngineScraper` polls every cluster endpoint's ``/metrics`` (vLLM + LMCache gauges)
+  in the background;
+* :class:`~.hot_prefixes.HotPrefixes` counts requests per shared prefix (fed by the background jobs, which have
+  every request's tokens);
+* a management loop, every ``cache_strategy.interval``, takes the hot prefixes, finds their holders (the event
+  index, else the controller's ``/lookup``), asks :class:`~.management.CacheManager` for per-instance actions
+  and runs them against the controller (``/pin``, ``/compress``, ``/evict``) through the filter's retry +
+  ``manage`` breaker and the executor's unsupported back-off;
+* hot-prefix replication (``replication.enabled``): on the request path, when a hot prefix's every holder is
+  overloaded, :class:`~.replication.ReplicaPlanner` names a target and a background task sends the request
+  once to it with ``max_tokens: 1``; routing then counts the replica as a holder.
+
+Nothing here runs on the request path except :meth:`CacheManagement.consider_replica` and
+:meth:`CacheManagement.add_replicas` (a hash of the first ``hot_prefix_tokens`` tokens and dict work).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+
+from kvgate.filters.kvcache.config import KVCacheConfig
+from kvgate.filters.kvcache.engine_signals import EngineScraper, ScrapeTarget
+from kvgate.filters.kvcache.errors import KVCacheError
+from kvgate.filters.kvcache.events import FilterEvents
+from kvgate.filters.kvcache.hot_prefixes import HotPrefix, HotPrefixes
+from kvgate.filters.kvcache.lmcache_client import LookupResult
+from kvgate.filters.kvcache.management import Action, CacheManager, ManagementPolicy, memory_ratio
+from kvgate.filters.kvcache.metrics import KVCacheMetrics
+from kvgate.filters.kvcache.replication import ReplicaPlanner, ReplicationPolicy, Warm
+from kvgate.filters.kvcache.strategy import StrategyExecutor, Target
+from kvgate.runtime import Runtime
+
+if TYPE_CHECKING:
+    from kvgate.cluster import EndpointState
+    from kvgate.filters.kvcache.event_index import EventIndex
+
+log = logging.getLogger("kvgate.filters.kvcache.managed")
+
+CHUNK_TOKENS = 256  # LMCache's chunk: pins and the pinned-share cap count whole chunks
+DEFAULT_LOCATION = "LocalCPUBackend"  # LMCache's CPU tier (when neither config nor /lookup names one)
+MAX_HOT_PER_ROUND = 64
+DEFAULT_REPLICATION_HOT = 2  # replication's hotness threshold when hot_content_threshold is 0
+
+Lookup = Callable[[Sequence[int], float], Awaitable[LookupResult]]
+
+
+def scrape_targets(cfg: KVCacheConfig, runtime: Runtime) -> list[ScrapeTarget]:
+    """One target per distinct endpoint id of the gateway's clusters (``engine_metrics.endpoints`` override)."""
+    em = cfg.engine_metrics
+    overrides = {t.instance: t for t in em.endpoints}
+    out: dict[str, ScrapeTarget] = {}
+    for cluster in runtime.clusters:
+        for ep in cluster.endpoints:
+            if ep.id in out:
+                continue
+            o = overrides.get(ep.id)
+            out[ep.id] = ScrapeTarget(
+                ep.id,
+                (o.metrics_url if o is not None and o.metrics_url else ep.base_url.rstrip("/") + "/metrics"),
+                lmcache_metrics_url=o.lmcache_metrics_url if o is not None else "",
+                lmcache_capacity_bytes=(o.lmcache_capacity_bytes if o and o.lmcache_capacity_bytes else 0)
+                or em.lmcache_capacity_bytes,
+                max_num_seqs=(o.max_num_seqs if o and o.max_num_seqs else 0) or em.max_num_seqs,
+            )
+    return list(out.values())
+
+
+class CacheManagement:
+    """See the module docstring. Owned by the filter: ``start()`` with it, ``close()`` with it."""
+
+    def __init__(
+        self,
+        cfg: KVCacheConfig,
+        runtime: Runtime,
+        *,
+        executor: StrategyExecutor,
+        lookup: Lookup,
+        index: EventIndex | None,
+        metrics: KVCacheMetrics,
+        events: FilterEvents,
+        session_factory: Callable[[], aiohttp.ClientSession],
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.cfg = cfg
+        self.runtime = runtime
+        self.executor = executor
+        self._lookup = lookup
+        self.index = index
+        self.metrics = metrics
+        self.events = events
+        self._session = session_factory
+        self._clock = clock
+        cs, em, rep = cfg.cache_strategy, cfg.engine_metrics, cfg.replication
+        self.managed = cfg.engine_managed
+        self.threshold = cs.hot_content_threshold
+        self.hot = HotPrefixes(
+            cfg.hot_window,
+            key_tokens=cs.hot_prefix_tokens,
+            chunk_tokens=CHUNK_TOKENS,
+            max_keys=min(cfg.hot_key_cap(), 4096),
+            max_records=cfg.hot_max_records,
+            clock=clock,
+        )
+        targets = scrape_targets(cfg, runtime)
+        self.scraper = EngineScraper(
+            targets,
+            interval=em.interval,
+            timeout=em.timeout,
+            max_age=em.effective_max_age(),
+            clock=clock,
+            on_result=lambda inst, result: metrics.engine_scrapes.labels(inst, result).inc(),
+        )
+        overrides = {t.instance: t for t in em.endpoints}
+        capacity = {
+            t.instance: (overrides[t.instance].lmcache_capacity_chunks if t.instance in overrides else 0)
+            or em.lmcache_capacity_chunks
+            for t in targets
+        }
+        self.manager = CacheManager(
+            ManagementPolicy(
+                enable_pinning=cs.enable_pinning,
+                enable_compression=cs.enable_compression,
+                enable_eviction=cs.enable_eviction,
+                memory_threshold=cs.memory_threshold,
+                load_threshold=cs.load_threshold,
+                hot_content_threshold=cs.hot_content_threshold,
+                pin_ttl=cs.pin_ttl,
+                max_pinned_share=cs.max_pinned_share,
+                max_age=em.effective_max_age(),
+                default_capacity_chunks=em.lmcache_capacity_chunks,
+            ),
+            capacity_chunks=capacity,
+            max_num_seqs={t.instance: t.max_num_seqs for t in targets},
+            clock=clock,
+        )
+        self.planner: ReplicaPlanner | None = None
+        if rep.enabled:
+            self.planner = ReplicaPlanner(
+                ReplicationPolicy(
+                    max_replicas=rep.max_replicas,
+                    rate=rep.rate,
+                    burst=rep.burst,
+                    replica_ttl=rep.replica_ttl,
+                    pending_timeout=rep.timeout,
+                    max_keys=rep.max_keys,
+                    max_imbalance_abs=rep.max_imbalance_abs,
+                    max_imbalance_rel=rep.max_imbalance_rel,
+                ),
+                clock=clock,
+            )
+        self.replication_threshold = self.threshold if self.threshold > 0 else DEFAULT_REPLICATION_HOT
+        self._loop_task: asyncio.Task[None] | None = None
+        self._warmups: set[asyncio.Task[None]] = set()
+        self._replica_children = {r: metrics.replications.labels(r) for r in ("planned", "ok", "error")}
+        self.rounds = 0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        self.scraper.start()
+        if self.managed and self._loop_task is None:
+            self._loop_task = asyncio.get_running_loop().create_task(self._loop(), name="kvcache-management")
+
+    async def close(self) -> None:
+        tasks = [t for t in (self._loop_task, *self._warmups) if t is not None]
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        self._loop_task = None
+        self._warmups.clear()
+        await self.scraper.aclose()
+
+    # ------------------------------------------------------------------ hotness (background jobs)
+
+    def observe(self, tokens: Sequence[int]) -> None:
+        """Count one request's prefix (called by the background job, which always has the tokens)."""
+        self.hot.record(tokens)
+        self.metrics.hot_prefixes.set(len(self.hot))
+
+    # ------------------------------------------------------------------ management loop
+
+    async def _loop(self) -> None:
+        interval = self.cfg.cache_strategy.interval
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.run_round()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a bug must not stop management; logged once per kind
+                self.events.warn("manage_round", "[kvcache] management round failed: %s: %s", type(exc).__name__, exc)
+
+    async def run_round(self) -> int:
+        """One management round; returns the number of actions sent to the controller."""
+        self.rounds += 1
+        self._export_signals()
+        sent = 0
+        for lapse in self.manager.expire():
+            self._count(lapse)
+        for h in self.hot.hot(self.threshold, MAX_HOT_PER_ROUND):
+            sent += await self._manage_prefix(h)
+        for inst in self.scraper.instances():
+            self.metrics.pinned_chunks.labels(inst).set(self.manager.pinned_chunks(inst))
+        return sent
+
+    def _export_signals(self) -> None:
+        now = self._clock()
+        m = self.metrics
+        for inst in self.scraper.instances():
+            s = self.scraper.snapshot(inst)
+            if s is None:
+                continue
+            if s.at is not None:
+                m.engine_signal_age.labels(inst).set(s.age(now))
+            m.engine_kv_usage.labels(inst).set(memory_ratio(s))
+            m.engine_load.labels(inst).set(s.load(self.manager.max_num_seqs.get(inst, 0)))
+
+    async def _holders(self, tokens: list[int], deadline: float) -> tuple[dict[str, int], LookupResult | None]:
+        if self.index is not None:
+            return dict(self.index.match(tokens)), None
+        lookup = await self._lookup(tokens, deadline)
+        return dict(lookup.matches), lookup
+
+    async def _manage_prefix(self, h: HotPrefix) -> int:
+        chunks = len(h.tokens) // CHUNK_TOKENS
+        if chunks == 0:
+            return 0
+        tokens = h.tokens[: chunks * CHUNK_TOKENS]
+        deadline = asyncio.get_running_loop().time() + self.cfg.request_timeout
+        try:
+            matches, lookup = await self._holders(tokens, deadline)
+        except KVCacheError as exc:
+            self.events.warn("manage_lookup", "[kvcache] management lookup failed: %s", exc)
+            return 0
+        holders = [inst for inst, n in matches.items() if n >= CHUNK_TOKENS]
+        if self.planner is not None:
+            holders += [r for r in self.planner.holders(str(h.key)) if r not in holders]
+        signals = {inst: self.scraper.snapshot(inst) for inst in holders}
+        decisions = self.manager.decide(str(h.key), holders, signals, h.count, chunks)
+        for skip in decisions.skipped:
+            self.metrics.management_decisions.labels(f"skip_{skip.action}", skip.reason).inc()
+        sent = 0
+        for action in decisions.actions:
+            self._count(action)
+            if action.kind in ("pin", "compress", "evict"):
+                sent += 1
+                await self._execute(action, tokens, lookup, deadline)
+        return sent
+
+    def _count(self, action: Action) -> None:
+        self.metrics.management_decisions.labels(action.kind, action.reason).inc()
+
+    def _location(self, configured: str, instance: str, lookup: LookupResult | None) -> str:
+        if configured:
+            return configured
+        if lookup is not None and instance in lookup.layout and lookup.layout[instance].location:
+            return lookup.layout[instance].location
+        return DEFAULT_LOCATION
+
+    async def _execute(self, action: Action, tokens: list[int], lookup: LookupResult | None, deadline: float) -> None:
+        cs = self.cfg.cache_strategy
+        if action.kind == "pin":
+            target = Target(action.instance, self._location(cs.pin_location, action.instance, lookup))
+        elif action.kind == "compress":
+            target = Target(action.instance, self._location(cs.compress_location, action.instance, lookup))
+        else:
+            target = Target(action.instance, "")
+        try:
+            result = await self.executor.run_action(action.kind, tokens, target, deadline)
+        except TimeoutError:
+            result = "timeout"
+        except KVCacheError as exc:
+            result = "breaker_open" if type(exc).__name__ == "CircuitOpenError" else "error"
+            self.events.warn(
+                f"manage_{action.kind}", "[kvcache] %s on %s failed: %s", action.kind, action.instance, exc
+            )
+        self.metrics.actions.labels(action.kind, result).inc()
+        if action.kind == "pin" and result != "ok":
+            self.manager.pin_failed(action.instance, action.key)
+
+    # ------------------------------------------------------------------ replication (request path)
+
+    def add_replicas(self, tokens: Sequence[int], matches: Mapping[str, int]) -> Mapping[str, int]:
+        """``matches`` plus the gateway's replicas of the prompt's prefix (credited with the replicated prefix)."""
+        if self.planner is None or not matches:
+            return matches
+        key = self.hot.key_of(tokens)
+        replicas = self.planner.holders(str(key)) if key is not None else []
+        if not replicas:
+            return matches
+        shared = self.hot.tokens(key) if key is not None else None
+        credit = min(max(matches.values()), len(shared) if shared is not None else 0)
+        out = dict(matches)
+        for r in replicas:
+            if out.get(r, 0) < credit:
+                out[r] = credit
+        return out
+
+    def consider_replica(
+        self,
+        tokens: Sequence[int],
+        matches: Mapping[str, int],
+        endpoints: Sequence[EndpointState],
+        spread_tokens: int,
+        body: bytes,
+        path: str,
+        authorization: str | None,
+    ) -> None:
+        """Plan a warm-up when the prompt's prefix is hot and all its holders are overloaded (never awaits)."""
+        planner = self.planner
+        if planner is None or not matches:
+            return
+        key = self.hot.key_of(tokens)
+        if key is None:
+            return
+        best = max(matches.values())
+        cut = max(CHUNK_TOKENS, best - spread_tokens)
+        holders = [inst for inst, n in matches.items() if n >= cut]
+        healthy = [ep for ep in endpoints if ep.healthy()]
+        warm, reason = planner.plan(
+            str(key),
+            hot=self.hot.count(key) >= self.replication_threshold,
+            holders=holders,
+            candidates=[ep.id for ep in healthy],
+            load={ep.id: float(ep.in_flight) for ep in healthy},
+        )
+        if reason in ("not_hot", "not_overloaded", "no_holder"):
+            return  # the common case: nothing to count per request
+        child = self._replica_children.get(reason)
+        (child if child is not None else self.metrics.replications.labels(reason)).inc()
+        if warm is None:
+            return
+        target = next(ep for ep in healthy if ep.id == warm.instance)
+        payload = warmup_body(body)
+        if payload is None:
+            planner.confirm(warm, False)
+            self._replica_children["error"].inc()
+            return
+        task = asyncio.get_running_loop().create_task(self._warm(warm, target, payload, path, authorization))
+        self._warmups.add(task)
+        task.add_done_callback(self._warmups.discard)
+
+    async def _warm(self, warm: Warm, ep: EndpointState, payload: bytes, path: str, authorization: str | None) -> None:
+        assert self.planner is not None
+        headers = {"Content-Type": "application/json"}
+        api_key = ep.config.llm_meta.api_key
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
+        elif authorization:
+            headers["Authorization"] = authorization
+        ok = False
+        ep.in_flight += 1  # the warm-up is real work on that engine: the balancers see it
+        try:
+            async with self._session().post(
+                ep.base_url.rstrip("/") + path,
+                data=payload,
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=self.cfg.replication.timeout),
+            ) as resp:
+                await resp.read()
+                ok = 200 <= resp.status < 300
+                detail = f"status {resp.status}"
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            detail = type(exc).__name__
+        finally:
+            ep.in_flight -= 1
+        self.planner.confirm(warm, ok)
+        self._replica_children["ok" if ok else "error"].inc()
+        self.metrics.replicas.set(sum(len(self.planner.holders(k)) for k in self.planner.keys()))
+        if not ok:
+            self.events.warn("replication_failed", "[kvcache] warm-up of %s failed: %s", warm.instance, detail)
+        else:
+            log.debug("[kvcache] warmed %s with a hot prefix (overloaded holder %s)", warm.instance, warm.source)
+
+
+def warmup_body(body: bytes) -> bytes | None:
+    """The request as a 1-token, non-streaming prefill (None when the body is not a JSON object)."""
+    try:
+        data: Any = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(data, dict):
+        return None
+    data = dict(data)
+    for key in ("stream", "stream_options", "n", "best_of", "logprobs", "top_logprobs", "echo"):
+        data.pop(key, None)
+    data["max_tokens"] = 1
+    if "max_completion_tokens" in data:
+        data["max_completion_tokens"] = 1
+    return json.dumps(data, separators=(",", ":")).encode()
