@@ -8,7 +8,9 @@ Unknown keys are accepted (Pixiu ignores them) and logged by the filter factory.
 Keys we add (not in Pixiu): ``max_background_tasks``, ``background_queue_size``,
 ``min_match_tokens``, ``tokenize_on_miss``, ``max_imbalance_abs``, ``max_imbalance_rel``,
 ``cold_placement``, ``min_match_ratio``, ``hot_max_bytes``, ``retry.jitter``, and local routing (issue 9):
-``local_tokenizer``, ``index_source`` and ``kv_events`` (see docs/kvcache-filter.md). ``hot_max_keys: 0`` means
+``local_tokenizer``, ``index_source`` and ``kv_events`` (see docs/kvcache-filter.md), and cache management
+(issue 13): ``cache_strategy.{signals, pin_ttl, max_pinned_share, interval, hot_prefix_tokens}``,
+``engine_metrics`` and ``replication`` (:mod:`.management_config`). ``hot_max_keys: 0`` means
 ``DEFAULT_HOT_MAX_KEYS`` here (Pixiu: unlimited), see :meth:`KVCacheConfig.hot_key_cap`.
 """
 

@@ -20,6 +20,10 @@ is tokenized in-process (the remote path stays the fallback); with ``index_sourc
 the filter's own event index (:mod:`.event_index`) instead of calling ``/lookup``; ``both`` also feeds the
 index with the controller's holders from the background job (off the request path).
 
+Cache management (issue 13, :mod:`.managed`): with ``cache_strategy.signals: engine`` the seed's per-job decision
+is replaced by a background loop deciding per instance from the engines' own metrics; the jobs only count each
+request's prefix. ``replication.enabled`` adds hot-prefix warm-ups, planned in :meth:`_apply_choice`.
+
 Background jobs run on ``max_background_tasks`` workers fed by a queue of ``background_queue_size``.
 Each job: tokenize on a cache miss (store) → lookup (reusing the routing lookup) → decide → execute.
 Deadline = the effective request timeout, counted from the job's start; a job that waited in the
@@ -741,6 +745,7 @@ class KVCacheFilter(HttpFilter):
             "index": None
             if self.event_index is None
             else {"blocks": len(self.event_index.index), **self.event_index.counters()},
+            "management": None if self.management is None else self.management.snapshot(),
         }
 
 

@@ -182,6 +182,17 @@ class CacheManagement:
         self._warmups.clear()
         await self.scraper.aclose()
 
+    def snapshot(self) -> dict[str, Any]:
+        """Debug view for ``/config``-style pages (no prompt text, no URLs)."""
+        return {
+            "signals": "engine" if self.managed else "process",
+            "rounds": self.rounds,
+            "hot_prefixes": len(self.hot),
+            "pins": {inst: self.manager.pinned_chunks(inst) for inst in self.scraper.instances()},
+            "replicas": {} if self.planner is None else {k: self.planner.holders(k) for k in self.planner.keys()},
+            "stale": [i for i in self.scraper.instances() if self.scraper.fresh(i) is None],
+        }
+
     # ------------------------------------------------------------------ hotness (background jobs)
 
     def observe(self, tokens: Sequence[int]) -> None:
