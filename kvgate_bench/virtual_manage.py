@@ -78,6 +78,7 @@ class PlannedWarm:
 
     warm: Warm
     prompt: Prompt
+    planned_at: float
     deadline: float  # virtual time after which the warm-up counts as failed (``replication.timeout``)
 
 
@@ -171,6 +172,7 @@ class VirtualManagement:
         self.tier_chunks: Counter[str] = Counter()  # "kind:instance" -> chunks the tier actually changed
         self.replications: Counter[str] = Counter()  # planned, ok, error, rate_limited, ... , routed
         self.pins_log: list[tuple[float, str, int, str]] = []  # (time, instance, prefix key, reason)
+        self.warm_log: list[dict[str, Any]] = []  # one per finished warm-up (bounded by the planner's rate)
 
     def _clock(self) -> float:
         return self.now
@@ -320,7 +322,7 @@ class VirtualManagement:
         self.replications[reason] += 1
         if warm is None:
             return None
-        return PlannedWarm(warm, prompt, self.now + self.cfg.replication.timeout)
+        return PlannedWarm(warm, prompt, self.now, self.now + self.cfg.replication.timeout)
 
     def warm_done(self, planned: PlannedWarm) -> None:
         """The warm-up finished at ``now``: confirm the replica (a failure when past its timeout)."""
@@ -328,6 +330,10 @@ class VirtualManagement:
         ok = self.now <= planned.deadline
         self.planner.confirm(planned.warm, ok)
         self.replications["ok" if ok else "error"] += 1
+        w = planned.warm
+        self.warm_log.append(
+            {"instance": w.instance, "source": w.source, "planned_s": planned.planned_at, "done_s": self.now, "ok": ok}
+        )
 
     # ------------------------------------------------------------------ report
 
@@ -343,4 +349,5 @@ class VirtualManagement:
             }
         if self.planner is not None:
             out["replications"] = dict(sorted(self.replications.items()))
+            out["warmups"] = list(self.warm_log)
         return out
