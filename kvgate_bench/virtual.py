@@ -16,6 +16,12 @@ Chunk and block hashes are computed once per request into a hash-only
 :class:`~kvgate_sim.engine_model.Prompt` (:func:`prepare`), which the engines and the lookup share.
 Engine ops become visible to the index when the engine computes the step that stores them (the
 real-time simulator does the same). Peer modes (external routers) have no virtual-time equivalent.
+
+A mode whose kvcache config turns on cache management (``cache_strategy.signals: engine`` and/or
+``replication.enabled``, e.g. ``kvcache-managed``) is replayed with the filter's own pure blocks
+(:mod:`kvgate_bench.virtual_manage`): a management round every ``cache_strategy.interval`` of virtual time
+pins hot prefixes on their holders' LMCache tiers, and routing may plan a replica warm-up, submitted as a
+1-token request (kept out of the results and the hit rate, counted in ``info["replications"]``).
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import heapq
 import itertools
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -35,6 +41,7 @@ from kvgate.routing.prefix import ColdPlacement, choose_prefix_endpoint
 from kvgate_bench.modes import FleetSpec, Mode
 from kvgate_bench.results import STATUS_OK, ModeRun, RequestResult
 from kvgate_bench.virtual_events import HashEventIndex
+from kvgate_bench.virtual_manage import PlannedWarm, VirtualManagement, management_enabled
 from kvgate_bench.workloads import ClosedLoop, Workload
 from kvgate_sim.controller_index import ControllerIndex
 from kvgate_sim.engine_model import EngineCore, Prompt
@@ -177,8 +184,22 @@ class VirtualRouter:
         self.max_imbalance_rel = float(kv.get("max_imbalance_rel", 1.5))
         self.min_match_ratio = float(kv.get("min_match_ratio", 0.0))
         self.cold = ColdPlacement() if kv.get("cold_placement") == "lru" else None
+        # the filter's holder spread: the event index's smallest block size unless kv_events.spread_tokens
+        # is set; none with /lookup
+        spread = int((kv.get("kv_events") or {}).get("spread_tokens", 0) or 0)
+        self.spread_tokens = (spread or GPU_BLOCK_SIZE) if mode.prefix == "events" else 0
         self.seen: set[int] = set()
         self.outcomes: dict[str, int] = {}
+        self.manage: VirtualManagement | None = None
+        self.warms: list[PlannedWarm] = []  # planned by the last route(), for the runner to submit
+
+    def matches(self, prompt: Prompt) -> dict[str, int]:
+        """Each instance's held prefix of ``prompt`` in the mode's routing index (events model or controller)."""
+        if self.mode.prefix == "events":
+            assert self.events is not None
+            return self.events.match(prompt)
+        layout = self.index.lookup_hashes(prompt.chunk_hashes(self.index.chunk_size), prompt.num_tokens)
+        return {iid: end for iid, (_loc, end) in layout.items()}
 
     def _count(self, outcome: str) -> None:
         self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
@@ -194,15 +215,16 @@ class VirtualRouter:
             self.seen.add(v.key)
             self._count("no_tokens")
             return self._cold(picked)
-        if prefix == "events":
-            assert self.events is not None
-            matches = self.events.match(v.prompt)
-        else:
-            layout = self.index.lookup_hashes(v.prompt.chunk_hashes(self.index.chunk_size), v.num_tokens)
-            matches = {iid: end for iid, (_loc, end) in layout.items()}
+        matches: Mapping[str, int] = self.matches(v.prompt)
         if not matches:
             self._count("empty")
             return self._cold(picked)
+        mgmt = self.manage
+        if mgmt is not None and mgmt.planner is not None:  # the filter's _apply_choice
+            matches = mgmt.add_replicas(v.prompt, matches)
+            warm = mgmt.consider_replica(v.prompt, matches, self.spread_tokens)
+            if warm is not None:
+                self.warms.append(warm)
         choice = choose_prefix_endpoint(
             matches,
             self.endpoints,
@@ -211,11 +233,14 @@ class VirtualRouter:
             max_imbalance_rel=self.max_imbalance_rel,
             min_match_ratio=self.min_match_ratio,
             num_tokens=v.num_tokens,
+            spread_tokens=self.spread_tokens,
         )
         if choice.endpoint_id is None:
             self._count("no_match")
             return self._cold(picked)
         self._count("routed")
+        if mgmt is not None and choice.endpoint_id in mgmt.replicas_of(v.prompt):
+            self._count("routed_replica")
         return self.by_id[choice.endpoint_id]
 
     def _cold(self, picked: VEndpoint) -> VEndpoint:
@@ -321,6 +346,13 @@ def run_virtual(
             cores.append(EngineCore(cfg, sink=index.apply_ops, kv_event_sink=sink))
     endpoints = [VEndpoint(i, c) for i, c in enumerate(cores)]
     router = VirtualRouter(mode, endpoints, index, events=events)
+    manage = None
+    if mode.prefix != "none" and management_enabled(mode.kvcache):
+        assert mode.kvcache is not None
+        manage = router.manage = VirtualManagement(mode.kvcache, endpoints, router.matches)
+    next_tick = manage.interval if manage is not None and manage.managed else math.inf
+    warm_owner: dict[str, tuple[PlannedWarm, VEndpoint]] = {}
+    warm_hits = warm_queries = 0
     pacer = _Pacer(closed_loop, vreqs)
 
     seq = 0
@@ -353,10 +385,20 @@ def run_virtual(
             while eheap and eheap[0][1] != version[eheap[0][2]]:
                 heapq.heappop(eheap)
             tn = eheap[0][0] if eheap else inf
-            if te <= ta and te <= tn:
+            tm = next_tick if min(ta, te, tn) < inf else inf  # management rounds while work remains
+            if te <= ta and te <= tn and te <= tm:
                 if te == inf:
                     break
                 t, _s, i, rec = heapq.heappop(finished)
+                warm = warm_owner.pop(rec.req_id, None)
+                if warm is not None:  # a replication warm-up: not a workload result
+                    assert manage is not None
+                    warm[1].in_flight -= 1
+                    warm_queries += rec.prompt_tokens
+                    warm_hits += rec.cached_tokens
+                    manage.now = t
+                    manage.warm_done(warm[0])
+                    continue
                 v, ep = owner.pop(rec.req_id)
                 ep.in_flight -= 1
                 results.append(
@@ -371,29 +413,46 @@ def run_virtual(
                 for tt, nv in pacer.on_finish(v, t):
                     seq += 1
                     heapq.heappush(arrivals, (tt, seq, nv))
-            elif tn <= ta:
+            elif tn <= ta and tn <= tm:
                 _nt, _ver, i = heapq.heappop(eheap)
                 for ev in cores[i].advance(tn):
                     if ev.kind == "finished":
                         seq += 1
                         heapq.heappush(finished, (ev.time, seq, i, ev.record))
                 reschedule(i)
+            elif tm <= ta:
+                assert manage is not None
+                manage.now = tm
+                manage.run_round()
+                next_tick += manage.interval
             else:
                 t, _s, v = heapq.heappop(arrivals)
+                if manage is not None:
+                    manage.now = t
                 ep = router.route(v)
                 ep.in_flight += 1
                 owner[v.req_id] = (v, ep)
                 pacer.on_send(v, t)
                 ep.core.submit(v.req_id, v.prompt, v.max_tokens, arrival_time=t)
                 reschedule(ep.index)
+                if manage is not None:
+                    manage.observe(v.prompt)
+                    for k, pw in enumerate(router.warms):  # the filter's background warm-up: same prompt, 1 token
+                        wep = router.by_id[pw.warm.instance]
+                        wid = f"{v.req_id}~warm{k}"
+                        wep.in_flight += 1
+                        warm_owner[wid] = (pw, wep)
+                        wep.core.submit(wid, pw.prompt, 1, arrival_time=t)
+                        reschedule(wep.index)
+                    router.warms.clear()
     finally:
         if gc_on:
             gc.enable()
     if progress is not None and done % progress_every:
         progress(done % progress_every)
     stats = [c.stats() for c in cores]
-    queries = sum(s.prefix_cache_queries for s in stats)
-    hits = sum(s.prefix_cache_hits + s.external_prefix_cache_hits for s in stats)
+    queries = sum(s.prefix_cache_queries for s in stats) - warm_queries  # warm-ups are not workload requests
+    hits = sum(s.prefix_cache_hits + s.external_prefix_cache_hits for s in stats) - warm_hits
     end = max((r.start_s + r.e2e_s for r in results if r.e2e_s is not None and r.start_s is not None), default=0.0)
     start = min((r.start_s for r in results if r.start_s is not None), default=0.0)
     info: dict[str, Any] = {
@@ -405,6 +464,8 @@ def run_virtual(
     }
     if router.outcomes:
         info["routing_lookups"] = dict(sorted(router.outcomes.items()))
+    if manage is not None:
+        info.update(manage.info())
     order = {v.req_id: i for i, v in enumerate(vreqs)}
     results.sort(key=lambda r: order[r.req_id])
     return ModeRun(mode.name, results, hits / queries if queries else 0.0, end - start, [c.instance_id for c in cores],
