@@ -29,13 +29,33 @@ def main(argv: list[str] | None = None, prog: str = "kvgate real") -> int:
         "replay port each) and LMCache with enable_kv_events: true; the written kvgate config routes from the "
         "events. Default: env KVGATE_REAL_KV_EVENTS=1",
     )
+    up.add_argument(
+        "--lmcache-cpu-gb",
+        type=float,
+        default=None,
+        help="LMCache max_local_cpu_size per engine in GB (a 256-token chunk of the tiny model is 512 KiB). "
+        "Default: env KVGATE_REAL_LMCACHE_CPU_GB, else 1.0",
+    )
+    up.add_argument(
+        "--lmcache-api",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="start LMCache's internal API server in each engine's worker on a loopback port (its /metrics has the "
+        "lmcache:* series; state.json engines[].lmcache_api_url). Default: env KVGATE_REAL_LMCACHE_API=1",
+    )
     sub.add_parser("down", help="stop everything recorded in the state file")
     sub.add_parser("status", help="show processes, RSS, health and listeners")
     args = ap.parse_args(argv)
 
     try:
         if args.cmd == "up":
-            fleet = RealFleet(args.run_dir, startup_timeout=args.timeout, kv_events=args.kv_events)
+            fleet = RealFleet(
+                args.run_dir,
+                startup_timeout=args.timeout,
+                kv_events=args.kv_events,
+                lmcache_cpu_gb=args.lmcache_cpu_gb,
+                lmcache_api=args.lmcache_api,
+            )
             fleet.start(args.engines)
             fleet.release()
             print(json.dumps({**fleet.state(), "status": fleet.status()}, indent=2))

@@ -112,6 +112,8 @@ class EngineInfo:
     tmp_dir: str
     alive: bool = True
     kv_events: dict[str, Any] | None = None  # the --kv-events-config it was started with (None: off)
+    # LMCache's internal API server of the engine's worker (``/metrics`` with the lmcache:* series); "" = off
+    lmcache_api_url: str = ""
 
 
 @dataclass
@@ -124,6 +126,7 @@ class _Ports:
     engines: list[tuple[int, int]] = field(default_factory=list)  # (http, worker)
     kv_events: int = 0  # the gateway's KV-event SUB port (engines connect their PUB to it); 0 = events off
     replay: list[int] = field(default_factory=list)  # per engine: vLLM's replay ROUTER port
+    lmcache_api: list[int] = field(default_factory=list)  # per engine: LMCache internal API server port (metrics)
 
 
 def _say(msg: str) -> None:
@@ -142,12 +145,37 @@ class RealFleet:
         wait_for_other_fleet: float | None = None,
         verbose: bool = True,
         kv_events: bool | None = None,
+        lmcache_cpu_gb: float | None = None,
+        lmcache_api: bool | None = None,
+        prometheus_multiproc: bool | None = None,
     ) -> None:
         """``kv_events``: start vLLM with ``--kv-events-config`` (bind mode: every engine connects its PUB to one
         gateway port, topic ``kv.<instance>``, a replay ROUTER per engine) and LMCache with
         ``enable_kv_events: true``; the written kvgate config then routes from the events (local tokenizer =
-        the model directory, ``index_source: events``). Default: env ``KVGATE_REAL_KV_EVENTS=1``."""
+        the model directory, ``index_source: events``). Default: env ``KVGATE_REAL_KV_EVENTS=1``.
+
+        ``lmcache_cpu_gb``: LMCache's ``max_local_cpu_size`` per engine in GB (default env
+        ``KVGATE_REAL_LMCACHE_CPU_GB``, else 1.0). A 256-token chunk of the tiny model is 512 KiB, so 0.01 GB
+        holds about 20 chunks: small enough for a few one-off long prompts to churn it (pinning tests).
+
+        ``lmcache_api``: start LMCache's internal API server in each engine's worker on its own loopback port
+        (``EngineInfo.lmcache_api_url``; its ``/metrics`` has the ``lmcache:*`` series of that worker:
+        ``local_cache_usage``, ``pinned_memory_objs_count``, ``local_cpu_evict_count``...). Default: env
+        ``KVGATE_REAL_LMCACHE_API=1``.
+
+        ``prometheus_multiproc``: give each engine its own empty ``PROMETHEUS_MULTIPROC_DIR`` (``<engine home>/
+        prometheus``), so the vLLM API server's ``/metrics`` collects the series every process of the engine
+        writes there, LMCache's ``lmcache:*`` included (without it LMCache's worker writes them to a shared
+        ``/tmp/lmcache_prometheus`` that nothing reads). Default: on, unless env ``KVGATE_REAL_PROM_MULTIPROC=0``."""
         self.kv_events = os.environ.get("KVGATE_REAL_KV_EVENTS") == "1" if kv_events is None else kv_events
+        self.lmcache_cpu_gb = (
+            float(os.environ.get("KVGATE_REAL_LMCACHE_CPU_GB", "1.0")) if lmcache_cpu_gb is None else lmcache_cpu_gb
+        )
+        if not self.lmcache_cpu_gb > 0:
+            raise FleetError(f"lmcache_cpu_gb must be > 0, got {self.lmcache_cpu_gb}")
+        self.lmcache_api = os.environ.get("KVGATE_REAL_LMCACHE_API") == "1" if lmcache_api is None else lmcache_api
+        prom_env = os.environ.get("KVGATE_REAL_PROM_MULTIPROC", "1") != "0"
+        self.prometheus_multiproc = prom_env if prometheus_multiproc is None else prometheus_multiproc
         self.run_dir = Path(run_dir) if run_dir is not None else default_run_dir()
         self.startup_timeout = startup_timeout
         self.ready_timeout = ready_timeout
@@ -218,6 +246,8 @@ class RealFleet:
         if self.kv_events:
             self._ports.kv_events = free_ports(1, taken)[0]
             self._ports.replay = free_ports(n_engines, taken)
+        if self.lmcache_api:
+            self._ports.lmcache_api = free_ports(n_engines, taken)
         self.gateway_port = gw
         t0 = time.monotonic()
         try:
@@ -406,12 +436,24 @@ class RealFleet:
                 raise FleetError(f"controller HTTP not up in time:\n{self._watches[pid].tail()}")
             time.sleep(0.5)
 
-    def _engine_yaml(self, instance_id: str, worker_port: int) -> dict[str, Any]:
+    def _engine_yaml(self, instance_id: str, worker_port: int, api_port: int = 0) -> dict[str, Any]:
         assert self._ports is not None
+        # LMCache 0.5.6 internal API server: the scheduler listens on port_start + 0, worker w on port_start + 1 + w
+        # (lmcache/v1/internal_api_server/api_server.py); include_index_list [1] starts worker 0's only.
+        api = (
+            {
+                "internal_api_server_enabled": True,
+                "internal_api_server_host": LOOPBACK,
+                "internal_api_server_port_start": api_port - 1,
+                "internal_api_server_include_index_list": [1],
+            }
+            if api_port
+            else {}
+        )
         return {
             "chunk_size": CHUNK_SIZE,
             "local_cpu": True,
-            "max_local_cpu_size": 1.0,
+            "max_local_cpu_size": self.lmcache_cpu_gb,
             "enable_controller": True,
             "lmcache_instance_id": instance_id,
             "controller_pull_url": f"{LOOPBACK}:{self._ports.pull}",
@@ -421,6 +463,7 @@ class RealFleet:
             "lmcache_worker_heartbeat_delay_time": 2,
             # LMCache 0.5.6: its stores ("cpu" BlockStored) join vLLM's KV-event stream (no removals in-process)
             **({"enable_kv_events": True} if self.kv_events else {}),
+            **api,
         }
 
     def _engine_kv_events(self, i: int, instance_id: str) -> dict[str, Any] | None:
@@ -444,7 +487,8 @@ class RealFleet:
         home = self.run_dir / instance_id
         home.mkdir(parents=True, exist_ok=True)
         cfg_path = home / "lmcache.yaml"
-        cfg_path.write_text(yaml.safe_dump(self._engine_yaml(instance_id, worker), sort_keys=False))
+        api_port = self._ports.lmcache_api[i] if self._ports.lmcache_api else 0
+        cfg_path.write_text(yaml.safe_dump(self._engine_yaml(instance_id, worker, api_port), sort_keys=False))
         tmp_dir = self._private_tmp(home, f"e{i}")
         env = self._base_env(home, tmp_dir)
         bind = os.environ.get("KVGATE_REAL_OMP_BIND", "spread")
@@ -460,6 +504,11 @@ class RealFleet:
                 "VLLM_SERVER_DEV_MODE": "1",  # POST /reset_prefix_cache
             }
         )
+        if self.prometheus_multiproc:
+            prom = home / "prometheus"
+            shutil.rmtree(prom, ignore_errors=True)  # prometheus_client needs an empty dir per run
+            prom.mkdir(parents=True)
+            env["PROMETHEUS_MULTIPROC_DIR"] = str(prom)
         cmd = [
             str(real_python()), "-m", "vllm.entrypoints.openai.api_server",
             "--model", str(model_dir()), "--served-model-name", MODEL_NAME,
@@ -486,6 +535,7 @@ class RealFleet:
                 home=str(home),
                 tmp_dir=str(tmp_dir),
                 kv_events=kv_events,
+                lmcache_api_url=f"http://{LOOPBACK}:{api_port}" if api_port else "",
             )
         )
         self._write_state()
@@ -712,6 +762,7 @@ class RealFleet:
             "engines": [asdict(e) for e in self.engines],
             "gateway": {"port": self.gateway_port, "url": f"http://{LOOPBACK}:{self.gateway_port}"},
             "kv_events": self.kv_events_config(),
+            "lmcache_cpu_gb": self.lmcache_cpu_gb,
             "kvgate_config": str(self.kvgate_config_path),
             "extra_tmp": self._extra_tmp,
             "timings": self.timings,

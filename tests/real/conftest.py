@@ -9,6 +9,9 @@
   to one loopback port, LMCache's CPU stores join the stream), so the events tests share the one fleet; events
   cost the engines nothing while no gateway binds that port. Tests that route by ``/lookup`` strip the events
   keys from the written kvgate config (``test_gateway_real.gateway_config``).
+- Each engine's LMCache CPU tier is small (``SESSION_LMCACHE_CPU_GB``, ~100 chunks) so that pinning can be shown
+  against churn; vLLM's ``/metrics`` carries the ``lmcache:*`` series (``PROMETHEUS_MULTIPROC_DIR`` per engine) and
+  LMCache's internal API server runs too (``EngineInfo.lmcache_api_url``).
 - The fleet is session-scoped and always stopped.  Each session gets its own run dir
   ``.cache/real-run-pytest/s<pid>`` (logs, LMCache yaml, private caches); fleets left by sessions that died are
   stopped first.  Only one real fleet runs on the machine at a time (``kvgate_real.fleet`` waits for another).
@@ -39,6 +42,9 @@ FLEET_MUTATING = (
     "test_fleet.py::test_killed_engine_is_dropped",  # kills the last engine
     "test_gateway_real.py::test_gateway_fails_over_dead_engine",  # (kills it itself when run alone)
 )
+# LMCache CPU tier per engine in GB: ~100 chunks of 256 tokens (512 KiB each with the tiny model), so that
+# test_pinning_real.py can churn it with ~20 one-off prompts; every other test stores far less than that.
+SESSION_LMCACHE_CPU_GB = float(os.environ.get("KVGATE_REAL_TEST_LMCACHE_CPU_GB", "0.05"))
 RUNS_DIR = Path(os.environ.get("KVGATE_REAL_TEST_RUNS_DIR") or real.ROOT / ".cache" / "real-run-pytest")
 
 
@@ -111,6 +117,8 @@ def fleet(request: pytest.FixtureRequest) -> Iterator[real.RealFleet]:
         pytest.skip("real fleet tests are opt-in (~2 min, ~9 GB): run `pytest -m real` or set KVGATE_REAL=1")
     _reap_dead_sessions()
     run_dir = RUNS_DIR / f"s{os.getpid()}"
-    with real.RealFleet(run_dir, kv_events=True) as f:
+    with real.RealFleet(
+        run_dir, kv_events=True, lmcache_cpu_gb=SESSION_LMCACHE_CPU_GB, lmcache_api=True, prometheus_multiproc=True
+    ) as f:
         f.start(ENGINES)
         yield f

@@ -128,3 +128,25 @@ def test_start_refuses_without_venv(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("KVGATE_REAL_VENV", str(tmp_path / "nope"))
     with pytest.raises(real.FleetError, match=r"setup\.sh"):
         RealFleet(tmp_path).start(1)
+
+
+def test_engine_yaml_tier_size_and_internal_api(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KVGATE_REAL_LMCACHE_CPU_GB", raising=False)
+    monkeypatch.delenv("KVGATE_REAL_PROM_MULTIPROC", raising=False)
+    default = RealFleet(tmp_path, verbose=False)
+    assert default.lmcache_cpu_gb == 1.0 and default.prometheus_multiproc and not default.lmcache_api
+    f = RealFleet(tmp_path, verbose=False, lmcache_cpu_gb=0.05, lmcache_api=True)
+    f._ports = real._Ports(1, 2, 3, 4, 5)
+    plain = f._engine_yaml("engine-0", 8601)
+    assert plain["max_local_cpu_size"] == 0.05
+    assert "internal_api_server_enabled" not in plain
+    api = f._engine_yaml("engine-0", 8601, api_port=7001)
+    # LMCache 0.5.6: worker 0's server listens on port_start + 1; index list [1] leaves the scheduler's off
+    assert api["internal_api_server_enabled"] is True
+    assert api["internal_api_server_host"] == "127.0.0.1"
+    assert api["internal_api_server_port_start"] == 7000
+    assert api["internal_api_server_include_index_list"] == [1]
+    monkeypatch.setenv("KVGATE_REAL_PROM_MULTIPROC", "0")
+    assert not RealFleet(tmp_path, verbose=False).prometheus_multiproc
+    with pytest.raises(real.FleetError, match="lmcache_cpu_gb"):
+        RealFleet(tmp_path, verbose=False, lmcache_cpu_gb=0)
