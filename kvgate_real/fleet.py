@@ -803,6 +803,8 @@ class RealFleet:
             "hot_window": "5m",
             "hot_max_records": 300,
             "token_cache": {"enabled": True, "max_size": 1024, "ttl": "10m"},
+            # engine signals for cache management (cache_strategy.signals: engine): LMCache's tier size here
+            "engine_metrics": {"lmcache_capacity_bytes": int(self.lmcache_cpu_gb * 1024**3)},
             "cache_strategy": {
                 "enable_compression": False,
                 "enable_pinning": False,

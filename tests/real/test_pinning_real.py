@@ -14,13 +14,14 @@ What LMCache 0.5.6 does (installed source, ``lmcache/``):
   longer than ``pin_timeout_sec`` (300) and checks every ``pin_check_interval_sec`` (30) (``v1/pin_monitor.py``).
   A repeated ``/pin`` resets the object's clock.
 
-The two management steps are one function each (:func:`pin_prefix`, :func:`warm_up`): the coordinator switches
-them to kvgate's strategy once the kvcache-managed wiring lands.
+The pin goes through kvgate's strategy (:func:`pin_prefix`: a kvcache filter with ``signals: engine`` decides
+from the hot count, the real engines' ``/metrics`` and ``/lookup``); the warm-up is kvgate's warm-up body.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections.abc import Callable
@@ -28,9 +29,15 @@ from collections.abc import Callable
 import aiohttp
 import pytest
 
+from kvgate.chain import RequestContext
+from kvgate.config import parse_config
+from kvgate.filters.kvcache.config import KVCacheConfig
+from kvgate.filters.kvcache.filter import KVCacheFilter
 from kvgate.filters.kvcache.lmcache_client import LMCacheClient
+from kvgate.filters.kvcache.managed import warmup_body
 from kvgate.kvevents import EventSource, KVEventSubscriber
 from kvgate.routing.block_index import BlockIndex
+from kvgate.runtime import Runtime
 from kvgate_real import fleet as real
 from kvgate_real.fleet import EngineInfo, RealFleet
 
@@ -52,19 +59,66 @@ def full_chunks(n_ids: int) -> int:
     return n_ids // CHUNK * CHUNK
 
 
-# -- the two management steps (switch these to kvgate's strategy) -----------------------------------------------------
-async def pin_prefix(fleet: RealFleet, eng: EngineInfo, ids: list[int]) -> int:
-    """Pin ``ids``' held prefix on ``eng`` through the real controller's ``/pin``, with kvgate's own client (the body
-    ``LMCacheClient.pin`` sends: tokens, instance_id, location). Returns the pinned tokens (whole chunks)."""
+# -- the two management steps, through kvgate --------------------------------------------------------------------------
+async def pin_prefix(fleet: RealFleet, eng: EngineInfo, prompt: str, ids: list[int]) -> int:
+    """Pin ``prompt``'s held prefix through kvgate's strategy: a kvcache filter with ``signals: engine`` over this
+    fleet sees the prompt twice (hot), scrapes the engines' ``/metrics`` and runs one management round, which sends
+    the real controller a ``/pin`` for the holder that ``/lookup`` names. Returns the tokens pinned on ``eng``."""
+    cfg = fleet.kvgate_config()
+    kv = cfg["listeners"][0]["filter_chains"]["filters"][0]["config"]["http_filters"][0]["config"]
+    for key in ("local_tokenizer", "index_source", "kv_events"):  # /lookup names the holder; no second ZMQ bind
+        kv.pop(key, None)
+    kv.update(tokenize_on_miss=True, lookup_routing_timeout="5s")
+    kv["cache_strategy"].update(signals="engine", enable_pinning=True, hot_content_threshold=2, interval="1h")
+    kv["engine_metrics"] = {"interval": "1h", "max_age": "1h", "lmcache_capacity_chunks": capacity_chunks(fleet)}
+    gw_cfg = parse_config(cfg)
+    runtime = Runtime(gw_cfg)
+    flt = KVCacheFilter(KVCacheConfig.model_validate(kv), runtime)
+    await flt.start()
+    try:
+        mgmt = flt.management
+        assert mgmt is not None
+        for _ in range(2):
+            ctx = RequestContext(
+                method="POST",
+                path="/v1/completions",
+                query_string=b"",
+                headers=[],
+                body=json.dumps({"model": real.MODEL_NAME, "prompt": prompt, "max_tokens": 1}).encode(),
+                cluster_name="vllm_cluster",
+            )
+            await flt.decode(ctx)
+        deadline = time.monotonic() + 20
+        while not mgmt.hot.hot(2):
+            assert time.monotonic() < deadline, "the background jobs never counted the prompt"
+            await asyncio.sleep(0.05)
+        (hot,) = mgmt.hot.hot(2)
+        assert hot.tokens == ids[: len(hot.tokens)] and len(hot.tokens) == full_chunks(len(ids))
+        await mgmt.scraper.scrape_once()
+        assert await mgmt.run_round() >= 1
+        assert flt.metrics.actions.labels("pin", "ok")._value.get() >= 1
+        return mgmt.manager.pinned_chunks(eng.instance_id) * CHUNK
+    finally:
+        await flt.close()
+        await runtime.close()
+
+
+async def warm_up(eng: EngineInfo, prompt: str) -> None:
+    """Replicate a prefix by the gateway's warm-up: the request as kvgate's ``warmup_body`` (1 token, no stream)."""
+    body = warmup_body(json.dumps({"model": real.MODEL_NAME, "prompt": prompt, "max_tokens": 64}).encode())
+    assert body is not None
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"{eng.url}/v1/completions", data=body, headers={"Content-Type": "application/json"}) as r:
+            assert r.status == 200, await r.text()
+            assert (await r.json())["usage"]["completion_tokens"] == 1
+
+
+async def controller_pin(fleet: RealFleet, eng: EngineInfo, ids: list[int]) -> int:
+    """``/pin`` with kvgate's own client (the body ``LMCacheClient.pin`` sends), for the replica check."""
     async with aiohttp.ClientSession() as session:
         client = LMCacheClient(lambda: session, fleet.controller_url, 10.0)
         result = await client.pin(ids, eng.instance_id, real.LOCATION)
     return result.num_tokens
-
-
-async def warm_up(eng: EngineInfo, prompt: str) -> None:
-    """Replicate a prefix by a warm-up prefill: one plain completion with ``max_tokens`` 1 sent to ``eng``."""
-    await asyncio.to_thread(real.complete, eng.url, prompt, 1)
 
 
 # -- helpers ---------------------------------------------------------------------------------------------------------
@@ -121,7 +175,7 @@ async def test_pinned_prefix_survives_churn_that_evicts_unpinned(fleet: RealFlee
 
     real.complete(eng.url, hot, max_tokens=1)
     real.wait_for_lookup(ctl, hot_ids, eng.instance_id, full_chunks(len(hot_ids)))
-    assert await pin_prefix(fleet, eng, hot_ids) == full_chunks(len(hot_ids))
+    assert await pin_prefix(fleet, eng, hot, hot_ids) == full_chunks(len(hot_ids))
     # The unpinned control goes in AFTER the pin (the pin's lookup touches the hot chunks, moving them to the
     # LRU tail): plain LRU would evict the hot prefix before the cold one.
     real.complete(eng.url, cold, max_tokens=1)
@@ -212,7 +266,7 @@ async def test_warm_up_makes_second_engine_a_holder(fleet: RealFleet) -> None:
         if sub is not None:
             await sub.stop()
     # The controller reaches B's copy: a pin there covers the whole prefix (as the strategy pins every holder).
-    assert await pin_prefix(fleet, b, ids) == full
+    assert await controller_pin(fleet, b, ids) == full
     # B's LMCache counters (published every 10 s) ...
     m = wait_metrics(b.url, lambda m: m.get("lmcache:num_stored_tokens_total", 0.0) >= stored_b + full)
     assert m.get("lmcache:num_stored_tokens_total", 0.0) >= stored_b + full
