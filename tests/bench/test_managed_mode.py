@@ -96,3 +96,24 @@ def test_kvcache_managed_is_real_time_only_and_opt_in(tmp_path: Path, capsys: py
     assert code == 0
     assert "kvcache-managed: skipped" in out and "real time only" in out
     assert "by workload phase" in out  # the hot / other breakdown of the kvcache run
+
+
+async def test_kvcache_managed_runs_in_real_time_and_rows_carry_phases() -> None:
+    """The mode's config starts a real gateway in front of a simulated fleet and serves every request; each result
+    row carries its workload phase (what the per-phase breakdown groups by)."""
+    from kvgate_bench.realtime import run_mode
+    from kvgate_bench.results import phase_summaries
+    from kvgate_bench.workloads import get_workload
+
+    wl = get_workload("hot_prefix_churn", num_hot_prefixes=2, hot_prefix_len=300, question_len=8,
+                      hot_requests_per_visit=2, num_rounds=2, period_s=1.0, one_off_len=200, one_offs_per_gap=4,
+                      output_len=4)  # fmt: skip
+    run = await run_mode(MODES["kvcache-managed"], wl, FleetSpec(engines=2, time_scale=0.5))
+    assert all(r.ok for r in run.results), [r.error for r in run.results if not r.ok]
+    assert sorted(r.req_id for r in run.results) == sorted(r.req_id for r in wl.requests)
+    phase_of = {r.req_id: r.phase for r in wl.requests}
+    assert all(r.phase == phase_of[r.req_id] for r in run.results)
+    phases = phase_summaries(run.results, run.instances)
+    assert [(p.phase, p.requests) for p in phases] == [("hot", 8), ("churn", 4)]
+    # the second request of a visit follows the first to its holder: the hot phase has cache hits
+    assert phases[0].cached_tokens > 0
