@@ -38,8 +38,8 @@ Modes:
     simulated engines' LMCache capacity (chunks and bytes) and ``max_num_seqs`` from
     :meth:`kvgate_sim.fleet.Fleet.management_config`; ``replication: {enabled: true}`` (warm a second holder of
     a hot prefix whose holders are overloaded). Real time only; not in the default mode list (select it with
-    ``--modes``). Until the filter wiring is merged the filter ignores these keys (one warning) and the mode
-    behaves like ``kvcache``.
+    ``--modes``). On an external fleet (``--fleet real``) no capacity is known, so the gateway pins nothing
+    there (``capacity_unknown``); replication still runs.
 ``vllm-router:cache_aware`` / ``vllm-router:round_robin``
     the external peer (PyPI ``vllm-router``), real time only, only when installed.
 """
