@@ -276,6 +276,9 @@ def _select_modes(args: argparse.Namespace, console: Console) -> tuple[list[Mode
         if m.kind == "peer" and args.virtual:
             skipped.append(f"{m.name}: skipped — external peers run in real time only (drop --virtual)")
             continue
+        if args.virtual and not m.virtual_supported:
+            skipped.append(f"{m.name}: skipped — cache management runs in real time only (drop --virtual)")
+            continue
         if m.kind == "peer":
             from kvgate_bench.modes import peer_available
 
@@ -293,8 +296,8 @@ def run_one(name: str, args: argparse.Namespace, modes: list[Mode], out_dir: Pat
             skipped: list[str], spec: FleetSpec, fleet: Any = None) -> dict[str, Path]:  # fmt: skip
     """Run every mode on workload ``name``; print the table; write the report into ``out_dir``."""
     from kvgate_bench.oracle import oracle_hit_rate
-    from kvgate_bench.report import print_summary, write_report
-    from kvgate_bench.results import median_summary, summarize
+    from kvgate_bench.report import print_phases, print_summary, write_report
+    from kvgate_bench.results import median_summary, phase_summaries, summarize
 
     params = dict(args.param)
     t_start = time.perf_counter()
@@ -320,6 +323,7 @@ def run_one(name: str, args: argparse.Namespace, modes: list[Mode], out_dir: Pat
                 console.print(f"  {m.name:<24} {time.perf_counter() - t:6.1f}s wall{label}")
         stats: dict[str, Any] = {"requests": n_req, "prompt_tokens": total_tokens, "hash_prep_s": prep_s}
         wl_params: dict[str, Any] = params
+        phase_of = {v.req_id: v.phase for v in vreqs}
     else:
         from kvgate_bench.realtime import RealtimeOptions, run_modes_sync
 
@@ -339,6 +343,7 @@ def run_one(name: str, args: argparse.Namespace, modes: list[Mode], out_dir: Pat
             oracle = oracle_hit_rate(wl.requests)
         stats = wl.stats()
         wl_params = wl.params
+        phase_of = {r.req_id: r.phase for r in wl.requests}
         where = (f"{fleet.label} fleet {','.join(fleet.instance_ids)}, caches reset per mode" if fleet is not None
                  else f"{spec.engines} engines, fresh fleet per mode")  # fmt: skip
         console.print(
@@ -355,6 +360,9 @@ def run_one(name: str, args: argparse.Namespace, modes: list[Mode], out_dir: Pat
                 console.print(f"run {rep + 1}/{args.repeat}")
             runs += run_modes_sync(modes, wl, spec, opts, show_progress=not args.no_progress, fleet=fleet)
     total_s = time.perf_counter() - t_start
+    for r in runs:  # the virtual runner leaves phases empty
+        for x in r.results:
+            x.phase = x.phase or phase_of.get(x.req_id, "")
     per_run = [summarize(r.mode, r.results, hit_rate=r.hit_rate, oracle=oracle, wall_s=r.wall_s,
                          instances=r.instances) for r in runs]  # fmt: skip
     order = list(dict.fromkeys(s.mode for s in per_run))
@@ -367,6 +375,8 @@ def run_one(name: str, args: argparse.Namespace, modes: list[Mode], out_dir: Pat
     if args.repeat > 1:
         title += f" — medians of {args.repeat} runs per mode"
     print_summary(summaries, console=console, title=title)
+    print_phases(phase_summaries([x for r in runs for x in r.results], runs[0].instances if runs else None),
+                 console=console, title=f"{name} by workload phase (hit rate = cached / prompt tokens)")  # fmt: skip
     meta: dict[str, Any] = {
         "title": title,
         "workload": name,

@@ -30,6 +30,16 @@ Modes:
     least-recently-cold endpoint, spreading new sessions), ``min_match_ratio: 0.5`` (route only when the
     cached prefix covers half the prompt, so a shared system prompt does not drag new conversations to the
     one instance LMCache credits for it), the load guard ``max_imbalance_abs: 8`` and ``least_request``.
+``kvcache-managed``
+    ``kvcache`` (the recommended local routing, same keys) plus cache management with engine signals (issue 13,
+    docs/cache-management.md): ``cache_strategy`` with ``enable_pinning``, ``hot_content_threshold: 2`` counted
+    per prefix (the first ``hot_prefix_tokens: 256`` tokens), ``signals: engine``, ``pin_ttl: 300s``,
+    ``max_pinned_share: 0.2``, ``interval: 1s``; ``engine_metrics`` (scrape every 1s, 500ms timeout) with the
+    simulated engines' LMCache capacity (chunks and bytes) and ``max_num_seqs`` from
+    :meth:`kvgate_sim.fleet.Fleet.management_config`; ``replication: {enabled: true}`` (warm a second holder of
+    a hot prefix whose holders are overloaded). Real time only; not in the default mode list (select it with
+    ``--modes``). On an external fleet (``--fleet real``) no capacity is known, so the gateway pins nothing
+    there (``capacity_unknown``); replication still runs.
 ``vllm-router:cache_aware`` / ``vllm-router:round_robin``
     the external peer (PyPI ``vllm-router``), real time only, only when installed.
 """
@@ -67,6 +77,23 @@ KVCACHE_RECOMMENDED: dict[str, Any] = {
 }
 
 
+#: cache management with engine signals and hot-prefix replication (docs/cache-management.md, issue 13); the
+#: per-fleet ``engine_metrics`` capacities come from ``Fleet.management_config`` in :func:`gateway_config`.
+KVCACHE_MANAGEMENT: dict[str, Any] = {
+    "cache_strategy": {
+        "enable_pinning": True,
+        "hot_content_threshold": 2,  # requests sharing a prefix within hot_window
+        "signals": "engine",  # per-instance engine /metrics, not the gateway process
+        "pin_ttl": "300s",
+        "max_pinned_share": 0.2,  # pinned chunks / instance LMCache capacity
+        "interval": "1s",
+        "hot_prefix_tokens": 256,
+    },
+    "engine_metrics": {"interval": "1s", "timeout": "500ms"},
+    "replication": {"enabled": True},
+}
+
+
 @dataclass(frozen=True, slots=True)
 class Mode:
     """One routing configuration under test.
@@ -76,7 +103,9 @@ class Mode:
     ``balancer`` / ``prefix`` describe the same decision for the virtual-time runner (``prefix``:
     ``"none"`` never looks up, ``"seed"`` looks up only prompts seen before, ``"always"`` every prompt,
     ``"events"`` every prompt in the KV-event index). ``local``: the kvcache filter gets the fleet's
-    local-routing keys (tokenizer directory, event index) and the fleet publishes KV events.
+    local-routing keys (tokenizer directory, event index) and the fleet publishes KV events. ``managed``: cache
+    management runs in the gateway (its fleet-specific ``engine_metrics`` come from the fleet); the virtual
+    runner has no model of it.
     """
 
     name: str
@@ -89,11 +118,12 @@ class Mode:
     peer: str | None = None
     peer_policy: str | None = None
     local: bool = False
+    managed: bool = False
 
     @property
     def virtual_supported(self) -> bool:
-        """Whether the virtual-time runner can replay this mode (peers are real time only)."""
-        return self.kind == "gateway"
+        """Whether the virtual-time runner can replay this mode (peers and cache management: real time only)."""
+        return self.kind == "gateway" and not self.managed
 
 
 MODES: dict[str, Mode] = {
@@ -144,6 +174,18 @@ MODES: dict[str, Mode] = {
             prefix="always",
         ),
         Mode(
+            "kvcache-managed",
+            "gateway",
+            "kvcache + cache management with engine signals: pin hot prefixes in LMCache (TTL, 0.2 capacity cap), "
+            "replicate a hot prefix whose holders are overloaded",
+            lb_policy="least_request",
+            kvcache=deep_merge({**KVCACHE_COMMON, **KVCACHE_RECOMMENDED}, KVCACHE_MANAGEMENT),
+            balancer="least_request",
+            prefix="events",
+            local=True,
+            managed=True,
+        ),
+        Mode(
             "vllm-router:cache_aware",
             "peer",
             "external vllm-router (Rust), policy cache_aware (approximate prefix tree on request text)",
@@ -163,6 +205,8 @@ MODES: dict[str, Mode] = {
 GATEWAY_MODES: tuple[str, ...] = ("round_robin", "least_request", "kvcache-seed", "kvcache-lookup", "kvcache")
 PEER_MODES: tuple[str, ...] = ("vllm-router:cache_aware", "vllm-router:round_robin")
 DEFAULT_MODES: tuple[str, ...] = GATEWAY_MODES + PEER_MODES
+#: cache-management modes (real time only), selected with ``--modes``
+MANAGEMENT_MODES: tuple[str, ...] = ("kvcache-managed",)
 
 
 def resolve_modes(names: Iterable[str]) -> list[Mode]:
@@ -218,6 +262,9 @@ def gateway_config(mode: Mode, fleet: Any) -> dict[str, Any]:
     local = getattr(fleet, "local_routing_config", None)  # simulated fleets; an external fleet keeps /lookup
     if mode.local and isinstance(kv, dict) and local is not None:
         kv.update(local())
+    management = getattr(fleet, "management_config", None)  # simulated fleets know their engines' capacities
+    if mode.managed and isinstance(kv, dict) and management is not None:
+        kv = deep_merge(kv, management())
     cfg: dict[str, Any] = fleet.gateway_config(kvcache=kv, lb_policy=mode.lb_policy)  # port: runner binds 0
     # The benchmark reads the decision headers (x-kvgate-endpoint, x-kvgate-kvcache); they are opt-in.
     cfg["listeners"][0]["filter_chains"]["filters"][0]["config"]["decision_headers"] = True

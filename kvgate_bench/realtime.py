@@ -223,6 +223,7 @@ class Driver:
             error=error,
             output_tokens=out_tokens,
             start_s=start - self.t0,
+            phase=req.phase,
         )
 
 

@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 from rich.console import Console
 from rich.table import Table
 
-from kvgate_bench.results import ModeSummary, RequestResult, RunResults
+from kvgate_bench.results import ModeSummary, PhaseSummary, RequestResult, RunResults, phase_summaries
 
 _COLUMNS: tuple[str, ...] = (
     "mode",
@@ -82,6 +82,49 @@ def print_summary(summaries: Sequence[ModeSummary], console: Console | None = No
     (console or Console()).print(summary_table(summaries, title or "kvgate benchmark"))
 
 
+_PHASE_COLUMNS: tuple[str, ...] = (
+    "mode", "phase", "reqs", "ok", "hit rate", "TTFT p50", "TTFT p95", "TTFT p99", "hotspot", "per instance",
+)  # fmt: skip
+
+
+def _phase_row(p: PhaseSummary) -> list[str]:
+    return [
+        p.mode,
+        p.phase,
+        str(p.requests),
+        str(p.ok),
+        _pct(p.hit_rate),
+        _ms(p.ttft_p50_s),
+        _ms(p.ttft_p95_s),
+        _ms(p.ttft_p99_s),
+        f"{p.hotspot:.2f}",
+        " ".join(f"{k}:{v}" for k, v in p.instance_counts.items()),
+    ]
+
+
+def phase_table(phases: Sequence[PhaseSummary], title: str = "by workload phase") -> Table:
+    """A rich :class:`Table` with one row per (mode, phase): hit rate = cached / prompt tokens of the phase."""
+    table = Table(title=title, header_style="bold")
+    for i, name in enumerate(_PHASE_COLUMNS):
+        table.add_column(name, justify="left" if i in (0, 1, len(_PHASE_COLUMNS) - 1) else "right")
+    for p in phases:
+        table.add_row(*_phase_row(p))
+    return table
+
+
+def print_phases(phases: Sequence[PhaseSummary], console: Console | None = None, title: str = "") -> None:
+    """Print :func:`phase_table` (nothing when the workload has no phases)."""
+    if phases:
+        (console or Console()).print(phase_table(phases, title or "by workload phase"))
+
+
+def markdown_phase_table(phases: Sequence[PhaseSummary]) -> str:
+    """The per-phase breakdown as a Markdown table."""
+    lines = ["| " + " | ".join(_PHASE_COLUMNS) + " |", "|" + "|".join("---" for _ in _PHASE_COLUMNS) + "|"]
+    lines += ["| " + " | ".join(_md_escape(c) for c in _phase_row(p)) + " |" for p in phases]
+    return "\n".join(lines)
+
+
 def markdown_table(summaries: Sequence[ModeSummary]) -> str:
     """The summary as a GitHub-flavoured Markdown table."""
     lines = ["| " + " | ".join(_COLUMNS) + " |", "|" + "|".join("---" for _ in _COLUMNS) + "|"]
@@ -104,8 +147,14 @@ def _meta_lines(meta: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def render_markdown(summaries: Sequence[ModeSummary], meta: Mapping[str, Any], plots: Mapping[str, Path]) -> str:
-    """Full ``report.md`` text: results table, errors, plots, parameters."""
+def render_markdown(
+    summaries: Sequence[ModeSummary],
+    meta: Mapping[str, Any],
+    plots: Mapping[str, Path],
+    phases: Sequence[PhaseSummary] = (),
+) -> str:
+    """Full ``report.md`` text: results table, per-phase breakdown (when the workload has phases), errors,
+    plots, parameters."""
     title = str(meta.get("title") or meta.get("workload") or "kvgate benchmark")
     out = [f"# {title}", "", "## Results", "", markdown_table(summaries), ""]
     out += [
@@ -113,6 +162,15 @@ def render_markdown(summaries: Sequence[ModeSummary], meta: Mapping[str, Any], p
         "hotspot = instances × largest traffic share (1.00 = balanced).",
         "",
     ]
+    if phases:
+        out += [
+            "## By workload phase",
+            "",
+            markdown_phase_table(phases),
+            "",
+            "hit rate = cached / prompt tokens of the phase's requests (engine-reported per request).",
+            "",
+        ]
     repeat = int(meta.get("repeat") or 1)
     if repeat > 1:
         out += [
@@ -214,6 +272,9 @@ def write_report(
 ) -> dict[str, Path]:
     """Write ``results.json``, ``report.md``, ``ttft_cdf.png``, ``instance_traffic.png``, ``hit_rate.png``.
 
+    When requests carry workload phases (:func:`~kvgate_bench.results.phase_summaries`), results.json gets a
+    ``phases`` list and report.md a "By workload phase" table.
+
     ``per_request_results`` may mix modes (grouped by ``RequestResult.mode``). Returns the written paths
     keyed ``results_json``, ``report_md``, ``ttft_cdf``, ``instance_traffic``, ``hit_rate``.
     """
@@ -230,7 +291,9 @@ def write_report(
         "instance_traffic": plot_instance_traffic(summaries, out / "instance_traffic.png"),
         "hit_rate": plot_hit_rate(summaries, out / "hit_rate.png"),
     }
-    json_path = RunResults(dict(meta), list(summaries), results).save(out / "results.json")
+    instances = sorted({name for s in summaries for name in s.instance_counts})
+    phases = phase_summaries(results, instances)
+    json_path = RunResults(dict(meta), list(summaries), results, phases).save(out / "results.json")
     md_path = out / "report.md"
-    md_path.write_text(render_markdown(summaries, meta, plots), encoding="utf-8")
+    md_path.write_text(render_markdown(summaries, meta, plots, phases), encoding="utf-8")
     return {"results_json": json_path, "report_md": md_path, **plots}

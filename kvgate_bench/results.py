@@ -26,7 +26,7 @@ class RequestResult:
     ``status`` is ``"ok"`` or a failure kind (``"error"``, ``"timeout"``, ``"http_503"``…). Times are in
     seconds from the request's send; ``start_s`` is the send time from the start of the run.
     ``cached_tokens`` are prompt tokens served from cache (engine-reported); ``instance`` is the backend
-    that served the request (``None`` if it never reached one).
+    that served the request (``None`` if it never reached one); ``phase`` is the workload request's phase.
     """
 
     req_id: str
@@ -40,6 +40,7 @@ class RequestResult:
     error: str | None = None
     output_tokens: int = 0
     start_s: float | None = None
+    phase: str = ""  # the workload request's phase ("hot", "churn", "other", "warmup"…; "" or "main": none)
 
     @property
     def ok(self) -> bool:
@@ -233,6 +234,93 @@ def summarize(
     )
 
 
+#: phases that mean "the workload has no phases" (``Request.phase`` defaults to "main")
+NO_PHASE = frozenset({"", "main"})
+_PHASE_ORDER = ("hot", "churn", "other", "pre_warmup", "warmup", "query")
+
+
+@dataclass(slots=True)
+class PhaseSummary:
+    """One mode's requests of one workload phase (e.g. the hot-prefix requests of ``hot_prefix_churn``).
+
+    ``hit_rate`` = cached / prompt tokens of the phase's successful requests (engine-reported per request);
+    TTFT percentiles over the same requests; ``hotspot`` as in :class:`ModeSummary`, over the phase's traffic.
+    With ``--repeat`` the rows of every run are pooled.
+    """
+
+    mode: str
+    phase: str
+    requests: int
+    ok: int
+    hit_rate: float
+    prompt_tokens: int
+    cached_tokens: int
+    ttft_p50_s: float | None
+    ttft_p95_s: float | None
+    ttft_p99_s: float | None
+    instance_counts: dict[str, int] = field(default_factory=dict)
+    hotspot: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON dict."""
+        return asdict(self)
+
+
+def has_phases(results: Iterable[RequestResult]) -> bool:
+    """True when some request carries a real phase (not ``""`` / ``"main"``)."""
+    return any(r.phase not in NO_PHASE for r in results)
+
+
+def _phase_key(phase: str) -> tuple[int, str]:
+    return (_PHASE_ORDER.index(phase) if phase in _PHASE_ORDER else len(_PHASE_ORDER), phase)
+
+
+def phase_summaries(results: Iterable[RequestResult], instances: Sequence[str] | None = None) -> list[PhaseSummary]:
+    """Per (mode, phase) hit rate, TTFT p50/p95/p99 and traffic; ``[]`` when no request has a phase.
+
+    Modes keep their first-seen order; phases go hot, churn, other, pre_warmup, warmup, query, then the rest
+    by name. A request without a phase counts as phase ``"main"`` when others have one. ``instances`` lists every
+    backend (idle ones count in the hotspot factor).
+    """
+    rows = list(results)
+    if not has_phases(rows):
+        return []
+    groups: dict[str, dict[str, list[RequestResult]]] = {}
+    for r in rows:
+        groups.setdefault(r.mode, {}).setdefault(r.phase or "main", []).append(r)
+    out: list[PhaseSummary] = []
+    for mode, by_phase in groups.items():
+        for phase in sorted(by_phase, key=_phase_key):
+            part = by_phase[phase]
+            ok_rows = [r for r in part if r.ok]
+            prompt = sum(r.prompt_tokens for r in ok_rows)
+            cached = sum(r.cached_tokens for r in ok_rows)
+            ttfts = [r.ttft_s for r in ok_rows if r.ttft_s is not None]
+            counts: Counter[str] = Counter()
+            for name in instances or ():
+                counts[name] += 0
+            for r in part:
+                if r.instance is not None:
+                    counts[r.instance] += 1
+            out.append(
+                PhaseSummary(
+                    mode=mode,
+                    phase=phase,
+                    requests=len(part),
+                    ok=len(ok_rows),
+                    hit_rate=cached / prompt if prompt else 0.0,
+                    prompt_tokens=prompt,
+                    cached_tokens=cached,
+                    ttft_p50_s=percentile(ttfts, 50),
+                    ttft_p95_s=percentile(ttfts, 95),
+                    ttft_p99_s=percentile(ttfts, 99),
+                    instance_counts=dict(sorted(counts.items())),
+                    hotspot=hotspot_factor(counts, list(counts)),
+                )
+            )
+    return out
+
+
 @dataclass(slots=True)
 class RunResults:
     """Everything one benchmark run produced: metadata, per-mode summaries, per-request results."""
@@ -240,22 +328,27 @@ class RunResults:
     meta: dict[str, Any]
     summaries: list[ModeSummary]
     results: list[RequestResult]
+    phases: list[PhaseSummary] = field(default_factory=list)  # per (mode, phase); empty without phases
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain-JSON dict (``meta`` must itself be JSON-serialisable; non-JSON values become strings)."""
-        return {
-            "meta": self.meta,
-            "summaries": [s.to_dict() for s in self.summaries],
-            "requests": [r.to_dict() for r in self.results],
-        }
+        """Plain-JSON dict (``meta`` must itself be JSON-serialisable; non-JSON values become strings).
+
+        ``phases`` is present only when the workload has phases."""
+        out: dict[str, Any] = {"meta": self.meta, "summaries": [s.to_dict() for s in self.summaries]}
+        if self.phases:
+            out["phases"] = [p.to_dict() for p in self.phases]
+        out["requests"] = [r.to_dict() for r in self.results]
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> RunResults:
         """Inverse of :meth:`to_dict`."""
+        names = {f.name for f in fields(PhaseSummary)}
         return cls(
             meta=dict(data.get("meta", {})),
             summaries=[ModeSummary.from_dict(s) for s in data.get("summaries", [])],
             results=[RequestResult.from_dict(r) for r in data.get("requests", [])],
+            phases=[PhaseSummary(**{k: v for k, v in p.items() if k in names}) for p in data.get("phases", [])],
         )
 
     def dumps(self) -> str:

@@ -149,6 +149,33 @@ class Fleet:
             out["kv_events"] = ev
         return out
 
+    def management_config(self) -> dict[str, Any]:
+        """kvcache filter keys for cache management with engine signals (issue 13): the ``engine_metrics`` block
+        with what this fleet's engines really have, since neither vLLM nor LMCache exports its capacity.
+
+        ``lmcache_capacity_chunks`` (LMCache CPU-tier chunks of ``lmcache_chunk_size`` tokens),
+        ``lmcache_capacity_bytes`` (the same in bytes: chunks × chunk tokens × KV bytes per token, what
+        ``lmcache:local_cache_usage`` is measured against) and ``max_num_seqs`` of the first engine as the
+        defaults; an engine that differs gets its own ``endpoints`` entry. An engine without the LMCache tier
+        has capacity 0 (unknown: the gateway pins nothing there)."""
+
+        def caps(e: FleetEngine) -> dict[str, int]:
+            core = e.engine.core
+            tier = core.tier
+            return {
+                "lmcache_capacity_chunks": core.config.lmcache_capacity_chunks if tier is not None else 0,
+                "lmcache_capacity_bytes": tier.capacity_bytes if tier is not None else 0,
+                "max_num_seqs": core.max_num_seqs,
+            }
+
+        per = [(e.instance_id, caps(e)) for e in self.engines]
+        default = per[0][1] if per else {"lmcache_capacity_chunks": 0, "lmcache_capacity_bytes": 0, "max_num_seqs": 0}
+        em: dict[str, Any] = dict(default)
+        overrides = [{"instance": iid, **c} for iid, c in per if c != default]
+        if overrides:
+            em["endpoints"] = overrides
+        return {"engine_metrics": em}
+
     @property
     def instance_ids(self) -> list[str]:
         return [e.instance_id for e in self.engines]

@@ -120,13 +120,14 @@ MANAGEMENT_WORKLOADS: dict[str, WorkloadSpec] = {
                 "num_hot_prefixes": 3,
                 "hot_prefix_len": 1536,
                 "question_len": 32,
-                "hot_requests_per_visit": 2,
+                "hot_requests_per_visit": 5,
                 "num_rounds": 5,
-                "period_s": 30.0,
+                "period_s": 10.0,
                 "one_off_len": 2048,
-                "one_offs_per_gap": 80,
+                "one_offs_per_gap": 60,
                 "output_len": 16,
                 "seed": 0,
+                "visit_spacing_s": 0.1,
             },
             "hot system prompts revisited every period; one-off long prompts churn them out of the cache "
             "in between (size for --gpu-blocks 800 --lmcache-chunks 64, 4 engines)",
@@ -144,7 +145,8 @@ MANAGEMENT_WORKLOADS: dict[str, WorkloadSpec] = {
                 "output_len": 64,
                 "seed": 0,
             },
-            "one prefix carries 80% of the traffic (its holder overloads unless a second one is warmed)",
+            "one prefix carries 80% of the traffic (its holder overloads unless a second one is warmed; "
+            "size for --max-num-seqs 4, 4 engines)",
         ),
     )
 }

@@ -106,3 +106,26 @@ def test_registered_as_management_workloads() -> None:
     text = wl.describe(management=True)
     assert "hot_prefix_churn" in text and "hot_prefix_overload" in text
     assert "hot_prefix_churn" not in wl.describe()
+
+
+def test_churn_defaults_overflow_the_documented_fleet_and_fit_the_pin_cap() -> None:
+    """The defaults are sized for ``--engines 4 --gpu-blocks 800 --lmcache-chunks 64`` (docs/benchmarks.md): one gap's
+    one-off tokens per engine exceed each cache tier by half again (so LRU evicts the hot prompts between visits),
+    a hot prompt fits the managed mode's pin cap (0.2 of the LMCache tier), and the misses that pinning cannot save
+    (each prefix's first visit) stay below 5% of the hot requests (under the TTFT p95 rank)."""
+    from inspect import signature
+
+    from kvgate_bench.modes import KVCACHE_MANAGEMENT, FleetSpec
+
+    d = wl.MANAGEMENT_WORKLOADS["hot_prefix_churn"].defaults
+    fn = {k: p.default for k, p in signature(wl.hot_prefix_churn).parameters.items()}
+    assert {k: fn[k] for k in d} == d  # registry and function defaults agree
+    spec = FleetSpec(engines=4, num_gpu_blocks=800, lmcache_capacity_chunks=64)
+    cfg = spec.engine_config()
+    per_engine = d["one_offs_per_gap"] * d["one_off_len"] / spec.engines
+    assert per_engine > 1.5 * cfg.resolved_num_gpu_blocks() * cfg.block_size
+    assert per_engine > 1.5 * cfg.lmcache_capacity_chunks * cfg.lmcache_chunk_size
+    share = KVCACHE_MANAGEMENT["cache_strategy"]["max_pinned_share"]
+    assert d["hot_prefix_len"] // cfg.lmcache_chunk_size <= share * cfg.lmcache_capacity_chunks
+    hot = d["num_hot_prefixes"] * d["num_rounds"] * d["hot_requests_per_visit"]
+    assert d["num_hot_prefixes"] / hot < 0.05
