@@ -276,9 +276,6 @@ def _select_modes(args: argparse.Namespace, console: Console) -> tuple[list[Mode
         if m.kind == "peer" and args.virtual:
             skipped.append(f"{m.name}: skipped — external peers run in real time only (drop --virtual)")
             continue
-        if args.virtual and not m.virtual_supported:
-            skipped.append(f"{m.name}: skipped — cache management runs in real time only (drop --virtual)")
-            continue
         if m.kind == "peer":
             from kvgate_bench.modes import peer_available
 

@@ -37,8 +37,8 @@ Modes:
     ``max_pinned_share: 0.2``, ``interval: 1s``; ``engine_metrics`` (scrape every 1s, 500ms timeout) with the
     simulated engines' LMCache capacity (chunks and bytes) and ``max_num_seqs`` from
     :meth:`kvgate_sim.fleet.Fleet.management_config`; ``replication: {enabled: true}`` (warm a second holder of
-    a hot prefix whose holders are overloaded). Real time only; not in the default mode list (select it with
-    ``--modes``). On an external fleet (``--fleet real``) no capacity is known, so the gateway pins nothing
+    a hot prefix whose holders are overloaded). Real and virtual time; not in the default mode list (select it
+    with ``--modes``). On an external fleet (``--fleet real``) no capacity is known, so the gateway pins nothing
     there (``capacity_unknown``); replication still runs.
 ``vllm-router:cache_aware`` / ``vllm-router:round_robin``
     the external peer (PyPI ``vllm-router``), real time only, only when installed.
@@ -105,7 +105,7 @@ class Mode:
     ``"events"`` every prompt in the KV-event index). ``local``: the kvcache filter gets the fleet's
     local-routing keys (tokenizer directory, event index) and the fleet publishes KV events. ``managed``: cache
     management runs in the gateway (its fleet-specific ``engine_metrics`` come from the fleet); the virtual
-    runner has no model of it.
+    runner replays it with the same pure blocks (:mod:`kvgate_bench.virtual_manage`).
     """
 
     name: str
@@ -122,8 +122,9 @@ class Mode:
 
     @property
     def virtual_supported(self) -> bool:
-        """Whether the virtual-time runner can replay this mode (peers and cache management: real time only)."""
-        return self.kind == "gateway" and not self.managed
+        """Whether the virtual-time runner can replay this mode (peers are real time only; cache management is
+        replayed by :mod:`kvgate_bench.virtual_manage`)."""
+        return self.kind == "gateway"
 
 
 MODES: dict[str, Mode] = {
@@ -205,7 +206,7 @@ MODES: dict[str, Mode] = {
 GATEWAY_MODES: tuple[str, ...] = ("round_robin", "least_request", "kvcache-seed", "kvcache-lookup", "kvcache")
 PEER_MODES: tuple[str, ...] = ("vllm-router:cache_aware", "vllm-router:round_robin")
 DEFAULT_MODES: tuple[str, ...] = GATEWAY_MODES + PEER_MODES
-#: cache-management modes (real time only), selected with ``--modes``
+#: cache-management modes, selected with ``--modes``
 MANAGEMENT_MODES: tuple[str, ...] = ("kvcache-managed",)
 
 

@@ -17,7 +17,7 @@ from kvgate_sim.engine_model import EngineCore
 
 SMALL = FleetSpec(engines=2, num_gpu_blocks=200, lmcache_capacity_chunks=24)
 CHURN = {"num_hot_prefixes": 1, "hot_prefix_len": 768, "num_rounds": 3, "one_offs_per_gap": 12,
-         "one_off_len": 1024, "period_s": 10.0}  # fmt: skip
+         "one_off_len": 1024, "period_s": 10.0, "hot_requests_per_visit": 2, "visit_spacing_s": 0.05}  # fmt: skip
 OVERLOAD = {"num_prefixes": 2, "hot_share": 0.9, "num_requests": 60, "request_rate": 40.0, "prefix_len": 1024}
 
 

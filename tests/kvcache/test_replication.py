@@ -26,7 +26,7 @@ def test_is_overloaded_is_the_load_guard() -> None:
 
 def test_plans_least_loaded_non_holder_only_when_hot_and_holder_overloaded() -> None:
     clock = Clock()
-    p = ReplicaPlanner(ReplicationPolicy(), clock=clock)
+    p = ReplicaPlanner(ReplicationPolicy(max_replicas=1), clock=clock)
     load = {"a": 8.0, "b": 3.0, "c": 1.0}
     assert p.plan("k", hot=False, holders=["a"], candidates=CANDS, load=load) == (None, "not_hot")
     assert p.plan("k", hot=True, holders=[], candidates=CANDS, load=load) == (None, "no_holder")

@@ -54,9 +54,9 @@ class ReplicationConfig(_Section):
     """``replication``: warm a second holder of a hot prefix whose holders are all overloaded."""
 
     enabled: bool = False
-    max_replicas: int = 1
-    rate: float = 0.5  # warm-ups per second
-    burst: int = 2
+    max_replicas: int = 3
+    rate: float = 2.0  # warm-ups per second
+    burst: int = 4
     replica_ttl: Duration = 120.0
     max_imbalance_abs: int = 2
     max_imbalance_rel: float = 1.5

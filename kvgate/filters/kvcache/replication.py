@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True, slots=True)
 class ReplicationPolicy:
-    max_replicas: int = 1  # extra holders per prefix the gateway creates
-    rate: float = 0.5  # warm-ups per second (token bucket refill)
-    burst: int = 2
+    max_replicas: int = 3  # extra holders per prefix the gateway creates
+    rate: float = 2.0  # warm-ups per second (token bucket refill)
+    burst: int = 4
     replica_ttl: float = 120.0  # a replica not confirmed again within this is forgotten
     pending_timeout: float = 30.0  # a warm-up not confirmed within this is dropped (frees the slot)
     max_keys: int = 1024
