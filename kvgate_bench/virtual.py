@@ -349,7 +349,9 @@ def run_virtual(
     manage = None
     if mode.prefix != "none" and management_enabled(mode.kvcache):
         assert mode.kvcache is not None
-        manage = router.manage = VirtualManagement(mode.kvcache, endpoints, router.matches)
+        manage = router.manage = VirtualManagement(
+            mode.kvcache, endpoints, router.matches, events=mode.prefix == "events"
+        )
     next_tick = manage.interval if manage is not None and manage.managed else math.inf
     warm_owner: dict[str, tuple[PlannedWarm, VEndpoint]] = {}
     warm_hits = warm_queries = 0

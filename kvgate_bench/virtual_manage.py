@@ -40,7 +40,12 @@ from typing import Any, Protocol
 from kvgate.filters.kvcache.config import KVCacheConfig
 from kvgate.filters.kvcache.engine_signals import EngineSnapshot
 from kvgate.filters.kvcache.hot_prefixes import HotPrefix, HotPrefixes
-from kvgate.filters.kvcache.managed import DEFAULT_LOCATION, DEFAULT_REPLICATION_HOT, MAX_HOT_PER_ROUND
+from kvgate.filters.kvcache.managed import (
+    DEFAULT_LOCATION,
+    DEFAULT_REPLICATION_HOT,
+    EVENTS_REPLICA_GRACE,
+    MAX_HOT_PER_ROUND,
+)
 from kvgate.filters.kvcache.management import Action, CacheManager, ManagementPolicy
 from kvgate.filters.kvcache.replication import ReplicaPlanner, ReplicationPolicy, Warm
 from kvgate_sim.engine_model import EngineCore, Prompt
@@ -93,6 +98,7 @@ class VirtualManagement:
         *,
         chunk_size: int = 256,
         block_size: int = 16,
+        events: bool = False,
     ):
         cfg = KVCacheConfig.model_validate(dict(kvcache))  # not enabled: defaults applied, no endpoints needed
         self.cfg = cfg
@@ -102,6 +108,8 @@ class VirtualManagement:
         self.matcher = matcher
         self.chunk_size = chunk_size
         self.block_size = block_size
+        # with an event index the filter credits only recently confirmed replicas (EVENTS_REPLICA_GRACE)
+        self.replica_grace = EVENTS_REPLICA_GRACE if events else None
         cs, em, rep = cfg.cache_strategy, cfg.engine_metrics, cfg.replication
         self.managed = cfg.engine_managed
         self.interval = cs.interval
@@ -236,7 +244,7 @@ class VirtualManagement:
         matches = self.matcher(prompt)
         holders = [inst for inst, n in matches.items() if n >= self.chunk_size]
         if self.planner is not None:
-            holders += [r for r in self.planner.holders(str(h.key)) if r not in holders]
+            holders += [r for r in self.planner.holders(str(h.key), self.replica_grace) if r not in holders]
         signals = {inst: self.snapshot(inst) for inst in holders}
         decisions = self.manager.decide(str(h.key), holders, signals, h.count, len(chunks))
         for skip in decisions.skipped:
@@ -280,7 +288,7 @@ class VirtualManagement:
         if self.planner is None or not matches:
             return matches
         key = self.hot.key_of(prompt.chunk_hashes(self.chunk_size))
-        replicas = self.planner.holders(str(key)) if key is not None else []
+        replicas = self.planner.holders(str(key), self.replica_grace) if key is not None else []
         if not replicas:
             return matches
         shared = self.hot.tokens(key) if key is not None else None

@@ -94,3 +94,16 @@ def test_no_candidate_caps_and_forget() -> None:
     ) == (None, "max_replicas")
     with pytest.raises(ValueError):
         ReplicationPolicy(rate=0)
+
+
+def test_recently_confirmed_replicas_only_when_an_event_index_knows_the_rest() -> None:
+    clock = Clock()
+    p = ReplicaPlanner(ReplicationPolicy(max_replicas=1), clock=clock)
+    warm, why = p.plan("k", hot=True, holders=["a"], candidates=CANDS, load={"a": 8.0, "b": 1.0, "c": 1.0})
+    assert warm is not None and why == "planned"
+    p.confirm(warm, ok=True)
+    clock.t += 4.0
+    assert p.holders("k", confirmed_within=5.0) == [warm.instance]
+    clock.t += 2.0  # 6 s after the warm-up: the index has (or has dropped) it; the record no longer vouches
+    assert p.holders("k", confirmed_within=5.0) == []
+    assert p.holders("k") == [warm.instance]  # still recorded: it counts against max_replicas

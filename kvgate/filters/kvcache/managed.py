@@ -50,6 +50,9 @@ CHUNK_TOKENS = 256  # LMCache's chunk: pins and the pinned-share cap count whole
 DEFAULT_LOCATION = "LocalCPUBackend"  # LMCache's CPU tier (when neither config nor /lookup names one)
 MAX_HOT_PER_ROUND = 64
 DEFAULT_REPLICATION_HOT = 2  # replication's hotness threshold when hot_content_threshold is 0
+# With an event index a replica's own KV events make it a holder within about a second; the gateway's record
+# only bridges that gap, so that a replica whose copy was since evicted (the index saw it go) draws no requests.
+EVENTS_REPLICA_GRACE = 5.0
 
 Lookup = Callable[[Sequence[int], float], Awaitable[LookupResult]]
 
@@ -257,7 +260,7 @@ class CacheManagement:
             return 0
         holders = [inst for inst, n in matches.items() if n >= CHUNK_TOKENS]
         if self.planner is not None:
-            holders += [r for r in self.planner.holders(str(h.key)) if r not in holders]
+            holders += [r for r in self._replicas(str(h.key)) if r not in holders]
         signals = {inst: self.scraper.snapshot(inst) for inst in holders}
         decisions = self.manager.decide(str(h.key), holders, signals, h.count, chunks)
         for skip in decisions.skipped:
@@ -308,7 +311,7 @@ class CacheManagement:
         if self.planner is None or not matches:
             return matches
         key = self.hot.key_of(tokens)
-        replicas = self.planner.holders(str(key)) if key is not None else []
+        replicas = self._replicas(str(key)) if key is not None else []
         if not replicas:
             return matches
         shared = self.hot.tokens(key) if key is not None else None
@@ -318,6 +321,11 @@ class CacheManagement:
             if out.get(r, 0) < credit:
                 out[r] = credit
         return out
+
+    def _replicas(self, key: str) -> list[str]:
+        """The replicas to credit: all recorded ones, or with an event index only the recently confirmed ones."""
+        assert self.planner is not None
+        return self.planner.holders(key, EVENTS_REPLICA_GRACE if self.index is not None else None)
 
     def consider_replica(
         self,

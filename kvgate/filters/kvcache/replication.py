@@ -72,15 +72,19 @@ class ReplicaPlanner:
         self._refilled = clock()
 
     # -- record
-    def holders(self, key: str) -> list[str]:
-        """Instances the gateway made holders of ``key`` (confirmed, not expired)."""
+    def holders(self, key: str, confirmed_within: float | None = None) -> list[str]:
+        """Instances the gateway made holders of ``key`` (confirmed, not expired); with ``confirmed_within``
+        only those confirmed at most that many seconds ago (an event index knows the older ones itself)."""
         e = self._keys.get(key)
         if e is None:
             return []
         now = self._clock()
         for inst in [i for i, exp in e.replicas.items() if exp <= now]:
             del e.replicas[inst]
-        return list(e.replicas)
+        if confirmed_within is None:
+            return list(e.replicas)
+        since = now + self.policy.replica_ttl - confirmed_within  # expires = confirmed + replica_ttl
+        return [i for i, exp in e.replicas.items() if exp >= since]
 
     def confirm(self, warm: Warm, ok: bool) -> None:
         """The warm-up finished: record the replica on success; free the pending slot either way."""
