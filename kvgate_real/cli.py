@@ -7,7 +7,8 @@ import json
 from pathlib import Path
 
 from kvgate_real import fleet as fleet_module
-from kvgate_real.fleet import RealFleet, _say
+from kvgate_real.fleet import RealFleet
+from kvgate_real.launch import _say
 from kvgate_real.locations import FleetError
 
 

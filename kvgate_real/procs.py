@@ -1,16 +1,19 @@
-"""Processes of a run: /proc scanning, process groups, RSS, free ports, loopback listeners, log watching."""
+"""Processes of a run: spawning, /proc scanning, process groups, killing, RSS, free ports, loopback listeners,
+log watching."""
 
 from __future__ import annotations
 
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from kvgate_real.locations import DEGRADED, ENTER_FREEZE, EXIT_FREEZE, LOOPBACK, RUN_TAG
+from kvgate_real.locations import DEGRADED, ENTER_FREEZE, EXIT_FREEZE, LOOPBACK, RUN_TAG, FleetError
 
 
 # -- processes -----------------------------------------------------------------------------------------------------
@@ -40,6 +43,62 @@ def pids_in_group(pgid: int) -> list[int]:
         if st is not None and st[1] == pgid and st[0] not in ("Z", "X"):
             out.append(pid)
     return out
+
+
+def spawn_logged(
+    name: str, cmd: list[str], env: dict[str, str], log_path: Path, cwd: Path, fresh_log: bool
+) -> subprocess.Popen[bytes]:
+    """Start ``cmd`` in a new session (its own process group), stdout+stderr appended to ``log_path`` after a
+    ``### <time> start <name>: <cmd>`` line (``fresh_log``: truncate first)."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("wb" if fresh_log else "ab") as log:
+        log.write(f"### {time.strftime('%Y-%m-%d %H:%M:%S')} start {name}: {' '.join(cmd)}\n".encode())
+        log.flush()
+        return subprocess.Popen(
+            cmd,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=str(cwd),
+            start_new_session=True,
+        )
+
+
+def kill_group(
+    pgid: int,
+    name: str,
+    reap: Callable[[int], None],
+    log: Callable[[str], None],
+    first_signal: int = signal.SIGTERM,
+    grace: float = 20.0,
+) -> None:
+    """Signal the process group; escalate to SIGKILL after ``grace`` seconds; wait until it is empty.
+
+    ``reap(pgid)`` lets the caller poll the leader when it is its child (collects its exit status)."""
+    sigs = [first_signal] if first_signal == signal.SIGKILL else [first_signal, signal.SIGKILL]
+    for sig in sigs:
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + (grace if sig != signal.SIGKILL else 10.0)
+        while time.monotonic() < deadline:
+            reap(pgid)
+            if not pids_in_group(pgid):
+                log(f"stopped {name} (group {pgid}, {signal.Signals(sig).name})")
+                return
+            time.sleep(0.2)
+    left = pids_in_group(pgid)
+    if left:
+        raise FleetError(f"{name}: processes {left} of group {pgid} survived SIGKILL")
+
+
+def sigkill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def pids_with_tag(run_id: str) -> list[int]:
