@@ -2,7 +2,7 @@
 
 A ticker task sleeps 1 ms in a loop and records the longest gap between its wake-ups while one request body is
 handled. "inline" is the old path (``ctx.json()`` + ``extract`` + ``req.key`` on the loop); "offload" is
-``kvgate.filters.kvcache.filter.read_request`` (worker threads above ``JSON_OFFLOAD_BYTES``). The longest gap is
+``kvgate.filters.kvcache.request.read_request`` (worker threads above ``JSON_OFFLOAD_BYTES``). The longest gap is
 what every other stream on the loop waits. Sizes are chat bodies of many messages (the realistic large case).
 
     python benchmarks/body_offload.py [--sizes-mb 0.25 1 8 32] [--rounds 5]
@@ -18,7 +18,7 @@ import time
 
 from kvgate.chain import JSON_OFFLOAD_BYTES, RequestContext
 from kvgate.filters.kvcache.extract import extract
-from kvgate.filters.kvcache.filter import read_request
+from kvgate.filters.kvcache.request import read_request
 
 
 def chat_body(mb: float) -> bytes:

@@ -220,7 +220,7 @@ class VirtualRouter:
             self._count("empty")
             return self._cold(picked)
         mgmt = self.manage
-        if mgmt is not None and mgmt.planner is not None:  # the filter's _apply_choice
+        if mgmt is not None and mgmt.planner is not None:  # the filter's RouteChoice.apply
             matches = mgmt.add_replicas(v.prompt, matches)
             warm = mgmt.consider_replica(v.prompt, matches, self.spread_tokens)
             if warm is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from kvgate.filters.kvcache.body_memo import BodyMemo
-from kvgate.filters.kvcache.filter import read_request
+from kvgate.filters.kvcache.request import read_request
 from tests.kvcache.test_filter_integration import make_ctx
 
 

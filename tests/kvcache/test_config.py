@@ -269,7 +269,7 @@ def test_local_routing_errors_name_the_key(kw: dict[str, object], path: str) -> 
 
 
 def test_bad_tokenizer_dir_is_a_config_error(tmp_path: Path) -> None:
-    from kvgate.filters.kvcache.filter import load_local_tokenizer
+    from kvgate.filters.kvcache.route_tokens import load_local_tokenizer
 
     with pytest.raises(ConfigError) as info:
         load_local_tokenizer(load(local_tokenizer={"path": str(tmp_path)}))

@@ -92,7 +92,7 @@ async def test_lazy_decisions_equal_full_tokenization_decisions() -> None:
             full_ids = tok.encode_chat(msgs)
             if flt.token_cache.contains(key):
                 assert flt.token_cache.get(key, count=False) == full_ids
-            flt._store_tokens(key, full_ids)  # the hit path: full ids, full match
+            flt.route_tokens.store(key, full_ids)  # the hit path: full ids, full match
             full = make_ctx(body)
             await flt.decode(full)
             assert decision(lazy) == decision(full), (round_, msgs)
