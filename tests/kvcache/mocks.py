@@ -76,6 +76,7 @@ class MockController(_Served):
     evict_route: bool = True
     lookup_raw: bytes | None = None  # answer /lookup with these exact bytes (status 200)
     lookup_delay: float = 0.0  # seconds each /lookup takes
+    answer_at_in_flight: int = 0  # > 0: hold every /lookup until this many are in flight at once (a barrier)
     in_flight: int = 0
     max_in_flight: int = 0  # most /lookup requests served at once
     calls: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
@@ -89,7 +90,11 @@ class MockController(_Served):
         self.calls.append(("/lookup", body))
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        if self.answer_at_in_flight and self.in_flight >= self.answer_at_in_flight:
+            self.release.set()
         try:
+            if self.answer_at_in_flight:
+                await self.release.wait()
             await self._lookup_answer(body, send)
         finally:
             self.in_flight -= 1

@@ -247,10 +247,12 @@ async def _concurrent_routing(hh: Harness, flt: KVCacheFilter, n: int) -> list[R
 
 
 async def test_many_concurrent_lookups_to_a_slow_controller_do_not_open_the_breaker(hh: Harness) -> None:
-    """72 concurrent routing lookups, 500 ms controller: the old hidden 64-per-host cap made 8 of them wait for a
-    connection, time out and open the lookup breaker for everyone. Default now: no per-host cap (Go's default)."""
-    hh.ctrl.lookup_delay = 0.5
-    flt = await hh.make(lookup_routing_timeout="900ms")
+    """72 concurrent routing lookups to a controller that answers only once all 72 are in flight: the old hidden
+    64-per-host cap made 8 of them wait for a connection, so nothing was ever answered, every lookup timed out
+    and the lookup breaker opened for everyone. Default now: no per-host cap (Go's default). No timing margin is
+    involved: the routing cap is generous, and only the cap on connections decides."""
+    hh.ctrl.answer_at_in_flight = 72
+    flt = await hh.make(lookup_routing_timeout="10s")
     ctxs = await _concurrent_routing(hh, flt, 72)
     assert flt.breakers["lookup"].state == BreakerState.CLOSED and flt.breakers["lookup"].failure_count == 0
     assert hh.ctrl.max_in_flight == 72
