@@ -45,9 +45,11 @@ from kvgate.filters.kvcache.managed import (
     DEFAULT_REPLICATION_HOT,
     EVENTS_REPLICA_GRACE,
     MAX_HOT_PER_ROUND,
+    management_policy,
+    replica_planner,
 )
-from kvgate.filters.kvcache.management import Action, CacheManager, ManagementPolicy
-from kvgate.filters.kvcache.replication import ReplicaPlanner, ReplicationPolicy, Warm
+from kvgate.filters.kvcache.management import Action, CacheManager
+from kvgate.filters.kvcache.replication import Warm
 from kvgate_sim.engine_model import EngineCore, Prompt
 
 #: 65,536 tokens, the filter's longest shared prefix (HotPrefixes' default), in 256-token chunks
@@ -110,7 +112,7 @@ class VirtualManagement:
         self.block_size = block_size
         # with an event index the filter credits only recently confirmed replicas (EVENTS_REPLICA_GRACE)
         self.replica_grace = EVENTS_REPLICA_GRACE if events else None
-        cs, em, rep = cfg.cache_strategy, cfg.engine_metrics, cfg.replication
+        cs, em = cfg.cache_strategy, cfg.engine_metrics
         self.managed = cfg.engine_managed
         self.interval = cs.interval
         self.threshold = cs.hot_content_threshold
@@ -143,37 +145,12 @@ class VirtualManagement:
             )
             seqs[e.id] = pick(e.id, "max_num_seqs", e.core.max_num_seqs)
         self.manager = CacheManager(
-            ManagementPolicy(
-                enable_pinning=cs.enable_pinning,
-                enable_compression=cs.enable_compression,
-                enable_eviction=cs.enable_eviction,
-                memory_threshold=cs.memory_threshold,
-                load_threshold=cs.load_threshold,
-                hot_content_threshold=cs.hot_content_threshold,
-                pin_ttl=cs.pin_ttl,
-                max_pinned_share=cs.max_pinned_share,
-                max_age=em.effective_max_age(),
-                default_capacity_chunks=em.lmcache_capacity_chunks,
-            ),
+            management_policy(cfg),
             capacity_chunks=capacity,
             max_num_seqs=seqs,
             clock=self._clock,
         )
-        self.planner: ReplicaPlanner | None = None
-        if rep.enabled:
-            self.planner = ReplicaPlanner(
-                ReplicationPolicy(
-                    max_replicas=rep.max_replicas,
-                    rate=rep.rate,
-                    burst=rep.burst,
-                    replica_ttl=rep.replica_ttl,
-                    pending_timeout=rep.timeout,
-                    max_keys=rep.max_keys,
-                    max_imbalance_abs=rep.max_imbalance_abs,
-                    max_imbalance_rel=rep.max_imbalance_rel,
-                ),
-                clock=self._clock,
-            )
+        self.planner = replica_planner(cfg, self._clock)
         self.replication_threshold = self.threshold if self.threshold > 0 else DEFAULT_REPLICATION_HOT
         self.rounds = 0
         self.decisions: Counter[str] = Counter()  # "kind:reason" (skips as "skip_<action>:reason")

@@ -78,6 +78,41 @@ def scrape_targets(cfg: KVCacheConfig, runtime: Runtime) -> list[ScrapeTarget]:
     return list(out.values())
 
 
+def management_policy(cfg: KVCacheConfig) -> ManagementPolicy:
+    """The pure decision policy of ``cache_strategy`` + ``engine_metrics`` (shared with the virtual replay)."""
+    cs, em = cfg.cache_strategy, cfg.engine_metrics
+    return ManagementPolicy(
+        enable_pinning=cs.enable_pinning,
+        enable_compression=cs.enable_compression,
+        enable_eviction=cs.enable_eviction,
+        memory_threshold=cs.memory_threshold,
+        load_threshold=cs.load_threshold,
+        hot_content_threshold=cs.hot_content_threshold,
+        pin_ttl=cs.pin_ttl,
+        max_pinned_share=cs.max_pinned_share,
+        max_age=em.effective_max_age(),
+        default_capacity_chunks=em.lmcache_capacity_chunks,
+    )
+
+
+def replica_planner(cfg: KVCacheConfig, clock: Callable[[], float]) -> ReplicaPlanner | None:
+    """The replication planner of the ``replication`` keys (None when replication is off)."""
+    rep = cfg.replication
+    if not rep.enabled:
+        return None
+    policy = ReplicationPolicy(
+        max_replicas=rep.max_replicas,
+        rate=rep.rate,
+        burst=rep.burst,
+        replica_ttl=rep.replica_ttl,
+        pending_timeout=rep.timeout,
+        max_keys=rep.max_keys,
+        max_imbalance_abs=rep.max_imbalance_abs,
+        max_imbalance_rel=rep.max_imbalance_rel,
+    )
+    return ReplicaPlanner(policy, clock=clock)
+
+
 class CacheManagement:
     """See the module docstring. Owned by the filter: ``start()`` with it, ``close()`` with it."""
 
@@ -103,7 +138,7 @@ class CacheManagement:
         self.events = events
         self._session = session_factory
         self._clock = clock
-        cs, em, rep = cfg.cache_strategy, cfg.engine_metrics, cfg.replication
+        cs, em = cfg.cache_strategy, cfg.engine_metrics
         self.managed = cfg.engine_managed
         self.threshold = cs.hot_content_threshold
         self.hot = HotPrefixes(
@@ -130,37 +165,12 @@ class CacheManagement:
             for t in targets
         }
         self.manager = CacheManager(
-            ManagementPolicy(
-                enable_pinning=cs.enable_pinning,
-                enable_compression=cs.enable_compression,
-                enable_eviction=cs.enable_eviction,
-                memory_threshold=cs.memory_threshold,
-                load_threshold=cs.load_threshold,
-                hot_content_threshold=cs.hot_content_threshold,
-                pin_ttl=cs.pin_ttl,
-                max_pinned_share=cs.max_pinned_share,
-                max_age=em.effective_max_age(),
-                default_capacity_chunks=em.lmcache_capacity_chunks,
-            ),
+            management_policy(cfg),
             capacity_chunks=capacity,
             max_num_seqs={t.instance: t.max_num_seqs for t in targets},
             clock=clock,
         )
-        self.planner: ReplicaPlanner | None = None
-        if rep.enabled:
-            self.planner = ReplicaPlanner(
-                ReplicationPolicy(
-                    max_replicas=rep.max_replicas,
-                    rate=rep.rate,
-                    burst=rep.burst,
-                    replica_ttl=rep.replica_ttl,
-                    pending_timeout=rep.timeout,
-                    max_keys=rep.max_keys,
-                    max_imbalance_abs=rep.max_imbalance_abs,
-                    max_imbalance_rel=rep.max_imbalance_rel,
-                ),
-                clock=clock,
-            )
+        self.planner = replica_planner(cfg, clock)
         self.replication_threshold = self.threshold if self.threshold > 0 else DEFAULT_REPLICATION_HOT
         self._loop_task: asyncio.Task[None] | None = None
         self._warmups: set[asyncio.Task[None]] = set()
