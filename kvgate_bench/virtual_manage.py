@@ -49,7 +49,7 @@ from kvgate.filters.kvcache.managed import (
     replica_planner,
 )
 from kvgate.filters.kvcache.management import Action, CacheManager
-from kvgate.filters.kvcache.replication import Warm
+from kvgate.filters.kvcache.replication import Warm, plan_for_matches
 from kvgate_sim.engine_model import EngineCore, Prompt
 
 #: 65,536 tokens, the filter's longest shared prefix (HotPrefixes' default), in 256-token chunks
@@ -291,16 +291,14 @@ class VirtualManagement:
         key = self.hot.key_of(prompt.chunk_hashes(self.chunk_size))
         if key is None:
             return None
-        best = max(matches.values())
-        cut = max(self.chunk_size, best - spread_tokens)
-        holders = [inst for inst, n in matches.items() if n >= cut]
-        healthy = [ep for ep in self.endpoints if ep.healthy()]
-        warm, reason = planner.plan(
+        warm, reason = plan_for_matches(
+            planner,
             str(key),
             hot=self.hot.count(key) >= self.replication_threshold,
-            holders=holders,
-            candidates=[ep.id for ep in healthy],
-            load={ep.id: float(ep.in_flight) for ep in healthy},
+            matches=matches,
+            spread_tokens=spread_tokens,
+            min_tokens=self.chunk_size,
+            endpoints=self.endpoints,
         )
         if reason in ("not_hot", "not_overloaded", "no_holder"):
             return None

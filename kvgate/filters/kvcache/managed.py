@@ -36,7 +36,7 @@ from kvgate.filters.kvcache.hot_prefixes import HotPrefix, HotPrefixes
 from kvgate.filters.kvcache.lmcache_client import LookupResult
 from kvgate.filters.kvcache.management import Action, CacheManager, ManagementPolicy, memory_ratio
 from kvgate.filters.kvcache.metrics import KVCacheMetrics
-from kvgate.filters.kvcache.replication import ReplicaPlanner, ReplicationPolicy, Warm
+from kvgate.filters.kvcache.replication import ReplicaPlanner, ReplicationPolicy, Warm, plan_for_matches
 from kvgate.filters.kvcache.strategy import StrategyExecutor, Target
 from kvgate.runtime import Runtime
 
@@ -354,16 +354,14 @@ class CacheManagement:
         key = self.hot.key_of(tokens)
         if key is None:
             return
-        best = max(matches.values())
-        cut = max(CHUNK_TOKENS, best - spread_tokens)
-        holders = [inst for inst, n in matches.items() if n >= cut]
-        healthy = [ep for ep in endpoints if ep.healthy()]
-        warm, reason = planner.plan(
+        warm, reason = plan_for_matches(
+            planner,
             str(key),
             hot=self.hot.count(key) >= self.replication_threshold,
-            holders=holders,
-            candidates=[ep.id for ep in healthy],
-            load={ep.id: float(ep.in_flight) for ep in healthy},
+            matches=matches,
+            spread_tokens=spread_tokens,
+            min_tokens=CHUNK_TOKENS,
+            endpoints=endpoints,
         )
         if reason in ("not_hot", "not_overloaded", "no_holder"):
             return  # the common case: nothing to count per request
@@ -371,7 +369,7 @@ class CacheManagement:
         (child if child is not None else self.metrics.replications.labels(reason)).inc()
         if warm is None:
             return
-        target = next(ep for ep in healthy if ep.id == warm.instance)
+        target = next(ep for ep in endpoints if ep.id == warm.instance)
         payload = warmup_body(body)
         if payload is None:
             planner.confirm(warm, False)

@@ -23,6 +23,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,3 +169,39 @@ class ReplicaPlanner:
         self._keys.move_to_end(key)
         e.pending = (target, now + p.pending_timeout)
         return Warm(key, target, source), "planned"
+
+
+class LoadedEndpoint(Protocol):
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def in_flight(self) -> int: ...
+
+    def healthy(self) -> bool: ...
+
+
+def plan_for_matches(
+    planner: ReplicaPlanner,
+    key: str,
+    *,
+    hot: bool,
+    matches: Mapping[str, int],
+    spread_tokens: int,
+    min_tokens: int,
+    endpoints: Sequence[LoadedEndpoint],
+) -> tuple[Warm | None, str]:
+    """:meth:`ReplicaPlanner.plan` from a routing decision's inputs: the holders are the instances whose match is
+    within ``spread_tokens`` of the best (and at least ``min_tokens``, one LMCache chunk); the candidates are the
+    healthy endpoints, loaded by their in-flight requests. Shared by the filter and the virtual replay."""
+    best = max(matches.values(), default=0)
+    cut = max(min_tokens, best - spread_tokens)
+    holders = [inst for inst, n in matches.items() if n >= cut]
+    healthy = [ep for ep in endpoints if ep.healthy()]
+    return planner.plan(
+        key,
+        hot=hot,
+        holders=holders,
+        candidates=[ep.id for ep in healthy],
+        load={ep.id: float(ep.in_flight) for ep in healthy},
+    )
