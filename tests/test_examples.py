@@ -31,3 +31,13 @@ def test_check_config_names_the_missing_cluster_of_the_bare_seed() -> None:
     r = check_config("pixiu-seed-config.yaml")
     assert r.returncode == 2
     assert "route.cluster: unknown cluster 'vllm_cluster'" in r.stderr
+
+
+def test_check_config_accepts_the_cache_management_example_without_unknown_keys(tmp_path: Path) -> None:
+    r = check_config("kvgate-managed.yaml")
+    assert r.returncode == 0, r.stderr
+    assert "unknown" not in r.stderr.lower()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((EXAMPLES / "kvgate-managed.yaml").read_text().replace("signals: engine", "signals: gpu"))
+    r = subprocess.run([sys.executable, "-m", "kvgate.cli", "check-config", str(bad)], capture_output=True, text=True)
+    assert r.returncode == 2 and "cache_strategy.signals" in r.stderr
