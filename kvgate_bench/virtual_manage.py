@@ -19,7 +19,7 @@ filter's I/O glue (:mod:`kvgate.filters.kvcache.managed`) drives:
   simulated LMCache tier (its key-level API: what ``EngineCore.pin(tokens, location)`` does with the
   tokens' chunk keys; a pin holds for the tier's ``pin_timeout_s``). ``unpin`` / ``lapse`` only drop the
   record (LMCache 0.5.6 has no unpin route);
-* on the routing path, as ``CacheManagement.add_replicas`` / ``consider_replica``: the planner's replicas
+* on the routing path, as ``CacheManagement.on_route``: the planner's replicas
   join the matches, and :class:`~kvgate.filters.kvcache.replication.ReplicaPlanner` may plan a warm-up,
   which the runner submits to the target engine as the same prompt with ``max_tokens`` 1 (counted in the
   run's ``replications`` metadata, never in its results); its completion confirms the replica.
@@ -49,7 +49,7 @@ from kvgate.filters.kvcache.managed import (
     replica_planner,
 )
 from kvgate.filters.kvcache.management import Action, CacheManager
-from kvgate.filters.kvcache.replication import Warm, plan_for_matches
+from kvgate.filters.kvcache.replication import Warm, credit_replicas, plan_for_matches
 from kvgate_sim.engine_model import EngineCore, Prompt
 
 #: 65,536 tokens, the filter's longest shared prefix (HotPrefixes' default), in 256-token chunks
@@ -261,7 +261,7 @@ class VirtualManagement:
     # ------------------------------------------------------------------ replication (routing path)
 
     def add_replicas(self, prompt: Prompt, matches: Mapping[str, int]) -> Mapping[str, int]:
-        """``matches`` plus the planner's replicas of the prompt's prefix (``CacheManagement.add_replicas``)."""
+        """``matches`` plus the planner's replicas of the prompt's prefix (as ``CacheManagement.on_route``)."""
         if self.planner is None or not matches:
             return matches
         key = self.hot.key_of(prompt.chunk_hashes(self.chunk_size))
@@ -269,12 +269,7 @@ class VirtualManagement:
         if not replicas:
             return matches
         shared = self.hot.tokens(key) if key is not None else None
-        credit = min(max(matches.values()), len(shared) * self.chunk_size if shared is not None else 0)
-        out = dict(matches)
-        for r in replicas:
-            if out.get(r, 0) < credit:
-                out[r] = credit
-        return out
+        return credit_replicas(matches, replicas, len(shared) * self.chunk_size if shared is not None else 0)
 
     def replicas_of(self, prompt: Prompt) -> list[str]:
         """The planner's confirmed replicas of the prompt's prefix."""
@@ -284,7 +279,7 @@ class VirtualManagement:
         return self.planner.holders(str(key)) if key is not None else []
 
     def consider_replica(self, prompt: Prompt, matches: Mapping[str, int], spread_tokens: int) -> PlannedWarm | None:
-        """A warm-up when the prompt's prefix is hot and all its holders are overloaded (``consider_replica``)."""
+        """A warm-up when the prompt's prefix is hot and all its holders are overloaded (``on_route``)."""
         planner = self.planner
         if planner is None or not matches:
             return None

@@ -121,9 +121,10 @@ async def test_an_overloaded_holder_of_a_hot_prefix_gets_a_warmed_replica(
 
 
 def test_warmup_body_is_a_one_token_non_streaming_prefill() -> None:
-    raw = json.dumps({"model": "m", "messages": [], "stream": True, "n": 3, "max_completion_tokens": 99}).encode()
-    out = warmup_body(raw)
+    request = {"model": "m", "messages": [], "stream": True, "n": 3, "max_completion_tokens": 99}
+    out = warmup_body(request)
     assert out is not None
     data = json.loads(out)
     assert data == {"model": "m", "messages": [], "max_tokens": 1, "max_completion_tokens": 1}
-    assert warmup_body(b"[1, 2]") is None and warmup_body(b"{nope") is None
+    assert warmup_body([1, 2]) is None and warmup_body("nope") is None
+    assert request["stream"] is True  # the client's parsed body is not modified

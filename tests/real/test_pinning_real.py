@@ -105,7 +105,7 @@ async def pin_prefix(fleet: RealFleet, eng: EngineInfo, prompt: str, ids: list[i
 
 async def warm_up(eng: EngineInfo, prompt: str) -> None:
     """Replicate a prefix by the gateway's warm-up: the request as kvgate's ``warmup_body`` (1 token, no stream)."""
-    body = warmup_body(json.dumps({"model": real.MODEL_NAME, "prompt": prompt, "max_tokens": 64}).encode())
+    body = warmup_body({"model": real.MODEL_NAME, "prompt": prompt, "max_tokens": 64})
     assert body is not None
     async with aiohttp.ClientSession() as s:
         async with s.post(f"{eng.url}/v1/completions", data=body, headers={"Content-Type": "application/json"}) as r:

@@ -104,16 +104,7 @@ class RouteChoice:
         cluster = self.runtime.clusters.get(ctx.cluster_name) if ctx.cluster_name else None
         mgmt = self.management
         if mgmt is not None and mgmt.planner is not None and tokens is not None and cluster is not None:
-            matches = mgmt.add_replicas(tokens, matches)
-            mgmt.consider_replica(
-                tokens,
-                matches,
-                cluster.endpoints,
-                spread_tokens,
-                ctx.body,
-                (ctx.raw_path or ctx.path.encode()).decode("latin-1"),
-                ctx.header("authorization"),
-            )
+            matches = mgmt.on_route(ctx, tokens, matches, cluster.endpoints, spread_tokens)
         choice = choose_prefix_endpoint(
             matches,
             cluster.endpoints if cluster is not None else None,

@@ -12,8 +12,8 @@
   overloaded, :class:`~.replication.ReplicaPlanner` names a target and a background task sends the request
   once to it with ``max_tokens: 1``; routing then counts the replica as a holder.
 
-Nothing here runs on the request path except :meth:`CacheManagement.consider_replica` and
-:meth:`CacheManagement.add_replicas` (a hash of the first ``hot_prefix_tokens`` tokens and dict work).
+Nothing here runs on the request path except :meth:`CacheManagement.on_route` (one hash of the first
+``hot_prefix_tokens`` tokens and dict work).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
+from kvgate.chain import RequestContext
 from kvgate.filters.kvcache.config import KVCacheConfig
 from kvgate.filters.kvcache.engine_signals import EngineScraper, ScrapeTarget
 from kvgate.filters.kvcache.errors import KVCacheError
@@ -36,7 +37,13 @@ from kvgate.filters.kvcache.hot_prefixes import HotPrefix, HotPrefixes
 from kvgate.filters.kvcache.lmcache_client import LookupResult
 from kvgate.filters.kvcache.management import Action, CacheManager, ManagementPolicy, memory_ratio
 from kvgate.filters.kvcache.metrics import KVCacheMetrics
-from kvgate.filters.kvcache.replication import ReplicaPlanner, ReplicationPolicy, Warm, plan_for_matches
+from kvgate.filters.kvcache.replication import (
+    ReplicaPlanner,
+    ReplicationPolicy,
+    Warm,
+    credit_replicas,
+    plan_for_matches,
+)
 from kvgate.filters.kvcache.strategy import StrategyExecutor, Target
 from kvgate.runtime import Runtime
 
@@ -316,44 +323,25 @@ class CacheManagement:
 
     # ------------------------------------------------------------------ replication (request path)
 
-    def add_replicas(self, tokens: Sequence[int], matches: Mapping[str, int]) -> Mapping[str, int]:
-        """``matches`` plus the gateway's replicas of the prompt's prefix (credited with the replicated prefix)."""
-        if self.planner is None or not matches:
-            return matches
-        key = self.hot.key_of(tokens)
-        replicas = self._replicas(str(key)) if key is not None else []
-        if not replicas:
-            return matches
-        shared = self.hot.tokens(key) if key is not None else None
-        credit = min(max(matches.values()), len(shared) if shared is not None else 0)
-        out = dict(matches)
-        for r in replicas:
-            if out.get(r, 0) < credit:
-                out[r] = credit
-        return out
-
-    def _replicas(self, key: str) -> list[str]:
-        """The replicas to credit: all recorded ones, or with an event index only the recently confirmed ones."""
-        assert self.planner is not None
-        return self.planner.holders(key, EVENTS_REPLICA_GRACE if self.index is not None else None)
-
-    def consider_replica(
+    def on_route(
         self,
+        ctx: RequestContext,
         tokens: Sequence[int],
         matches: Mapping[str, int],
         endpoints: Sequence[EndpointState],
         spread_tokens: int,
-        body: bytes,
-        path: str,
-        authorization: str | None,
-    ) -> None:
-        """Plan a warm-up when the prompt's prefix is hot and all its holders are overloaded (never awaits)."""
+    ) -> Mapping[str, int]:
+        """The request path with replication on (never awaits): ``matches`` plus the gateway's replicas of the
+        prompt's prefix (credited with the shared prefix), and a warm-up planned when the prefix is hot and all
+        its holders are overloaded. One hash of the prompt's first ``hot_prefix_tokens`` tokens."""
         planner = self.planner
         if planner is None or not matches:
-            return
+            return matches
         key = self.hot.key_of(tokens)
         if key is None:
-            return
+            return matches
+        shared = self.hot.tokens(key)
+        matches = credit_replicas(matches, self._replicas(str(key)), len(shared) if shared is not None else 0)
         warm, reason = plan_for_matches(
             planner,
             str(key),
@@ -364,18 +352,33 @@ class CacheManagement:
             endpoints=endpoints,
         )
         if reason in ("not_hot", "not_overloaded", "no_holder"):
-            return  # the common case: nothing to count per request
+            return matches  # the common case: nothing to count per request
         child = self._replica_children.get(reason)
         (child if child is not None else self.metrics.replications.labels(reason)).inc()
-        if warm is None:
-            return
+        if warm is not None:
+            self._start_warmup(warm, ctx, endpoints)
+        return matches
+
+    def _replicas(self, key: str) -> list[str]:
+        """The replicas to credit: all recorded ones, or with an event index only the recently confirmed ones."""
+        assert self.planner is not None
+        return self.planner.holders(key, EVENTS_REPLICA_GRACE if self.index is not None else None)
+
+    def _start_warmup(self, warm: Warm, ctx: RequestContext, endpoints: Sequence[EndpointState]) -> None:
+        assert self.planner is not None
         target = next(ep for ep in endpoints if ep.id == warm.instance)
-        payload = warmup_body(body)
+        try:
+            payload = warmup_body(ctx.json())  # parsed once per request, shared with the filter
+        except ValueError:
+            payload = None
         if payload is None:
-            planner.confirm(warm, False)
+            self.planner.confirm(warm, False)
             self._replica_children["error"].inc()
             return
-        task = asyncio.get_running_loop().create_task(self._warm(warm, target, payload, path, authorization))
+        path = (ctx.raw_path or ctx.path.encode()).decode("latin-1")
+        task = asyncio.get_running_loop().create_task(
+            self._warm(warm, target, payload, path, ctx.header("authorization"))
+        )
         self._warmups.add(task)
         task.add_done_callback(self._warmups.discard)
 
@@ -412,12 +415,8 @@ class CacheManagement:
             log.debug("[kvcache] warmed %s with a hot prefix (overloaded holder %s)", warm.instance, warm.source)
 
 
-def warmup_body(body: bytes) -> bytes | None:
-    """The request as a 1-token, non-streaming prefill (None when the body is not a JSON object)."""
-    try:
-        data: Any = json.loads(body)
-    except ValueError:
-        return None
+def warmup_body(data: Any) -> bytes | None:
+    """The parsed request as a 1-token, non-streaming prefill (None when it is not a JSON object)."""
     if not isinstance(data, dict):
         return None
     data = dict(data)

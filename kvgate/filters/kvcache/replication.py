@@ -205,3 +205,16 @@ def plan_for_matches(
         candidates=[ep.id for ep in healthy],
         load={ep.id: float(ep.in_flight) for ep in healthy},
     )
+
+
+def credit_replicas(matches: Mapping[str, int], replicas: Sequence[str], shared_tokens: int) -> Mapping[str, int]:
+    """``matches`` with each replica credited with the replicated prefix: the shared prefix's length, at most the
+    best match (``matches`` itself when there is nothing to add). Shared by the filter and the virtual replay."""
+    if not replicas or not matches:
+        return matches
+    credit = min(max(matches.values()), shared_tokens)
+    out = dict(matches)
+    for r in replicas:
+        if out.get(r, 0) < credit:
+            out[r] = credit
+    return out
