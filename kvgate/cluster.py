@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -13,6 +12,7 @@ import aiohttp
 from kvgate.config import Cluster, Endpoint
 from kvgate.metrics import Metrics
 from kvgate.routing.balancers import Balancer, make_balancer
+from kvgate.tasks import cancel_and_wait
 
 log = logging.getLogger("kvgate.cluster")
 
@@ -230,9 +230,5 @@ class ClusterManager:
             await asyncio.sleep(hc.interval)
 
     async def close(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        await cancel_and_wait(self._tasks)
         self._tasks.clear()

