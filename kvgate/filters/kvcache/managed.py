@@ -30,7 +30,7 @@ import aiohttp
 from kvgate.chain import RequestContext
 from kvgate.filters.kvcache.config import KVCacheConfig
 from kvgate.filters.kvcache.engine_signals import EngineScraper, ScrapeTarget
-from kvgate.filters.kvcache.errors import KVCacheError
+from kvgate.filters.kvcache.errors import CircuitOpenError, KVCacheError
 from kvgate.filters.kvcache.events import FilterEvents
 from kvgate.filters.kvcache.hot_prefixes import HotPrefix, HotPrefixes
 from kvgate.filters.kvcache.lmcache_client import LookupResult
@@ -43,7 +43,7 @@ from kvgate.filters.kvcache.replication import (
     credit_replicas,
     plan_for_matches,
 )
-from kvgate.filters.kvcache.strategy import StrategyExecutor, Target
+from kvgate.filters.kvcache.strategy import StrategyExecutor, Target, resolve_target
 from kvgate.runtime import Runtime
 from kvgate.tasks import cancel_and_wait
 
@@ -288,27 +288,18 @@ class CacheManagement:
     def _count(self, action: Action) -> None:
         self.metrics.management_decisions.labels(action.kind, action.reason).inc()
 
-    def _location(self, configured: str, instance: str, lookup: LookupResult | None) -> str:
-        if configured:
-            return configured
-        if lookup is not None and instance in lookup.layout and lookup.layout[instance].location:
-            return lookup.layout[instance].location
-        return DEFAULT_LOCATION
-
     async def _execute(self, action: Action, tokens: list[int], lookup: LookupResult | None, deadline: float) -> None:
         cs = self.cfg.cache_strategy
-        if action.kind == "pin":
-            target = Target(action.instance, self._location(cs.pin_location, action.instance, lookup))
-        elif action.kind == "compress":
-            target = Target(action.instance, self._location(cs.compress_location, action.instance, lookup))
-        else:
-            target = Target(action.instance, "")
+        configured = {"pin": cs.pin_location, "compress": cs.compress_location}.get(action.kind, "")
+        target = resolve_target(action.instance, configured, lookup)  # the seed's rule: config, else /lookup's
+        if target is not None and not target.location and action.kind != "evict":
+            target = Target(target.instance_id, DEFAULT_LOCATION)
         try:
             result = await self.executor.run_action(action.kind, tokens, target, deadline)
         except TimeoutError:
             result = "timeout"
         except KVCacheError as exc:
-            result = "breaker_open" if type(exc).__name__ == "CircuitOpenError" else "error"
+            result = "breaker_open" if isinstance(exc, CircuitOpenError) else "error"
             self.events.warn(
                 f"manage_{action.kind}", "[kvcache] %s on %s failed: %s", action.kind, action.instance, exc
             )
