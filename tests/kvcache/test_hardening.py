@@ -260,9 +260,18 @@ async def test_many_concurrent_lookups_to_a_slow_controller_do_not_open_the_brea
 
 
 async def test_max_conns_per_host_is_honoured_and_a_pool_wait_is_not_a_controller_failure(hh: Harness) -> None:
+    """4 lookups hold the 4 connections (1.5 s cap, never answered); then 16 more with a 0.3 s cap (their request
+    timeout) wait for a slot and give up long before any slot frees up. Starting them together made the result
+    depend on scheduling: a waiter started >5 ms after a holder could take its slot when it timed out."""
     hh.ctrl.hang = True  # the 4 calls holding the connections never get an answer
     flt = await hh.make(max_conns_per_host=4, lookup_routing_timeout="1500ms")
-    await _concurrent_routing(hh, flt, 20)
+    body = {"model": "m", "prompt": "a prompt whose tokens are cached"}
+    flt.token_cache.put(prompt_key("m", body["prompt"]), word_tokens(body["prompt"]))
+    holders = [asyncio.create_task(flt.decode(make_ctx(body))) for _ in range(4)]
+    await wait_for(lambda: hh.ctrl.in_flight == 4)
+    await asyncio.gather(*(flt.decode(make_ctx(body, timeout=0.3)) for _ in range(16)))
+    assert all(not t.done() for t in holders)  # every waiter gave up while the 4 slots were still held
+    await asyncio.gather(*holders)
     assert hh.ctrl.max_in_flight == 4  # the key is honoured
     assert hh.metric("kvgate_kvcache_routing_lookups_total", {"outcome": "pool_wait"}) == 16
     assert hh.metric("kvgate_kvcache_routing_lookups_total", {"outcome": "timeout"}) == 4
