@@ -10,6 +10,8 @@ import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
+from kvgate.jsonload import loads
+
 Scope = dict[str, Any]
 Message = dict[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -86,7 +88,7 @@ class Request:
         """Parse the body as JSON; raises ``ValueError`` on malformed input."""
         if self._json is None:
             raw = await self.body(limit)
-            self._json = json.loads(raw) if raw else None
+            self._json = loads(raw) if raw else None
         return self._json
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import json
 import time
 from collections.abc import AsyncGenerator, Callable, Iterator
 from contextlib import contextmanager
@@ -21,6 +20,7 @@ from pydantic import BaseModel, ValidationError
 
 from kvgate.config import config_error_from_validation
 from kvgate.errors import ConfigError, RegistryError
+from kvgate.jsonload import loads
 
 if TYPE_CHECKING:
     from kvgate.runtime import Runtime
@@ -115,7 +115,7 @@ class RequestContext:
 def _parse_json(body: bytes) -> Any:
     """Parsed JSON (``None`` for an empty body), or the exception that a malformed body raised."""
     try:
-        return json.loads(body) if body else None
+        return loads(body) if body else None
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         return exc
 

@@ -24,16 +24,13 @@ import hashlib
 import json
 from dataclasses import dataclass
 from functools import cache
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
-if TYPE_CHECKING:
-    import msgspec
+import msgspec
 
 
 @cache
 def _canon_encoder() -> msgspec.json.Encoder:
-    import msgspec  # on first use: a gateway serving only prompt requests does not load it
-
     return msgspec.json.Encoder(order="sorted")
 
 
