@@ -4,8 +4,11 @@ No I/O and no clock: callers apply events in order (live from the ZMQ subscriber
 time by the simulator) and ask ``match(token_ids)``.
 
 Keying. The gateway cannot reproduce vLLM's block hashes (the algorithm and its seed are engine-side), so
-every block is keyed by the index's own chain key ``hash((parent_key, tuple(block_token_ids)))`` (CPython's
-tuple-of-int hash: 64-bit, deterministic across processes, no salt). ``BlockStored`` carries the token ids,
+every block is keyed by the index's own chain key ``hash((parent_key, block_bytes))``, ``block_bytes`` the
+block's ids as native int64 (:func:`token_bytes`; an id beyond int64 keys its block by the tuple of its ids).
+CPython's 64-bit hash, salted per process: keys never leave the process. Hashing bytes sliced from one
+buffer costs about half of hashing a tuple sliced from a list, and a token cache ``array('q')`` converts to
+that buffer with one copy. ``BlockStored`` carries the token ids,
 so the key chain is rebuilt from them; a per-instance map ``engine_hash -> (block_size, key, medium)``
 lets ``BlockRemoved`` (hashes only) be applied. Keys are kept per block size (GPU 16 or 128 on CPU
 vLLM, LMCache chunks 256), and ``match`` walks the prompt once per block size present.
@@ -26,7 +29,8 @@ prompt's last. Exactly one surplus trailing token is therefore dropped (``stats.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence, Set
+from array import array
+from collections.abc import Iterable, Iterator, Sequence, Set
 from dataclasses import dataclass, field
 
 BlockHash = int | bytes
@@ -36,6 +40,33 @@ _MAX_MEDIA = 8  # (block_size, engine hash): LMCache and vLLM hashes never mix
 
 def _medium(medium: str | None) -> str:
     return medium.upper() if medium else "GPU"
+
+
+def token_bytes(token_ids: Sequence[int]) -> bytes | None:
+    """``token_ids`` as native int64 bytes (one copy for an ``array('q')``); ``None`` if an id does not fit."""
+    if isinstance(token_ids, array) and token_ids.typecode == "q":
+        return token_ids.tobytes()
+    try:
+        return array("q", token_ids).tobytes()
+    except (OverflowError, TypeError):
+        return None
+
+
+def iter_chain_keys(token_ids: Sequence[int], block_size: int, parent: int | None = None) -> Iterator[int]:
+    """The index keys of the full blocks of ``token_ids``, in order (lazily: a walk may stop early)."""
+    buf = token_bytes(token_ids)
+    end = len(token_ids) - block_size + 1
+    if buf is not None:
+        width = block_size * 8
+        for start in range(0, end * 8, width):
+            parent = hash((parent, buf[start : start + width]))
+            yield parent
+        return
+    for start in range(0, end, block_size):  # an id beyond int64 somewhere: key block by block
+        block = token_ids[start : start + block_size]
+        raw = token_bytes(block)
+        parent = hash((parent, raw if raw is not None else tuple(block)))
+        yield parent
 
 
 @dataclass(slots=True)
@@ -92,11 +123,7 @@ class BlockIndex:
     @staticmethod
     def chain_keys(token_ids: Sequence[int], block_size: int, parent: int | None = None) -> list[int]:
         """The index keys of every full block of ``token_ids`` (what ``match`` computes)."""
-        keys: list[int] = []
-        for start in range(0, len(token_ids) - block_size + 1, block_size):
-            parent = hash((parent, tuple(token_ids[start : start + block_size])))
-            keys.append(parent)
-        return keys
+        return list(iter_chain_keys(token_ids, block_size, parent))
 
     def apply_stored(
         self,
@@ -218,7 +245,7 @@ class BlockIndex:
         A caller that knows only a prefix of a prompt can stop there (lazy tokenization)."""
         limit = min(limit, len(token_ids))
         for size, blocks in self._blocks.items():
-            if blocks and limit >= size and hash((None, tuple(token_ids[:size]))) in blocks:
+            if blocks and limit >= size and next(iter_chain_keys(token_ids[:size], size)) in blocks:
                 return True
         return False
 
@@ -237,11 +264,9 @@ class BlockIndex:
             if not blocks or n < size:
                 continue
             active: set[str] | None = None
-            parent: int | None = None
             matched = 0
-            for start in range(0, n - size + 1, size):
-                parent = hash((parent, tuple(token_ids[start : start + size])))
-                entry = blocks.get(parent)
+            for key in iter_chain_keys(token_ids[: n // size * size], size):
+                entry = blocks.get(key)
                 if entry is None:
                     break
                 if want is None:
@@ -256,7 +281,7 @@ class BlockIndex:
                     active.intersection_update(holders)
                 if not active:
                     break
-                matched = start + size
+                matched += size
             for inst in active or ():
                 best[inst] = max(best.get(inst, 0), matched)
         return {i: t for i, t in best.items() if t > 0}

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from array import array
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Unpack
@@ -172,9 +173,10 @@ class LocalTokenizer:
         self, messages: Any, *, add_special_tokens: bool = False, **options: Unpack[RenderOptions]
     ) -> list[int]:
         # rendering is pure-Python jinja (tens of microseconds for ordinary chats): done inline
-        return await self.aencode_rendered_chat(self.render_chat(messages, **options), add_special_tokens)
+        ids = await self.aencode_rendered_chat(self.render_chat(messages, **options), add_special_tokens)
+        return ids if isinstance(ids, list) else ids.tolist()
 
-    def chat_prefix(self, text: str, min_tokens: int) -> tuple[list[int], bool] | None:
+    def chat_prefix(self, text: str, min_tokens: int) -> tuple[array[int], bool] | None:
         """Lazy tokenization of a rendered chat: an exact prefix of its ids holding at least ``min_tokens`` ids
         (``(ids, complete)``), encoded piece by piece between added tokens (segments.py proves the pieces encode
         independently). ``None`` when that is not provable, or would encode more than ``thread_threshold``
@@ -183,10 +185,14 @@ class LocalTokenizer:
             return None
         return self.segments.encode_prefix(text, min_tokens, self.thread_threshold)
 
-    async def aencode_rendered_chat(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        """:meth:`aencode_chat` for a chat already rendered with :meth:`render_chat`."""
+    async def aencode_rendered_chat(self, text: str, add_special_tokens: bool = False) -> list[int] | array[int]:
+        """:meth:`aencode_chat` for a chat already rendered with :meth:`render_chat`. With message-level reuse
+        the ids come as an ``array('q')`` (assembled from cached pieces without per-id work)."""
         if self.segments is not None and not add_special_tokens:
             if len(text) <= self.thread_threshold:
-                return self.segments.encode(text)
-            return await asyncio.to_thread(self.segments.encode, text)
+                return self.segments.encode_array(text)
+            known = self.segments.encode_if_known(text, self.thread_threshold)  # a new turn: no thread hop
+            if known is not None:
+                return known
+            return await asyncio.to_thread(self.segments.encode_array, text)
         return await self._encode_async(text, add_special_tokens)

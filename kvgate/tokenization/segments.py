@@ -9,7 +9,9 @@ normalise, pre-tokenise and BPE every piece on its own, so ``encode(text) == con
 - with an NFC normaliser, the text is already NFC (then every piece between ASCII added tokens is too; an
   un-normalised text is encoded whole).
 
-A multi-turn chat then re-encodes only its new messages: the earlier pieces hit the cache.
+A multi-turn chat then re-encodes only its new messages: the earlier pieces hit the cache. Pieces are cached
+as ``array('q')`` and a chat's ids are assembled as one (memory copies, no per-id work): the token cache and
+the event index's chain keys take that array as it is.
 ``tests/tokenization/test_segments.py`` checks equality against whole-text encoding.
 """
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 import re
 import threading
 import unicodedata
+from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 
@@ -31,13 +34,13 @@ class SegmentEncoder:
         self._split = re.compile("|".join(re.escape(t) for t in ordered)) if ordered else None
         self._encode = encode
         self._nfc = nfc
-        self._cache: OrderedDict[str, list[int]] = OrderedDict()
+        self._cache: OrderedDict[str, array[int]] = OrderedDict()
         self._lock = threading.Lock()  # the async API encodes long prompts on worker threads
         self.max_entries = max_entries
         self.hits = 0
         self.misses = 0
 
-    def _piece(self, piece: str) -> list[int]:
+    def _piece(self, piece: str) -> array[int]:
         with self._lock:
             ids = self._cache.get(piece)
             if ids is not None:
@@ -45,7 +48,7 @@ class SegmentEncoder:
                 self.hits += 1
                 return ids
             self.misses += 1
-        ids = self._encode(piece)
+        ids = array("q", self._encode(piece))
         with self._lock:
             self._cache[piece] = ids
             if len(self._cache) > self.max_entries:
@@ -79,7 +82,7 @@ class SegmentEncoder:
 
         return gen()
 
-    def encode_prefix(self, text: str, min_tokens: int, max_chars: int) -> tuple[list[int], bool] | None:
+    def encode_prefix(self, text: str, min_tokens: int, max_chars: int) -> tuple[array[int], bool] | None:
         """The first ids of ``encode(text)``, piece by piece, until at least ``min_tokens`` are known:
         ``(ids, complete)`` where ``ids`` is an exact prefix of ``encode(text)`` (all of it when ``complete``).
         ``None`` when piecewise encoding is not provable for ``text``, or when more than ``max_chars`` characters
@@ -87,7 +90,7 @@ class SegmentEncoder:
         parts = self._iter_parts(text)  # lazily: a long chat is only split as far as needed
         if parts is None:
             return None
-        out: list[int] = []
+        out: array[int] = array("q")
         budget = max_chars
         for p in parts:
             if len(out) >= min_tokens:
@@ -104,15 +107,20 @@ class SegmentEncoder:
             out += self._piece(p)
         return out, True
 
-    def encode(self, text: str) -> list[int]:
+    def encode_if_known(self, text: str, max_new_chars: int) -> array[int] | None:
+        """``encode(text)`` when at most ``max_new_chars`` characters of it are in pieces not cached yet (the
+        next turn of a known chat: cheap enough for the event loop); else ``None`` (nothing encoded)."""
         parts = self.parts(text)
         if parts is None:
-            return self._encode(text)
+            return None
         with self._lock:
             missing = sum(len(p) for p in parts if isinstance(p, str) and p not in self._cache)
-        if missing * 2 > len(text):
-            return self._encode_whole(text, parts)
-        out: list[int] = []
+        if missing > max_new_chars:
+            return None
+        return self._join(parts)
+
+    def _join(self, parts: list[str | int]) -> array[int]:
+        out: array[int] = array("q")
         for p in parts:
             if isinstance(p, int):
                 out.append(p)
@@ -120,12 +128,26 @@ class SegmentEncoder:
                 out += self._piece(p)
         return out
 
-    def _encode_whole(self, text: str, parts: list[str | int]) -> list[int]:
+    def encode(self, text: str) -> list[int]:
+        return self.encode_array(text).tolist()
+
+    def encode_array(self, text: str) -> array[int]:
+        """``encode(text)`` as an ``array('q')``."""
+        parts = self.parts(text)
+        if parts is None:
+            return array("q", self._encode(text))
+        with self._lock:
+            missing = sum(len(p) for p in parts if isinstance(p, str) and p not in self._cache)
+        if missing * 2 > len(text):
+            return self._encode_whole(text, parts)
+        return self._join(parts)
+
+    def _encode_whole(self, text: str, parts: list[str | int]) -> array[int]:
         """Mostly new text: one encode call (cheaper than many), then cache its pieces by cutting the ids at
         the added-token ids (a piece cannot yield an added token's id: its text would have been split off)."""
-        ids = self._encode(text)
+        ids = array("q", self._encode(text))
         self.misses += 1
-        found: list[tuple[str, list[int]]] = []
+        found: list[tuple[str, array[int]]] = []
         pos = 0
         piece: str | None = None
         for p in parts:

@@ -93,7 +93,7 @@ def test_chat_prefix_is_an_exact_prefix_of_the_full_ids(fast: bool) -> None:
         if got is None:  # a text that is not NFC is only ever encoded whole
             assert not unicodedata.is_normalized("NFC", text)
             continue
-        ids, done = got
+        ids, done = list(got[0]), got[1]
         if done:
             complete += 1
             assert ids == full
@@ -109,4 +109,41 @@ def test_chat_prefix_gives_up_beyond_its_character_budget() -> None:
     assert tok.chat_prefix(text, 10) is None  # the first piece alone is over 100 new characters
     tok.encode_chat([{"role": "system", "content": "word " * 200}])  # now that piece is cached
     got = tok.chat_prefix(text, 10)
-    assert got is not None and got[0] == tok.encode_prompt(text, add_special_tokens=False)[: len(got[0])]
+    assert got is not None and list(got[0]) == tok.encode_prompt(text, add_special_tokens=False)[: len(got[0])]
+
+
+async def test_a_new_turn_of_a_long_chat_is_encoded_on_the_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A long chat whose earlier messages are cached re-encodes only its new message: done inline, without a
+    worker thread (the hop cost ~0.4 ms of the routing step); a chat mostly new still goes to the thread."""
+    import asyncio
+
+    tok = LocalTokenizer.from_dir(ASSET, thread_threshold=100)
+    threads: list[object] = []
+    real_to_thread = asyncio.to_thread
+
+    async def counting_to_thread(fn: Any, /, *args: Any) -> Any:
+        threads.append(fn)
+        return await real_to_thread(fn, *args)
+
+    monkeypatch.setattr(asyncio, "to_thread", counting_to_thread)
+    chat = [{"role": "system", "content": "a long system prompt " * 50}, {"role": "user", "content": "first"}]
+    first = tok.render_chat(chat)
+    assert list(await tok.aencode_rendered_chat(first)) == tok.encode_prompt(first, add_special_tokens=False)
+    assert len(threads) == 1  # never seen: encoded on a worker thread
+    chat += [{"role": "assistant", "content": "answer"}, {"role": "user", "content": "second question"}]
+    text = tok.render_chat(chat)
+    assert list(await tok.aencode_rendered_chat(text)) == tok.encode_prompt(text, add_special_tokens=False)
+    assert len(threads) == 1  # the new turn: inline
+    other = tok.render_chat([{"role": "user", "content": "something else entirely " * 20}])
+    assert list(await tok.aencode_rendered_chat(other)) == tok.encode_prompt(other, add_special_tokens=False)
+    assert len(threads) == 2
+
+
+def test_encode_if_known_refuses_beyond_its_budget_and_encodes_nothing() -> None:
+    tok = LocalTokenizer.from_dir(ASSET)
+    assert tok.segments is not None
+    text = tok.render_chat([{"role": "system", "content": "word " * 100}, {"role": "user", "content": "hi"}])
+    misses = tok.segments.misses
+    assert tok.segments.encode_if_known(text, 100) is None
+    assert tok.segments.misses == misses  # nothing was encoded
+    assert list(tok.segments.encode_if_known(text, 10_000) or ()) == tok.encode_prompt(text, add_special_tokens=False)

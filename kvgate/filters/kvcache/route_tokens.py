@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from array import array
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -44,6 +45,10 @@ class Unheld:
 
 
 UNHELD = Unheld()
+
+
+def as_list(tokens: list[int] | array[int]) -> list[int]:
+    return tokens if isinstance(tokens, list) else tokens.tolist()
 
 
 def may_fill_a_chunk(req: Extracted, chunk_tokens: int = LMCACHE_CHUNK_TOKENS) -> bool:
@@ -102,11 +107,15 @@ class RouteTokens:
         self.metrics = metrics
         self.events = events
 
-    def store(self, key: str, tokens: list[int]) -> None:
-        self.token_cache.put(key, tokens)
+    def store(self, key: str, tokens: list[int] | array[int]) -> list[int] | array[int]:
+        """Cache ``tokens`` for ``key``; returns what routing should use: the cached ``array('q')`` for the event
+        index (its chain keys hash that buffer: no second conversion), a list for ``/lookup`` (sent as JSON)."""
+        stored = self.token_cache.put(key, tokens)
         self.metrics.token_cache_size.set(len(self.token_cache))
         if self.event_index is not None:
             self.event_index.forget_tokens(key)
+            return stored
+        return as_list(tokens)
 
     def min_prompt_tokens(self) -> int:
         """Prompts that cannot fill one block of the routing source are not tokenized on the request path."""
@@ -116,7 +125,9 @@ class RouteTokens:
 
     # ------------------------------------------------------------------ request path
 
-    async def on_miss(self, req: Extracted, key: str, deadline: float, cluster: str) -> list[int] | Unheld | None:
+    async def on_miss(
+        self, req: Extracted, key: str, deadline: float, cluster: str
+    ) -> list[int] | array[int] | Unheld | None:
         """Token-cache miss on the request path: local tokenizer first, then (``tokenize_on_miss``) remote.
         ``UNHELD``: the event index provably matches nothing for this chat (see :meth:`lazy_chat`)."""
         if not may_fill_a_chunk(req, self.min_prompt_tokens()):
@@ -127,19 +138,17 @@ class RouteTokens:
                 lazy = self.lazy_chat(self.local, self.event_index, req)
                 if isinstance(lazy, Unheld):
                     return lazy
-                if isinstance(lazy, list):
-                    self.store(key, lazy)
-                    return lazy
+                if isinstance(lazy, array):
+                    return self.store(key, lazy)
                 text = lazy
             tokens = await self.tokenize_local(self.local, req, key, text)
             if tokens is not None:
-                self.store(key, tokens)
-                return tokens
+                return self.store(key, tokens)
         if self.cfg.tokenize_on_miss:
             return await self.tokenize_within(req, key, deadline, cluster)
         return None
 
-    def lazy_chat(self, tok: LocalTokenizer, index: EventIndex, req: Extracted) -> Unheld | list[int] | str | None:
+    def lazy_chat(self, tok: LocalTokenizer, index: EventIndex, req: Extracted) -> Unheld | array[int] | str | None:
         """Lazy tokenization for the event index: render the chat, encode its pieces (between added tokens) only
         until one more token than the index's largest block size is known, and stop when nobody holds the first
         block at any size: ``match`` of the full ids would be empty too (``BlockIndex.first_block_held``), so the
@@ -170,14 +179,14 @@ class RouteTokens:
 
     async def tokenize_local(
         self, tok: LocalTokenizer, req: Extracted, key: str, text: str | None = None
-    ) -> list[int] | None:
+    ) -> list[int] | array[int] | None:
         """In-process tokenization (long texts on a worker thread); ``None`` when it fails (counted, logged).
         ``text``: the chat already rendered."""
         m = self.metrics
         t0 = time.perf_counter()
         try:
             if req.kind == "prompt":
-                tokens = await tok.aencode_prompt(req.engine_text)
+                tokens: list[int] | array[int] = await tok.aencode_prompt(req.engine_text)
             elif text is not None:
                 tokens = await tok.aencode_rendered_chat(text)
             else:
@@ -196,7 +205,9 @@ class RouteTokens:
         m.local_tokenize.labels("ok").inc()
         return tokens
 
-    async def tokenize_within(self, req: Extracted, key: str, deadline: float, cluster: str) -> list[int] | None:
+    async def tokenize_within(
+        self, req: Extracted, key: str, deadline: float, cluster: str
+    ) -> list[int] | array[int] | None:
         """``tokenize_on_miss``: tokenize on the request path, bounded by the routing deadline."""
         breaker = self.routing_breaker
         if not breaker.would_allow():
@@ -221,8 +232,7 @@ class RouteTokens:
         finally:
             self.metrics.tokenize_latency.observe(time.perf_counter() - t0)
         self.metrics.tokenize_calls.labels("ok").inc()
-        self.store(key, tokens)
-        return tokens
+        return self.store(key, tokens)
 
     # ------------------------------------------------------------------ background
 
@@ -231,7 +241,7 @@ class RouteTokens:
         if self.local is not None:
             local = await self.tokenize_local(self.local, job.request, job.key)
             if local is not None:
-                return local
+                return as_list(local)
         t0 = time.perf_counter()
         body = job.request.tokenize_request()
         try:

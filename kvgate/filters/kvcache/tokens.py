@@ -79,13 +79,15 @@ class TokenCache:
         item = self._data.get(key)
         return item is not None and not (self.ttl > 0 and self._clock() >= item[1])
 
-    def put(self, key: str, tokens: Sequence[int]) -> None:
-        """Store (or replace) ``key``; evicts least-recently-used entries beyond ``max_size``."""
+    def put(self, key: str, tokens: Sequence[int]) -> array[int]:
+        """Store (or replace) ``key``; evicts least-recently-used entries beyond ``max_size``. Returns the stored
+        ``array('q')`` (do not modify it)."""
         now = self._clock()
         if self.ttl > 0:
             self.purge_expired(now)
         expires = now + self.ttl if self.ttl > 0 else float("inf")
-        self._data[key] = (array("q", tokens), expires)
+        stored = array("q", tokens)
+        self._data[key] = (stored, expires)
         self._data.move_to_end(key)
         if self.ttl > 0:
             self._expiry.append((expires, key))
@@ -95,6 +97,7 @@ class TokenCache:
             while len(self._data) > self.max_size:
                 self._data.popitem(last=False)
                 self.evictions += 1
+        return stored
 
     def purge_expired(self, now: float | None = None) -> int:
         """Drop every entry whose ttl has passed; returns how many were dropped."""
