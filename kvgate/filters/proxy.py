@@ -130,6 +130,7 @@ class ProxyFilter(HttpFilter):
         self.metrics = runtime.metrics
         self._session: aiohttp.ClientSession | None = None
         self._origins: dict[tuple[str, str], str] = {}  # (cluster, endpoint id) -> origin
+        self._retries: dict[tuple[str, str], tuple[int, Callable[[int], float]]] = {}  # -> attempts, delays
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -155,6 +156,14 @@ class ProxyFilter(HttpFilter):
         if origin is None:
             origin = self._origins[key] = f"{self.config.scheme}://{ep.base_url.split('://', 1)[1]}"
         return origin
+
+    def _retry(self, ep: EndpointState) -> tuple[int, Callable[[int], float]]:
+        """The endpoint's retry schedule (built once per endpoint: its config never changes)."""
+        key = (ep.cluster, ep.id)
+        retry = self._retries.get(key)
+        if retry is None:
+            retry = self._retries[key] = _attempts_and_delays(ep)
+        return retry
 
     async def close(self) -> None:
         if self._session is not None and not self._session.closed:
@@ -251,7 +260,7 @@ class ProxyFilter(HttpFilter):
         detection's consecutive 5xx may do that, counting this request once). Transport failures (connect
         error, header timeout, broken connection) trigger the passive cooldown."""
         for ep in self._order(cluster, first):
-            n_attempts, delay = _attempts_and_delays(ep)
+            n_attempts, delay = self._retry(ep)
             transport_failure = ""
             answered: int | None = None
             for attempt in range(1, n_attempts + 1):
