@@ -13,6 +13,7 @@ from typing import cast
 
 from kvgate import __version__
 from kvgate.errors import ConfigError
+from kvgate.gctune import DEFAULT_GEN0_THRESHOLD, tune_for_serving
 from kvgate.serving import run_async, setup_logging
 
 
@@ -39,6 +40,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             admin_port=args.admin_port,
             log_level=args.log_level,
             drain_timeout=args.drain_timeout,
+            gc_threshold=args.gc_threshold,
         )
 
     async def main() -> None:
@@ -51,6 +53,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             log_level="warning",
             drain_timeout=args.drain_timeout,
         )
+        tune_for_serving(args.gc_threshold)
         for h in running.listeners:
             print(f"kvgate {__version__}: listening on {h.url}", flush=True)
         if running.admin is not None:
@@ -119,6 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--drain-timeout", type=float, default=10.0, help="seconds to drain in-flight requests on SIGTERM")
     s.add_argument(
+        "--gc-threshold",
+        type=_non_negative_int,
+        default=DEFAULT_GEN0_THRESHOLD,
+        help="after startup freeze the heap and set the first GC threshold to this (fewer, shorter collection "
+        f"pauses: see kvgate/gctune.py); 0 keeps the interpreter's GC settings (default {DEFAULT_GEN0_THRESHOLD})",
+    )
+    s.add_argument(
         "--workers",
         type=_positive_int,
         default=_env_int("KVGATE_WORKERS") or 1,
@@ -138,14 +148,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _positive_int(text: str) -> int:
+def _int_at_least(text: str, low: int) -> int:
     try:
         n = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
+    if n < low:
+        raise argparse.ArgumentTypeError(f"must be at least {low}")
     return n
+
+
+def _positive_int(text: str) -> int:
+    return _int_at_least(text, 1)
+
+
+def _non_negative_int(text: str) -> int:
+    return _int_at_least(text, 0)
 
 
 def _env_int(name: str) -> int | None:

@@ -31,6 +31,7 @@ from types import FrameType
 from typing import Any
 
 from kvgate.config import GatewayConfig
+from kvgate.gctune import DEFAULT_GEN0_THRESHOLD, tune_for_serving
 from kvgate.metrics import MULTIPROC_ENV
 
 log = logging.getLogger("kvgate.workers")
@@ -47,6 +48,7 @@ class WorkerSpec:
     admin_port: int
     log_level: str
     drain_timeout: float
+    gc_threshold: int = DEFAULT_GEN0_THRESHOLD
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,7 @@ def _worker_main(spec: WorkerSpec, events: Any) -> None:
             drain_timeout=spec.drain_timeout,
             reuse_port=True,
         )
+        tune_for_serving(spec.gc_threshold)
         events.put(("ready", os.getpid(), ""))
         watch = asyncio.create_task(_watch_supervisor(os.getppid()))
         try:
@@ -146,6 +149,7 @@ def serve_workers(
     log_level: str,
     drain_timeout: float,
     ready_timeout: float = 60.0,
+    gc_threshold: int = DEFAULT_GEN0_THRESHOLD,
 ) -> int:
     """Run ``workers`` gateway processes until SIGTERM/SIGINT; the exit code of ``kvgate serve``."""
     from kvgate import __version__
@@ -163,7 +167,7 @@ def serve_workers(
         log.warning("%s is not empty: values of earlier runs are added to /metrics", MULTIPROC_ENV)
     addrs, held = resolve_addresses(cfg, host, port, admin_host, admin_port)
     spec = WorkerSpec(
-        config_path, host, addrs.listeners[0][1], addrs.admin[0], addrs.admin[1], log_level, drain_timeout
+        config_path, host, addrs.listeners[0][1], addrs.admin[0], addrs.admin[1], log_level, drain_timeout, gc_threshold
     )
     ctx = mp.get_context("spawn")
     events = ctx.Queue()

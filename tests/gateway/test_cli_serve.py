@@ -80,3 +80,41 @@ def test_serve_rejects_an_invalid_config_with_the_key(tmp_path: Path) -> None:
     )
     assert r.returncode == 2
     assert "clusters[0].lb_policy" in r.stderr
+
+
+async def _serve_lines_until_ready(cfg: Path, *extra: str) -> list[str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "kvgate.cli", "serve", "-c", str(cfg), "--port", "0", *extra,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "KVGATE_ADMIN_PORT": "0"},
+    )  # fmt: skip
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        while not any("admin on" in line for line in lines):
+            line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
+            assert line, f"kvgate serve exited before it was ready: {lines}"
+            lines.append(line)
+    finally:
+        proc.terminate()
+        await asyncio.wait_for(proc.wait(), 20)
+    return lines
+
+
+async def test_serve_freezes_the_startup_heap_unless_told_not_to(upstreams: Upstreams, tmp_path: Path) -> None:
+    a = await upstreams.add("a")
+    cfg = tmp_path / "gw.yaml"
+    cfg.write_text(yaml.safe_dump(gateway_config([a])))
+    tuned = await _serve_lines_until_ready(cfg, "--log-level", "info", "--gc-threshold", "12345")
+    assert any("startup objects frozen, first threshold 12345" in line for line in tuned), tuned
+    untouched = await _serve_lines_until_ready(cfg, "--log-level", "info", "--gc-threshold", "0")
+    assert not any("frozen" in line for line in untouched), untouched
+
+
+def test_serve_refuses_a_negative_gc_threshold(tmp_path: Path) -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "kvgate.cli", "serve", "-c", str(tmp_path / "x.yaml"), "--gc-threshold", "-1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2 and "--gc-threshold: must be at least 0" in r.stderr
