@@ -11,18 +11,21 @@ in front of the same zero-cost upstream (nginx, from overhead.py):
   (AsyncSession), ``rnet``; every client is one shared client per process, keep-alive, no per-host cap.
 
 A stack is ``server+client``. By default the server axis runs with the aiohttp client, the client axis with the
-uvicorn server, plus granian-rsgi with the Rust clients; ``--matrix`` runs every pair. Libraries are imported
-lazily: a stack whose library is missing or fails is skipped with a note (the project venv has only uvicorn,
-aiohttp and httpx).
+uvicorn server, plus the granian servers with pyreqwest; ``--matrix`` runs every pair. Libraries are
+imported lazily: a stack whose library is missing or does not start is skipped with a note (the project venv
+has only uvicorn, aiohttp and httpx); one that answers wrong stops the run.
 
 Each stack runs in its own process (``python passthrough_stacks.py --serve SERVER --client CLIENT``) on a
 127.0.0.1 ephemeral port. Before it is measured it is verified twice: against a small echo upstream (method,
 path with query, content-type and body arrive intact; a 240 kB answer and a chunked answer come back byte for
-byte with the upstream's content-type and content-length) and against nginx (the exact reply). Then
+byte with the upstream's content-type and content-length, the chunked one streamed: its first event
+arrives before the upstream's pause ends) and against nginx (the exact reply). Then
 ``wrk -t1`` (overhead.py's ``wrk_run``) measures every stack at c1 and c16 with the short body, and at c16 with
 overhead.py's 30 kB kvcache body, alternating stacks within each round; the table holds medians over rounds,
-ratios to ``bare`` (uvicorn + httptools + uvloop + aiohttp, overhead.py's floor), and the CPU time the stack's
-processes (all threads) spent per request at c16, which machine noise moves less than req/s.
+ratios to ``bare`` (overhead.py's ``_bare`` itself: uvicorn + httptools + uvloop + aiohttp, the floor of the
+current stack), and the CPU time the stack's processes (all threads) spent per request at c16, which machine noise
+moves less than req/s. Every stack, ``bare`` included, runs in a session of its own: with the kernel's autogroup
+scheduling (on by default) a server in the load generator's session gets a smaller share of a busy CPU.
 
     python benchmarks/passthrough_stacks.py [--duration 4] [--rounds 3] [--matrix] [--stacks S+C ...] [--no-long]
 """
@@ -32,6 +35,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import http.client
 import json
 import os
 import shutil
@@ -42,6 +46,8 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -50,14 +56,14 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Protocol
 
-from overhead import BODY, KV_BODY, Proc, Sample, _wait_http, free_port, start_bare, start_nginx, wrk_run
+from overhead import BODY, KV_BODY, Proc, Sample, _bare, _wait_http, free_port, start_nginx, wrk_run
 
 SERVERS = ("uvicorn", "granian-asgi", "granian-rsgi", "aiohttp-web")
 CLIENTS = ("aiohttp", "httpx", "pyreqwest", "curl-cffi", "rnet")
 DEFAULT_STACKS = (
     [f"{s}+aiohttp" for s in SERVERS]
     + [f"uvicorn+{c}" for c in CLIENTS[1:]]
-    + ["granian-rsgi+pyreqwest", "granian-rsgi+rnet"]
+    + ["granian-rsgi+pyreqwest", "granian-asgi+pyreqwest"]
 )
 # the distribution that has to be installed for each server / client
 PACKAGES = {
@@ -121,7 +127,9 @@ def make_client(name: str) -> Forward:
         rq = ClientBuilder().max_connections(None).http1_only().no_proxy().build()  # idle pool: unbounded
 
         async def fwd_pyreqwest(method: str, url: str, body: bytes, ctype: str | None, sink: Sink) -> None:
-            b = rq.request(method, url).body_bytes(body)
+            # read-ahead 0: the answer's head is returned when it arrives (the default waits for 64 kB or the end
+            # of the body, which holds an event stream's first events back)
+            b = rq.request(method, url).body_bytes(body).streamed_read_buffer_limit(0)
             if ctype:
                 b = b.header("content-type", ctype)
             async with b.build_streamed() as r:
@@ -341,10 +349,11 @@ class _Echo(BaseHTTPRequestHandler):
             self.send_header("content-type", "text/event-stream")
             self.send_header("transfer-encoding", "chunked")
             self.end_headers()
-            for part in chunked_parts(info):
+            for i, part in enumerate(chunked_parts(info)):
+                if i == 1:
+                    time.sleep(STREAM_PAUSE_S)  # the first event must reach the client before this pause ends
                 self.wfile.write(b"%x\r\n%s\r\n" % (len(part), part))
                 self.wfile.flush()
-                time.sleep(0.01)
             self.wfile.write(b"0\r\n\r\n")
             return
         out = info + (body * 8 if self.path.startswith("/big") else b"")
@@ -362,6 +371,9 @@ def echo_info(method: str, path: str, ctype: str | None, body: bytes) -> bytes:
     return json.dumps(d).encode() + b"\n"
 
 
+STREAM_PAUSE_S = 0.5
+
+
 def chunked_parts(info: bytes) -> list[bytes]:
     return [b"data: " + info, *(b"data: %d\n\n" % i for i in range(5))]
 
@@ -373,6 +385,22 @@ def _fetch(url: str, method: str, body: bytes | None, ctype: str | None) -> tupl
             return r.status, {k.lower(): v for k, v in r.headers.items()}, r.read()
     except urllib.error.HTTPError as e:
         return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
+
+
+def first_event_delay(url: str, body: bytes) -> float:
+    """Seconds from sending the request to reading the first event of the echo upstream's chunked answer."""
+    u = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(u.hostname or "", u.port, timeout=10)
+    try:
+        t0 = time.perf_counter()
+        conn.request("POST", u.path, body, {"content-type": "application/json"})
+        r = conn.getresponse()
+        r.readline()
+        delay = time.perf_counter() - t0
+        r.read()  # the rest, so that the upstream is not cut off mid-answer
+        return delay
+    finally:
+        conn.close()
 
 
 def verify(name: str, url: str, upstream: str, echo: bool) -> None:
@@ -397,10 +425,12 @@ def verify(name: str, url: str, upstream: str, echo: bool) -> None:
         for h in ("content-type", "content-length"):
             if got[1].get(h) != want[1].get(h):
                 problems.append(f"{h} {got[1].get(h)!r} != {want[1].get(h)!r}")
-        if echo and not path.startswith("/chunked"):
+        if echo:
             info = echo_info(method, path, ctype, body)
-            if not got[2].startswith(info):
-                problems.append(f"upstream saw {got[2][: len(info)]!r}, sent {info!r}")
+            if info not in got[2][:1000]:
+                problems.append(f"upstream saw {got[2][:200]!r}, sent {info!r}")
+        if path.startswith("/chunked") and (delay := first_event_delay(url + path, body)) > STREAM_PAUSE_S / 2:
+            problems.append(f"not streamed: the first event arrived after {delay:.2f}s (upstream sent it at once)")
         if problems:
             raise SystemExit(f"{name}: {method} {path} is not passed through: " + "; ".join(problems))
 
@@ -427,27 +457,38 @@ def missing(stack: str) -> str | None:
     return None
 
 
+class _PortFile:
+    """Where overhead.py's ``_bare`` puts the port it bound (it expects a queue)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+
+    def put(self, port: int) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(str(port))
+        tmp.replace(self.path)
+
+
 def start_stack(stack: str, upstream: str) -> Proc:
-    server, client = stack.split("+")
+    """``SERVER+CLIENT``, or ``bare`` (overhead.py's ``_bare`` itself), in a process of its own session.
+
+    Its own session: the kernel's autogroup scheduling (on by default) shares the CPU between sessions first, so a
+    server in the load generator's session would get less of it than one in a session of its own."""
+    server, _, client = stack.partition("+")
     port = free_port()
     d = Path(tempfile.mkdtemp(prefix=f"kvgate-passthrough-{server}-{client}-"))
     log = (d / "serve.log").open("wb")
-    argv = [
-        sys.executable,
-        str(Path(__file__).resolve()),
-        "--serve",
-        server,
-        "--client",
-        client,
-        "--upstream",
-        upstream,
-        "--port",
-        str(port),
-    ]
+    argv = [sys.executable, str(Path(__file__).resolve()), "--serve", server, "--upstream", upstream]
+    argv += ["--port-file", str(d / "port")] if stack == "bare" else ["--client", client, "--port", str(port)]
     p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     log.close()
     proc = Proc(stack, f"http://127.0.0.1:{port}", popen=p, tmp=d)
     try:
+        if stack == "bare":
+            deadline = time.monotonic() + 30
+            while not (d / "port").exists() and p.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            proc.url = f"http://127.0.0.1:{(d / 'port').read_text()}"
         _wait_http(proc.url + "/health", proc=p)
     except BaseException:
         print((d / "serve.log").read_text()[-2000:], file=sys.stderr)
@@ -465,21 +506,18 @@ _TICK = os.sysconf("SC_CLK_TCK")
 
 
 def cpu_s(proc: Proc) -> float:
-    """CPU seconds (user + system, all threads) of a stack: its process group (a session of its own, granian's
-    workers included), or the one process of overhead.py's ``bare`` (a multiprocessing child in our group)."""
-    if proc.popen is None:
-        pid, pgid = proc.mp_proc.pid, None
-    else:
-        pid, pgid = proc.popen.pid, proc.popen.pid
+    """CPU seconds (user + system, all threads) of a stack's process group (granian's workers included)."""
+    assert proc.popen is not None
+    pgid = proc.popen.pid
     total = 0
-    for entry in [Path(f"/proc/{pid}")] if pgid is None else Path("/proc").iterdir():
+    for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if pgid is None or int(fields[2]) == pgid:  # after the name: state ppid pgrp ... utime(11) stime(12)
+        if int(fields[2]) == pgid:  # after the name: state ppid pgrp ... utime(11) stime(12)
             total += int(fields[11]) + int(fields[12])
     return total / _TICK
 
@@ -509,11 +547,15 @@ def main() -> int:
     ap.add_argument("--stacks", nargs="*", help="only these SERVER+CLIENT stacks")
     ap.add_argument("--no-long", action="store_true", help="skip the c16 run with the 30 kB body")
     ap.add_argument("--json", help="also write the results as JSON to this file")
-    ap.add_argument("--serve", choices=SERVERS, help=argparse.SUPPRESS)
+    ap.add_argument("--serve", choices=(*SERVERS, "bare"), help=argparse.SUPPRESS)
+    ap.add_argument("--port-file", help=argparse.SUPPRESS)
     ap.add_argument("--client", choices=CLIENTS, help=argparse.SUPPRESS)
     ap.add_argument("--upstream", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.serve == "bare":
+        _bare(args.upstream, _PortFile(args.port_file))  # type: ignore[arg-type]  # a queue's put() is all it uses
+        return 0
     if args.serve:
         serve(args.serve, args.client, args.upstream, args.port)
         return 0
@@ -526,9 +568,6 @@ def main() -> int:
         if server not in SERVERS or client not in CLIENTS:
             raise SystemExit(f"unknown stack {s!r}: SERVER+CLIENT with SERVER in {SERVERS}, CLIENT in {CLIENTS}")
     print(versions(), flush=True)
-    import multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
     procs: list[Proc] = []
     echo = EchoUpstream()
     script_dir = Path(tempfile.mkdtemp(prefix="kvgate-passthrough-wrk-"))
@@ -538,7 +577,7 @@ def main() -> int:
     try:
         up = start_nginx()
         procs.append(up)
-        bare = start_bare(ctx, up.url)  # overhead.py's floor: the current stack
+        bare = start_stack("bare", up.url)  # overhead.py's floor: the current stack
         procs.append(bare)
         verify("bare", bare.url, up.url, echo=False)
         targets: dict[str, Proc] = {"direct": up, "bare": bare}
@@ -547,7 +586,11 @@ def main() -> int:
                 print(f"note: {stack} skipped: {dist} is not installed", flush=True)
                 continue
             for upstream, is_echo in ((echo.url, True), (up.url, False)):
-                p = start_stack(stack, upstream)
+                try:
+                    p = start_stack(stack, upstream)
+                except (OSError, RuntimeError) as e:  # it does not start here (its log is printed above)
+                    print(f"note: {stack} skipped: it does not run here ({e})", flush=True)
+                    break
                 procs.append(p)
                 try:
                     verify(stack, p.url, upstream, echo=is_echo)
@@ -556,7 +599,8 @@ def main() -> int:
                 if is_echo:
                     p.stop()
                     procs.remove(p)
-            targets[stack] = p
+            else:
+                targets[stack] = p
         echo.close()
         print(
             f"measuring {len(targets)} paths x {len(modes)} loads x {args.rounds} rounds x {args.duration:g} s",
@@ -602,7 +646,7 @@ def report(results: dict[str, Result], args: argparse.Namespace) -> str:
     lines = [
         f"load: wrk -t1; {args.rounds} rounds x {args.duration:g}s per path and load, alternating; medians over "
         f"rounds; ratios to bare (uvicorn+httptools+uvloop, aiohttp client); cpu = the stack's processes' CPU per "
-        f"request at c16 (direct: nginx's, bare: the server process's); load average at end {os.getloadavg()[0]:.2f}",
+        f"request at c16 (direct: nginx's); load average at end {os.getloadavg()[0]:.2f}",
         "",
         "| stack | c1 req/s | c1 p50 ms | c1 p99 ms | c16 req/s | c16 p50 ms | c16 p99 ms | cpu µs/req "
         + ("| c16 30 kB req/s " if long else "")
