@@ -200,6 +200,10 @@ def _bare(upstream: str, port_q: mp.Queue) -> None:  # type: ignore[type-arg]
     import uvicorn
     import uvloop
 
+    # A session of its own, like every `kvgate serve` here: with the kernel's autogroup scheduling on, a
+    # process sharing wrk's session shares wrk's CPU share, which made the floor slower than kvgate's paths.
+    os.setsid()
+
     session: aiohttp.ClientSession | None = None
 
     async def app(scope, receive, send):  # type: ignore[no-untyped-def]
