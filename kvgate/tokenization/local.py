@@ -191,8 +191,8 @@ class LocalTokenizer:
         if self.segments is not None and not add_special_tokens:
             if len(text) <= self.thread_threshold:
                 return self.segments.encode_array(text)
-            known = self.segments.encode_if_known(text, self.thread_threshold)  # a new turn: no thread hop
-            if known is not None:
-                return known
-            return await asyncio.to_thread(self.segments.encode_array, text)
+            split = self.segments.split(text)
+            if split.parts is not None and split.missing <= self.thread_threshold:
+                return self.segments.join(split.parts)  # a new turn of a known chat: no thread hop
+            return await asyncio.to_thread(self.segments.encode_split, split)
         return await self._encode_async(text, add_special_tokens)

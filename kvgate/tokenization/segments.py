@@ -23,8 +23,19 @@ import unicodedata
 from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 
 Encode = Callable[[str], list[int]]
+
+
+@dataclass(frozen=True, slots=True)
+class Split:
+    """A text cut at its added tokens (``parts``; ``None`` when piecewise encoding is not provable for it) and
+    the number of its characters in pieces not cached when it was cut (a cost hint only)."""
+
+    text: str
+    parts: list[str | int] | None
+    missing: int
 
 
 class SegmentEncoder:
@@ -107,19 +118,25 @@ class SegmentEncoder:
             out += self._piece(p)
         return out, True
 
+    def split(self, text: str) -> Split:
+        """``text`` cut into pieces, with how many of its characters are in pieces not cached yet."""
+        parts = self.parts(text)
+        if parts is None:
+            return Split(text, None, len(text))
+        with self._lock:
+            missing = sum(len(p) for p in parts if isinstance(p, str) and p not in self._cache)
+        return Split(text, parts, missing)
+
     def encode_if_known(self, text: str, max_new_chars: int) -> array[int] | None:
         """``encode(text)`` when at most ``max_new_chars`` characters of it are in pieces not cached yet (the
         next turn of a known chat: cheap enough for the event loop); else ``None`` (nothing encoded)."""
-        parts = self.parts(text)
-        if parts is None:
+        s = self.split(text)
+        if s.parts is None or s.missing > max_new_chars:
             return None
-        with self._lock:
-            missing = sum(len(p) for p in parts if isinstance(p, str) and p not in self._cache)
-        if missing > max_new_chars:
-            return None
-        return self._join(parts)
+        return self.join(s.parts)
 
-    def _join(self, parts: list[str | int]) -> array[int]:
+    def join(self, parts: list[str | int]) -> array[int]:
+        """The ids of a split text, piece by piece (cached pieces are copied, new ones encoded and cached)."""
         out: array[int] = array("q")
         for p in parts:
             if isinstance(p, int):
@@ -133,19 +150,22 @@ class SegmentEncoder:
 
     def encode_array(self, text: str) -> array[int]:
         """``encode(text)`` as an ``array('q')``."""
-        parts = self.parts(text)
-        if parts is None:
-            return array("q", self._encode(text))
-        with self._lock:
-            missing = sum(len(p) for p in parts if isinstance(p, str) and p not in self._cache)
-        if missing * 2 > len(text):
-            return self._encode_whole(text, parts)
-        return self._join(parts)
+        return self.encode_split(self.split(text))
+
+    def encode_split(self, s: Split) -> array[int]:
+        """``encode(s.text)`` for a text already split (:meth:`split`): mostly new text in one encode call
+        (cheaper than many), else piece by piece."""
+        if s.parts is None:
+            return array("q", self._encode(s.text))
+        if s.missing * 2 > len(s.text):
+            return self._encode_whole(s.text, s.parts)
+        return self.join(s.parts)
 
     def _encode_whole(self, text: str, parts: list[str | int]) -> array[int]:
-        """Mostly new text: one encode call (cheaper than many), then cache its pieces by cutting the ids at
-        the added-token ids (a piece cannot yield an added token's id: its text would have been split off)."""
-        ids = array("q", self._encode(text))
+        """Mostly new text: one encode call, then cache its pieces by cutting the ids at the added-token ids (a
+        piece cannot yield an added token's id: its text would have been split off)."""
+        listed = self._encode(text)
+        ids = array("q", listed)
         self.misses += 1
         found: list[tuple[str, array[int]]] = []
         pos = 0
@@ -155,7 +175,7 @@ class SegmentEncoder:
                 piece = p
                 continue
             try:
-                j = ids.index(p, pos)
+                j = listed.index(p, pos)  # the list: array.index boxes every id it compares
             except ValueError:
                 return ids  # not the expected layout: keep the ids, cache nothing
             if piece is not None:
