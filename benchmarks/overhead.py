@@ -438,14 +438,19 @@ def load(url: str, body: bytes, conc: int, duration: float, script_dir: Path, us
 
 
 # -- main ------------------------------------------------------------------------------------------------------------
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_run_options(ap: argparse.ArgumentParser) -> None:
+    """The options every data-path benchmark here shares: measurement length, rounds, JSON output."""
     ap.add_argument("--duration", type=float, default=4.0, help="seconds per measurement")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--json", help="also write the results as JSON to this file")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_run_options(ap)
     ap.add_argument("--no-peer", action="store_true", help="skip vllm-router even when installed")
     ap.add_argument("--workers-scaling", action="store_true", help="also measure kvgate serve --workers 2")
     ap.add_argument("--paths", nargs="*", help="only these paths (direct and bare always run)")
-    ap.add_argument("--json", help="also write the results as JSON to this file")
     ap.add_argument(
         "--baseline-src",
         help="A/B in the same run: also measure kvgate-off and kvgate-kv from this source tree (a checkout's root, "

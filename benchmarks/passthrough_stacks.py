@@ -56,7 +56,18 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Protocol
 
-from overhead import BODY, KV_BODY, Proc, Sample, _bare, _wait_http, free_port, start_nginx, wrk_run
+from overhead import (
+    BODY,
+    KV_BODY,
+    Proc,
+    Sample,
+    _bare,
+    _wait_http,
+    add_run_options,
+    free_port,
+    start_nginx,
+    wrk_run,
+)
 
 SERVERS = ("uvicorn", "granian-asgi", "granian-rsgi", "aiohttp-web")
 CLIENTS = ("aiohttp", "httpx", "pyreqwest", "curl-cffi", "rnet")
@@ -541,12 +552,10 @@ def versions() -> str:
 # -- main ------------------------------------------------------------------------------------------------------------
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--duration", type=float, default=4.0, help="seconds per measurement")
-    ap.add_argument("--rounds", type=int, default=3)
+    add_run_options(ap)
     ap.add_argument("--matrix", action="store_true", help="every server with every client")
     ap.add_argument("--stacks", nargs="*", help="only these SERVER+CLIENT stacks")
     ap.add_argument("--no-long", action="store_true", help="skip the c16 run with the 30 kB body")
-    ap.add_argument("--json", help="also write the results as JSON to this file")
     ap.add_argument("--serve", choices=(*SERVERS, "bare"), help=argparse.SUPPRESS)
     ap.add_argument("--port-file", help=argparse.SUPPRESS)
     ap.add_argument("--client", choices=CLIENTS, help=argparse.SUPPRESS)
