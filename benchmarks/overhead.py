@@ -14,7 +14,9 @@ Debian package is installed, else a tiny uvicorn app, with a note):
   tokenizer directory, ``index_source: events``): a token-cache hit routed from the event index, which the
   benchmark fills by publishing the prompt's blocks as vLLM ``BlockStored`` events (no controller call);
 * ``vllm-router``: when installed (optional peer, never a dependency), ``cache_aware`` policy;
-* ``kvgate-off-w2``: with ``--workers-scaling``, ``kvgate serve --workers 2`` (routing off).
+* ``kvgate-off-w2``: with ``--workers-scaling``, ``kvgate serve --workers 2`` (routing off);
+* ``kvgate-off-gc0``: only when named in ``--paths``: ``kvgate-off`` with ``--gc-threshold 0`` (the interpreter's
+  collector settings: the A/B of kvgate/gctune.py).
 
 Load generator: ``wrk -t1`` with a Lua script for the POST body when wrk is installed (it does not saturate a
 core before the gateway does); otherwise an aiohttp client (noted in the output: it costs a core itself).
@@ -322,7 +324,9 @@ def kvgate_config(up_port: int, upstream: str, kvcache: bool, local: dict[str, A
     }
 
 
-def start_kvgate(name: str, config: dict[str, Any], workers: int = 1, src: str | None = None) -> Proc:
+def start_kvgate(
+    name: str, config: dict[str, Any], workers: int = 1, src: str | None = None, extra: list[str] | None = None
+) -> Proc:
     d = Path(tempfile.mkdtemp(prefix=f"kvgate-overhead-{name}-"))
     cfg = d / "gw.yaml"
     cfg.write_text(yaml.safe_dump(config))
@@ -331,6 +335,7 @@ def start_kvgate(name: str, config: dict[str, Any], workers: int = 1, src: str |
             "--admin-port", str(admin), "--log-level", "warning"]  # fmt: skip
     if workers > 1:
         argv += ["--workers", str(workers)]
+    argv += extra or []
     log = (d / "serve.log").open("wb")
     env = {**os.environ, "PYTHONPATH": src} if src else None  # another checkout's kvgate package (A/B)
     p = subprocess.Popen(
@@ -496,6 +501,12 @@ def main() -> int:
                     p = start_kvgate(name + "@base", kvgate_config(up_port, up.url, kvcache=kv), src=args.baseline_src)
                     procs.append(p)
                     targets[name + "@base"] = (p.url, body)
+        if "kvgate-off-gc0" in want and args.paths:
+            p = start_kvgate(
+                "kvgate-off-gc0", kvgate_config(up_port, up.url, kvcache=False), extra=["--gc-threshold", "0"]
+            )
+            procs.append(p)
+            targets["kvgate-off-gc0"] = (p.url, BODY)
         if args.workers_scaling and "kvgate-off-w2" in want:
             p = start_kvgate("kvgate-off-w2", kvgate_config(up_port, up.url, kvcache=False), workers=2)
             procs.append(p)

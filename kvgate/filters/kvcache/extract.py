@@ -24,13 +24,16 @@ import hashlib
 import json
 from dataclasses import dataclass
 from functools import cache
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import msgspec
+if TYPE_CHECKING:
+    import msgspec
 
 
 @cache
 def _canon_encoder() -> msgspec.json.Encoder:
+    import msgspec  # on first use: a gateway serving only prompt requests does not load it
+
     return msgspec.json.Encoder(order="sorted")
 
 
