@@ -337,9 +337,11 @@ def start_kvgate(
         argv += ["--workers", str(workers)]
     argv += extra or []
     log = (d / "serve.log").open("wb")
-    env = {**os.environ, "PYTHONPATH": src} if src else None  # another checkout's kvgate package (A/B)
+    # another checkout's kvgate package (A/B); run from its root: `python -m` puts the working directory first on
+    # sys.path, ahead of PYTHONPATH, so started from this checkout it would import this checkout's kvgate
+    env = {**os.environ, "PYTHONPATH": src} if src else None
     p = subprocess.Popen(
-        argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env
+        argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env, cwd=src
     )
     log.close()
     proc = Proc(name, f"http://127.0.0.1:{port}", popen=p, tmp=d)
