@@ -127,6 +127,8 @@ def _affixes(hf: Tokenizer) -> tuple[list[int], list[int]]:
 class FastBPE:
     """Encodes like the HF tokenizer it was built from, through tiktoken."""
 
+    name = "tiktoken"
+
     def __init__(self, encoding: Any, nfc: bool, prefix: list[int], suffix: list[int], hf: Tokenizer) -> None:
         self._enc = encoding
         self._nfc = nfc

@@ -21,15 +21,16 @@ from __future__ import annotations
 import asyncio
 import json
 from array import array
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Unpack
+from typing import Any, Protocol, Unpack
 
 from tokenizers import Tokenizer, normalizers
 
 from kvgate.tokenization.chat_template import ChatTemplate, RenderOptions
 from kvgate.tokenization.errors import TokenizationError
 from kvgate.tokenization.fast_bpe import FastBPE
+from kvgate.tokenization.fastokens_engine import FastTokens
 from kvgate.tokenization.segments import SegmentEncoder
 
 # Below this many characters an encode costs well under 0.1 ms: a thread hop would cost more than it saves.
@@ -69,6 +70,32 @@ def _template_source(directory: Path, config: Mapping[str, Any]) -> str | None:
     return None
 
 
+class FastEngine(Protocol):
+    name: str
+
+    def encode(self, text: str, add_special_tokens: bool) -> list[int]: ...
+
+
+FAST_ENGINES = ("fastokens", "tiktoken")
+
+
+def _fast_engine(tok_file: Path, hf: Tokenizer, engines: Sequence[str]) -> tuple[FastEngine | None, str]:
+    """The first of ``engines`` that loads and agrees with HF, and ``"ok"``; else ``None`` and every reason."""
+    reasons: list[str] = []
+    for name in engines:
+        engine: FastEngine | None
+        if name == "fastokens":
+            engine, why = FastTokens.build(tok_file, hf)
+        elif name == "tiktoken":
+            engine, why = FastBPE.build(_read_json(tok_file), hf)
+        else:
+            raise TokenizationError(f"unknown tokenizer engine {name!r}")
+        if engine is not None:
+            return engine, "ok"
+        reasons.append(f"{name}: {why}")
+    return None, "; ".join(reasons) or "no fast engine requested"
+
+
 class LocalTokenizer:
     """Thread-safe: ``tokenizers.Tokenizer.encode`` and jinja rendering hold no shared mutable state."""
 
@@ -79,7 +106,7 @@ class LocalTokenizer:
         *,
         name: str = "local",
         thread_threshold: int = DEFAULT_THREAD_THRESHOLD,
-        fast: FastBPE | None = None,
+        fast: FastEngine | None = None,
         fast_reason: str = "not requested",
     ) -> None:
         self._tok = tokenizer
@@ -87,7 +114,7 @@ class LocalTokenizer:
         self.name = name
         self.thread_threshold = thread_threshold
         self._fast = fast
-        self.fast_reason = fast_reason  # "ok" when the tiktoken engine is in use, else why not
+        self.fast_reason = fast_reason  # "ok" when a fast engine is in use, else why not (per engine tried)
         self.segments = self._segment_encoder(tokenizer)
 
     def _segment_encoder(self, tok: Tokenizer) -> SegmentEncoder | None:
@@ -106,13 +133,19 @@ class LocalTokenizer:
 
     @property
     def engine(self) -> str:
-        return "tiktoken" if self._fast is not None else "tokenizers"
+        return self._fast.name if self._fast is not None else "tokenizers"
 
     @classmethod
     def from_dir(
-        cls, directory: str | Path, *, thread_threshold: int = DEFAULT_THREAD_THRESHOLD, fast: bool = True
+        cls,
+        directory: str | Path,
+        *,
+        thread_threshold: int = DEFAULT_THREAD_THRESHOLD,
+        fast: bool = True,
+        engines: Sequence[str] = FAST_ENGINES,
     ) -> LocalTokenizer:
-        """Load a directory; ``fast`` tries the tiktoken engine (used only where proven equivalent)."""
+        """Load a directory; ``fast`` tries the fast ``engines`` in order (``fastokens``: kept where its self-check
+        agrees with HF; ``tiktoken``: where proven equivalent), else HF ``tokenizers`` encodes."""
         d = Path(directory)
         tok_file = d / "tokenizer.json"
         if not tok_file.is_file():
@@ -121,7 +154,7 @@ class LocalTokenizer:
             tok = Tokenizer.from_file(str(tok_file))
         except Exception as exc:  # the Rust loader raises plain Exception
             raise TokenizationError(f"cannot load tokenizer.json: {exc}") from exc
-        engine, reason = FastBPE.build(_read_json(tok_file), tok) if fast else (None, "not requested")
+        engine, reason = _fast_engine(tok_file, tok, engines) if fast else (None, "not requested")
         cfg_file = d / "tokenizer_config.json"
         config = _read_json(cfg_file) if cfg_file.is_file() else {}
         specials = {k: v for k in _SPECIAL_KEYS if (v := _token_text(config.get(k))) is not None}
@@ -160,7 +193,7 @@ class LocalTokenizer:
         return await asyncio.to_thread(self._encode_nogil, text, add_special_tokens)
 
     def _encode_nogil(self, text: str, add_special_tokens: bool) -> list[int]:
-        if self._fast is not None:  # tiktoken releases the GIL while encoding
+        if self._fast is not None:  # both fast engines release the GIL while encoding
             return self._fast.encode(text, add_special_tokens)
         return list(self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids)
 

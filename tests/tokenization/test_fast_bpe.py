@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from tokenizers import Tokenizer, models
 
-from kvgate.tokenization import LocalTokenizer
+from kvgate.tokenization import LocalTokenizer, TokenizationError
 from kvgate.tokenization.fast_bpe import FastBPE
 
 ASSET = Path(__file__).resolve().parents[2] / "kvgate_sim" / "assets" / "tokenizers" / "sim-qwen2.5"
@@ -27,7 +27,7 @@ def build(data: dict[str, Any]) -> tuple[FastBPE | None, str]:
 
 
 def test_sim_asset_uses_the_fast_engine_with_identical_ids() -> None:
-    fast, slow = LocalTokenizer.from_dir(ASSET), LocalTokenizer.from_dir(ASSET, fast=False)
+    fast, slow = LocalTokenizer.from_dir(ASSET, engines=("tiktoken",)), LocalTokenizer.from_dir(ASSET, fast=False)
     assert (fast.engine, fast.fast_reason) == ("tiktoken", "ok")
     texts = ["e\u0301 not NFC <|im_end|>\u0338", "<|im_start|>user\nhi<|im_end|>", "x" * 10_000, "  \n\n\t  "]
     for text in texts:
@@ -67,4 +67,22 @@ def test_non_bpe_models_fall_back_to_tokenizers(tmp_path: Path) -> None:
     tok.save(str(tmp_path / "tokenizer.json"))
     local = LocalTokenizer.from_dir(tmp_path)
     assert local.engine == "tokenizers"
-    assert local.fast_reason == "not a plain BPE model"
+    assert local.fast_reason.startswith("fastokens: ")  # every engine tried says why it was refused
+    assert local.fast_reason.endswith("; tiktoken: not a plain BPE model")
+
+
+def test_the_default_prefers_fastokens_and_an_unknown_engine_is_an_error() -> None:
+    assert LocalTokenizer.from_dir(ASSET).engine == "fastokens"
+    with pytest.raises(TokenizationError, match="unknown tokenizer engine"):
+        LocalTokenizer.from_dir(ASSET, engines=("nope",))
+
+
+def test_lone_surrogates_get_the_same_ids_from_both_fast_engines() -> None:
+    """A lone surrogate (a valid JSON escape, not UTF-8) is replaced as tiktoken does, never an error."""
+    text = "a \udc80 b \ud800"
+    fastokens = LocalTokenizer.from_dir(ASSET, engines=("fastokens",))
+    tiktoken = LocalTokenizer.from_dir(ASSET, engines=("tiktoken",))
+    assert fastokens.engine == "fastokens" and tiktoken.engine == "tiktoken"
+    for special in (True, False):
+        got = fastokens.encode_prompt(text, add_special_tokens=special)
+        assert got == tiktoken.encode_prompt(text, add_special_tokens=special) and got

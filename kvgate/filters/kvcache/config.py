@@ -117,7 +117,9 @@ class LocalTokenizerConfig(_Section):
     """``local_tokenizer``: tokenize in-process from a model/tokenizer directory (``tokenizer.json`` + template)."""
 
     path: str = ""
-    fast: bool = True  # use the tiktoken engine where it is proven to give the same ids
+    # a fast engine where it gives the same ids: fastokens (``kvgate[fast]``; kept if its self-check against
+    # tokenizers agrees), else tiktoken (proven equivalent at load); false: tokenizers only
+    fast: bool = True
     thread_threshold: int = 4096  # texts longer than this (characters) are encoded on a worker thread
 
 

@@ -163,7 +163,8 @@ class KVCacheFilter(HttpFilter):
             log.warning("[kvcache] ignoring unknown config keys: %s", ", ".join(extra))
         self.local_tokenizer = load_local_tokenizer(config)
         if self.local_tokenizer is not None:
-            log.info("[kvcache] local tokenizer %s (engine %s)", self.local_tokenizer.name, self.local_tokenizer.engine)
+            lt = self.local_tokenizer
+            log.info("[kvcache] local tokenizer %s (engine %s; fast engines: %s)", lt.name, lt.engine, lt.fast_reason)
         self.event_index: EventIndex | None = None
         if config.enabled and config.index_source != "lookup":
             from kvgate.filters.kvcache.event_index import DEFAULT_MEMO_SIZE, EventIndex
