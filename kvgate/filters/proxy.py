@@ -16,6 +16,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncGenerator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -123,14 +124,20 @@ def _attempts_and_delays(ep: EndpointState) -> tuple[int, Callable[[int], float]
     return schedule.max_attempts, lambda n: schedule.backoff(n - 1)
 
 
+@dataclass(frozen=True, slots=True)
+class _Target:
+    origin: str
+    attempts: int
+    delay: Callable[[int], float]  # the wait before attempt n + 1 (n >= 1)
+
+
 class ProxyFilter(HttpFilter):
     def __init__(self, config: ProxyConfig, runtime: Runtime):
         self.config = config
         self.runtime = runtime
         self.metrics = runtime.metrics
         self._session: aiohttp.ClientSession | None = None
-        self._origins: dict[tuple[str, str], str] = {}  # (cluster, endpoint id) -> origin
-        self._retries: dict[tuple[str, str], tuple[int, Callable[[int], float]]] = {}  # -> attempts, delays
+        self._targets: dict[tuple[str, str], _Target] = {}  # (cluster, endpoint id) -> what never changes
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -149,21 +156,16 @@ class ProxyFilter(HttpFilter):
             )
         return self._session
 
-    def _origin(self, ep: EndpointState) -> str:
-        """``scheme://host:port`` of an endpoint (built once per endpoint)."""
+    def _target(self, ep: EndpointState) -> _Target:
+        """The endpoint's origin (``scheme://host:port``) and retry schedule, built once: its config never
+        changes."""
         key = (ep.cluster, ep.id)
-        origin = self._origins.get(key)
-        if origin is None:
-            origin = self._origins[key] = f"{self.config.scheme}://{ep.base_url.split('://', 1)[1]}"
-        return origin
-
-    def _retry(self, ep: EndpointState) -> tuple[int, Callable[[int], float]]:
-        """The endpoint's retry schedule (built once per endpoint: its config never changes)."""
-        key = (ep.cluster, ep.id)
-        retry = self._retries.get(key)
-        if retry is None:
-            retry = self._retries[key] = _attempts_and_delays(ep)
-        return retry
+        target = self._targets.get(key)
+        if target is None:
+            attempts, delay = _attempts_and_delays(ep)
+            origin = f"{self.config.scheme}://{ep.base_url.split('://', 1)[1]}"
+            target = self._targets[key] = _Target(origin, attempts, delay)
+        return target
 
     async def close(self) -> None:
         if self._session is not None and not self._session.closed:
@@ -260,14 +262,15 @@ class ProxyFilter(HttpFilter):
         detection's consecutive 5xx may do that, counting this request once). Transport failures (connect
         error, header timeout, broken connection) trigger the passive cooldown."""
         for ep in self._order(cluster, first):
-            n_attempts, delay = self._retry(ep)
+            target = self._target(ep)
+            n_attempts, delay = target.attempts, target.delay
             transport_failure = ""
             answered: int | None = None
             for attempt in range(1, n_attempts + 1):
                 if attempt > 1:
                     await asyncio.sleep(delay(attempt - 1))
                 t0 = time.perf_counter()
-                raw = self._origin(ep)
+                raw = target.origin
                 raw += (ctx.raw_path or ctx.path.encode()).decode("latin-1")
                 if ctx.query_string:
                     raw += "?" + ctx.query_string.decode("latin-1")

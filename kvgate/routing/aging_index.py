@@ -17,7 +17,7 @@ from array import array
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
 
-from kvgate.routing.block_index import BlockHash, BlockIndex
+from kvgate.routing.block_index import BlockHash, BlockIndex, iter_chain_keys
 
 HINT_MEDIUM = "LOOKUP"
 _GPU = "GPU"
@@ -148,7 +148,7 @@ class AgingBlockIndex(BlockIndex):
                 continue
             keys = chains.get(size)
             if keys is None:
-                keys = chains[size] = array("q", self.chain_keys(token_ids[: n // size * size], size))
+                keys = chains[size] = array("q", iter_chain_keys(token_ids[: n // size * size], size))
             active: set[str] | None = None
             matched = 0
             for key in keys:
