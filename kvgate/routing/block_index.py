@@ -5,10 +5,10 @@ time by the simulator) and ask ``match(token_ids)``.
 
 Keying. The gateway cannot reproduce vLLM's block hashes (the algorithm and its seed are engine-side), so
 every block is keyed by the index's own chain key ``hash((parent_key, block_bytes))``, ``block_bytes`` the
-block's ids as native int64 (:func:`token_bytes`; an id beyond int64 keys its block by the tuple of its ids).
-CPython's 64-bit hash, salted per process: keys never leave the process. Hashing bytes sliced from one
-buffer costs about half of hashing a tuple sliced from a list, and a token cache ``array('q')`` converts to
-that buffer with one copy. ``BlockStored`` carries the token ids,
+block's ids as native uint32 (:func:`token_bytes`, :mod:`kvgate.token_ids`; an id outside uint32 keys its block
+by the tuple of its ids). CPython's 64-bit hash, salted per process: keys never leave the process. Hashing
+bytes sliced from one buffer costs about half of hashing a tuple sliced from a list, and a token cache
+``array('I')`` converts to that buffer with one copy. ``BlockStored`` carries the token ids,
 so the key chain is rebuilt from them; a per-instance map ``engine_hash -> (block_size, key, medium)``
 lets ``BlockRemoved`` (hashes only) be applied. Keys are kept per block size (GPU 16 or 128 on CPU
 vLLM, LMCache chunks 256), and ``match`` walks the prompt once per block size present.
@@ -33,8 +33,11 @@ from array import array
 from collections.abc import Iterable, Iterator, Sequence, Set
 from dataclasses import dataclass, field
 
+from kvgate.token_ids import TOKEN_TYPECODE, token_array
+
 BlockHash = int | bytes
 EngineKey = tuple[int, BlockHash]
+_ITEM = array(TOKEN_TYPECODE).itemsize
 _MAX_MEDIA = 8  # (block_size, engine hash): LMCache and vLLM hashes never mix
 
 
@@ -43,11 +46,11 @@ def _medium(medium: str | None) -> str:
 
 
 def token_bytes(token_ids: Sequence[int]) -> bytes | None:
-    """``token_ids`` as native int64 bytes (one copy for an ``array('q')``); ``None`` if an id does not fit."""
-    if isinstance(token_ids, array) and token_ids.typecode == "q":
+    """``token_ids`` as native uint32 bytes (one copy for an ``array('I')``); ``None`` if an id does not fit."""
+    if isinstance(token_ids, array) and token_ids.typecode == TOKEN_TYPECODE:
         return token_ids.tobytes()
     try:
-        return array("q", token_ids).tobytes()
+        return token_array(token_ids).tobytes()
     except (OverflowError, TypeError):
         return None
 
@@ -57,12 +60,12 @@ def iter_chain_keys(token_ids: Sequence[int], block_size: int, parent: int | Non
     buf = token_bytes(token_ids)
     end = len(token_ids) - block_size + 1
     if buf is not None:
-        width = block_size * 8
-        for start in range(0, end * 8, width):
+        width = block_size * _ITEM
+        for start in range(0, end * _ITEM, width):
             parent = hash((parent, buf[start : start + width]))
             yield parent
         return
-    for start in range(0, end, block_size):  # an id beyond int64 somewhere: key block by block
+    for start in range(0, end, block_size):  # an id outside uint32 somewhere: key block by block
         block = token_ids[start : start + block_size]
         raw = token_bytes(block)
         parent = hash((parent, raw if raw is not None else tuple(block)))

@@ -12,12 +12,15 @@ added token, with and without special tokens) is the guard: any disagreement and
 from __future__ import annotations
 
 import random
+import sys
 import unicodedata
+from array import array
 from pathlib import Path
 from typing import Any
 
 from tokenizers import Tokenizer
 
+from kvgate.token_ids import from_uint32_bytes, token_array
 from kvgate.tokenization.fast_bpe import SELF_CHECK
 
 _PIECES = [
@@ -61,10 +64,16 @@ class FastTokens:
         try:
             fast = cls(fastokens.Tokenizer.from_file(str(tokenizer_json)))
             added = [a.content for a in hf.get_added_tokens_decoder().values()]
-            for text in self_check_corpus(added):
+            corpus = self_check_corpus(added)
+            for text in corpus:
                 for special in (False, True):
                     if fast.encode(text, special) != hf.encode(text, add_special_tokens=special).ids:
                         return None, "self-check disagrees with tokenizers"
+            batch = [t for t in corpus if t]
+            if [list(ids) for ids in fast.encode_pieces(batch)] != [
+                hf.encode(t, add_special_tokens=False).ids for t in batch
+            ]:
+                return None, "self-check of the batch API disagrees with tokenizers"
         except Exception as exc:  # a Rust loader error or an unexpected API: not usable, say why
             return None, f"fastokens failed ({type(exc).__name__})"
         return fast, "ok"
@@ -77,3 +86,17 @@ class FastTokens:
             text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
             ids = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
         return ids
+
+    def encode_pieces(self, pieces: list[str]) -> list[array[int]]:
+        """Each piece's ids (no special tokens), from one batch call that builds no per-id Python objects: its
+        flat ``uint32`` buffer is adopted with one copy and sliced per piece."""
+        try:
+            raw, offsets = self._tok.encode_batch_flat(pieces, add_special_tokens=False)
+        except UnicodeEncodeError:  # a lone surrogate somewhere: one by one, with encode's fix-up
+            return [token_array(self.encode(p, False)) for p in pieces]
+        ids = from_uint32_bytes(raw)
+        cuts: array[int] = array("Q")
+        cuts.frombytes(offsets)
+        if sys.byteorder != "little":
+            cuts.byteswap()
+        return [ids[cuts[i] : cuts[i + 1]] for i in range(len(pieces))]

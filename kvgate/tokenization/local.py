@@ -31,7 +31,7 @@ from kvgate.tokenization.chat_template import ChatTemplate, RenderOptions
 from kvgate.tokenization.errors import TokenizationError
 from kvgate.tokenization.fast_bpe import FastBPE
 from kvgate.tokenization.fastokens_engine import FastTokens
-from kvgate.tokenization.segments import SegmentEncoder
+from kvgate.tokenization.segments import SegmentEncoder, Split
 
 # Below this many characters an encode costs well under 0.1 ms: a thread hop would cost more than it saves.
 DEFAULT_THREAD_THRESHOLD = 4096
@@ -129,6 +129,7 @@ class LocalTokenizer:
             {a.content: i for i, a in added.items()},
             lambda piece: self.encode_prompt(piece, add_special_tokens=False),
             nfc=nfc,
+            encode_many=self._fast.encode_pieces if isinstance(self._fast, FastTokens) else None,
         )
 
     @property
@@ -209,23 +210,33 @@ class LocalTokenizer:
         ids = await self.aencode_rendered_chat(self.render_chat(messages, **options), add_special_tokens)
         return ids if isinstance(ids, list) else ids.tolist()
 
-    def chat_prefix(self, text: str, min_tokens: int) -> tuple[array[int], bool] | None:
-        """Lazy tokenization of a rendered chat: an exact prefix of its ids holding at least ``min_tokens`` ids
-        (``(ids, complete)``), encoded piece by piece between added tokens (segments.py proves the pieces encode
-        independently). ``None`` when that is not provable, or would encode more than ``thread_threshold``
-        characters inline (then encode the whole chat with :meth:`aencode_rendered_chat`)."""
+    def split_chat(self, text: str) -> Split:
+        """A rendered chat cut at its added tokens once, for :meth:`chat_prefix` and then
+        :meth:`aencode_rendered_chat` (``parts`` is ``None`` without provable message-level reuse)."""
+        if self.segments is None:
+            return Split(text)
+        return self.segments.split(text)
+
+    def chat_prefix(self, split: Split, min_tokens: int) -> tuple[array[int], bool] | None:
+        """Lazy tokenization of a rendered chat (:meth:`split_chat`): an exact prefix of its ids holding at least
+        ``min_tokens`` ids (``(ids, complete)``), encoded piece by piece between added tokens (segments.py proves
+        the pieces encode independently). ``None`` when that is not provable, or would encode more than
+        ``thread_threshold`` characters inline (then encode the whole chat with :meth:`aencode_rendered_chat`)."""
         if self.segments is None:
             return None
-        return self.segments.encode_prefix(text, min_tokens, self.thread_threshold)
+        return self.segments.encode_prefix(split, min_tokens, self.thread_threshold)
 
-    async def aencode_rendered_chat(self, text: str, add_special_tokens: bool = False) -> list[int] | array[int]:
-        """:meth:`aencode_chat` for a chat already rendered with :meth:`render_chat`. With message-level reuse
-        the ids come as an ``array('q')`` (assembled from cached pieces without per-id work)."""
+    async def aencode_rendered_chat(
+        self, text: str | Split, add_special_tokens: bool = False
+    ) -> list[int] | array[int]:
+        """:meth:`aencode_chat` for a chat already rendered with :meth:`render_chat` (or split with
+        :meth:`split_chat`). With message-level reuse the ids come as an ``array('I')`` (assembled from cached
+        pieces without per-id work)."""
         if self.segments is not None and not add_special_tokens:
-            if len(text) <= self.thread_threshold:
-                return self.segments.encode_array(text)
-            split = self.segments.split(text)
-            if split.parts is not None and split.missing <= self.thread_threshold:
+            split = text if isinstance(text, Split) else self.segments.split(text)
+            if len(split.text) <= self.thread_threshold:
+                return self.segments.encode_split(split)
+            if split.parts is not None and self.segments.missing(split) <= self.thread_threshold:
                 return self.segments.join(split.parts)  # a new turn of a known chat: no thread hop
             return await asyncio.to_thread(self.segments.encode_split, split)
-        return await self._encode_async(text, add_special_tokens)
+        return await self._encode_async(text.text if isinstance(text, Split) else text, add_special_tokens)

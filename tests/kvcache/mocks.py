@@ -40,6 +40,7 @@ class MockVLLM(_Served):
     delay: float = 0.0
     status: int = 200
     requests: list[dict[str, Any]] = field(default_factory=list)
+    tokens: list[int] | None = None  # answer these ids instead of word_tokens (a broken engine)
 
     async def _tokenize(self, request: Request, send: Send) -> None:
         body = await request.json()
@@ -54,7 +55,7 @@ class MockVLLM(_Served):
             text = " ".join(f"<{m['role']}> {m['content']}" for m in msgs)
         else:
             text = body["prompt"]
-        toks = word_tokens(text)
+        toks = word_tokens(text) if self.tokens is None else self.tokens
         await send_json(send, 200, {"count": len(toks), "max_model_len": 8192, "tokens": toks, "token_strs": None})
 
     async def start(self) -> MockVLLM:

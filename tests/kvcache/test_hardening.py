@@ -12,6 +12,7 @@ import pytest
 
 from kvgate.chain import JSON_OFFLOAD_BYTES, PREFERRED_ENDPOINT_PARAM, FilterStatus, RequestContext
 from kvgate.filters.kvcache.config import DEFAULT_HOT_MAX_KEYS, KVCacheConfig
+from kvgate.filters.kvcache.errors import DecodeError
 from kvgate.filters.kvcache.extract import extract, prompt_key
 from kvgate.filters.kvcache.filter import KVCacheFilter
 from kvgate.filters.kvcache.hotstats import KEY_BYTES, STAMP_BYTES, HotStats
@@ -295,6 +296,28 @@ async def test_max_idle_conns_caps_idle_keepalive_connections(hh: Harness) -> No
             assert connector.idle_count() == expected
         finally:
             await session.close()
+
+
+@pytest.mark.parametrize("bad", [[5, 2**32], [-1, 5], [5, 2**70]])
+async def test_tokenize_answer_with_ids_outside_32_bits_is_a_decode_error(hh: Harness, bad: list[int]) -> None:
+    """Token ids are held as uint32 (kvgate/token_ids.py): an engine answering ids no vocabulary has is refused
+    at the client (DecodeError, counted as a failed tokenize), never a crash in the token cache."""
+    hh.vllm.tokens = bad
+    session = make_session(PoolLimits())
+    try:
+        tok = TokenizerClient(lambda: session, hh.vllm.url, 2.0)
+        with pytest.raises(DecodeError, match=r"outside 0\.\.2"):
+            await tok.tokenize({"prompt": "a b"})
+        hh.vllm.tokens = [5, 2**32 - 1]
+        assert await tok.tokenize({"prompt": "a b"}) == [5, 2**32 - 1]
+    finally:
+        await session.close()
+    hh.vllm.tokens = bad
+    flt = await hh.make()
+    body = {"model": "m", "prompt": "word " * 600}
+    assert await flt.decode(make_ctx(body)) is FilterStatus.CONTINUE  # the background job's tokenize fails
+    await wait_for(lambda: hh.metric("kvgate_kvcache_tokenize_calls_total", {"result": "error"}) == 1)
+    assert len(flt.token_cache) == 0
 
 
 # ---------------------------------------------------------------- 6c: tokenizer fallback, rate-limited warnings

@@ -175,18 +175,20 @@ def test_invented_media_names_share_one_bit() -> None:
     assert idx.match(toks(4)) == {"b": 4}
 
 
-def test_keys_are_the_same_for_a_list_and_an_int64_array_and_huge_ids_still_work() -> None:
-    """Chain keys hash the ids' int64 bytes (the token cache's ``array('q')`` as it is); an event whose ids do
-    not fit int64 (garbage from a broken publisher) is keyed block by block instead, never a crash."""
+def test_keys_are_the_same_for_a_list_and_a_uint32_array_and_huge_ids_still_work() -> None:
+    """Chain keys hash the ids' uint32 bytes (the token cache's ``array('I')`` as it is); an event whose ids do
+    not fit uint32 (garbage from a broken publisher: negative, 2**32 and beyond) is keyed block by block
+    instead, never a crash."""
     from array import array
 
     idx = BlockIndex()
     prompt = toks(12)
+    assert BlockIndex.chain_keys(prompt, BS) == BlockIndex.chain_keys(array("I", prompt), BS)
     assert BlockIndex.chain_keys(prompt, BS) == BlockIndex.chain_keys(array("q", prompt), BS)
     store(idx, "a", prompt, [1, 2, 3])
-    assert idx.match(array("q", prompt)) == {"a": 12}
-    assert idx.first_block_held(array("q", prompt), BS) and idx.first_block_held(prompt, BS)
-    huge = [2**70, 2**64 + 1, -(2**65), 5, *toks(8, 100)]
+    assert idx.match(array("I", prompt)) == {"a": 12}
+    assert idx.first_block_held(array("I", prompt), BS) and idx.first_block_held(prompt, BS)
+    huge = [2**70, 2**32, -1, 5, *toks(8, 100)]
     assert store(idx, "b", huge, [21, 22, 23]) == 3
     assert idx.match(huge) == {"b": 12}
     assert idx.match([*huge[:4], *toks(8, 200)]) == {"b": 4}  # the block keyed by its tuple, then the chain

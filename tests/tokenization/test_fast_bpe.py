@@ -12,6 +12,7 @@ from tokenizers import Tokenizer, models
 
 from kvgate.tokenization import LocalTokenizer, TokenizationError
 from kvgate.tokenization.fast_bpe import FastBPE
+from kvgate.tokenization.fastokens_engine import FastTokens
 
 ASSET = Path(__file__).resolve().parents[2] / "kvgate_sim" / "assets" / "tokenizers" / "sim-qwen2.5"
 
@@ -86,3 +87,14 @@ def test_lone_surrogates_get_the_same_ids_from_both_fast_engines() -> None:
     for special in (True, False):
         got = fastokens.encode_prompt(text, add_special_tokens=special)
         assert got == tiktoken.encode_prompt(text, add_special_tokens=special) and got
+
+
+def test_fastokens_batch_pieces_equal_single_encodes_even_with_lone_surrogates() -> None:
+    """The batch API (one flat uint32 buffer, sliced per piece) gives each piece's own ids; a lone surrogate
+    falls back to one-by-one encoding with the same fix-up, never an error."""
+    fast = LocalTokenizer.from_dir(ASSET, engines=("fastokens",))._fast
+    assert isinstance(fast, FastTokens)
+    for pieces in (["hello world", "", "\n\n", "东京 🙂", "x" * 3000], ["a \udc80 b", "c"], []):
+        got = fast.encode_pieces(pieces)
+        assert [a.typecode for a in got] == ["I"] * len(pieces)
+        assert [list(a) for a in got] == [fast.encode(p, False) for p in pieces]

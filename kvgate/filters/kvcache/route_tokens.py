@@ -30,6 +30,7 @@ from kvgate.filters.kvcache.remote_tokenizer import RemoteTokenizer
 from kvgate.filters.kvcache.tokens import TokenCache
 from kvgate.resilience import CircuitBreaker
 from kvgate.tokenization import LocalTokenizer, TokenizationError
+from kvgate.tokenization.segments import Split
 
 if TYPE_CHECKING:  # imported when index_source needs it: the lookup path loads no ZMQ
     from kvgate.filters.kvcache.event_index import EventIndex
@@ -108,7 +109,7 @@ class RouteTokens:
         self.events = events
 
     def store(self, key: str, tokens: list[int] | array[int]) -> list[int] | array[int]:
-        """Cache ``tokens`` for ``key``; returns what routing should use: the cached ``array('q')`` for the event
+        """Cache ``tokens`` for ``key``; returns what routing should use: the cached ``array('I')`` for the event
         index (its chain keys hash that buffer: no second conversion), a list for ``/lookup`` (sent as JSON)."""
         stored = self.token_cache.put(key, tokens)
         self.metrics.token_cache_size.set(len(self.token_cache))
@@ -133,7 +134,7 @@ class RouteTokens:
         if not may_fill_a_chunk(req, self.min_prompt_tokens()):
             return None
         if self.local is not None:
-            text: str | None = None
+            text: Split | None = None
             if self.event_index is not None and req.kind == "chat":
                 lazy = self.lazy_chat(self.local, self.event_index, req)
                 if isinstance(lazy, Unheld):
@@ -148,12 +149,13 @@ class RouteTokens:
             return await self.tokenize_within(req, key, deadline, cluster)
         return None
 
-    def lazy_chat(self, tok: LocalTokenizer, index: EventIndex, req: Extracted) -> Unheld | array[int] | str | None:
+    def lazy_chat(self, tok: LocalTokenizer, index: EventIndex, req: Extracted) -> Unheld | array[int] | Split | None:
         """Lazy tokenization for the event index: render the chat, encode its pieces (between added tokens) only
         until one more token than the index's largest block size is known, and stop when nobody holds the first
         block at any size: ``match`` of the full ids would be empty too (``BlockIndex.first_block_held``), so the
         decision is identical. Returns ``UNHELD``, the full ids (the whole chat fit in the prefix), or the rendered
-        text to encode in full (``None``: rendering failed; the full path repeats it and reports the failure).
+        chat, split once at its added tokens, to encode in full (``None``: rendering failed; the full path repeats
+        it and reports the failure).
         Nothing partial is cached: the background job tokenizes an ``UNHELD`` chat in full."""
         t0 = time.perf_counter()
         try:
@@ -164,24 +166,25 @@ class RouteTokens:
         if biggest is None:  # an empty index matches nothing
             self.metrics.local_tokenize.labels("unheld").inc()
             return UNHELD
-        prefix = tok.chat_prefix(text, biggest + 1)
+        split = tok.split_chat(text)
+        prefix = tok.chat_prefix(split, biggest + 1)
         if prefix is None:
-            return text
+            return split
         ids, complete = prefix
         if complete:
             self.metrics.local_tokenize.labels("ok").inc()
             self.metrics.local_tokenize_latency.observe(time.perf_counter() - t0)
             return ids
         if index.index.first_block_held(ids, len(ids) - 1):
-            return text
+            return split
         self.metrics.local_tokenize.labels("unheld").inc()
         return UNHELD
 
     async def tokenize_local(
-        self, tok: LocalTokenizer, req: Extracted, key: str, text: str | None = None
+        self, tok: LocalTokenizer, req: Extracted, key: str, text: Split | None = None
     ) -> list[int] | array[int] | None:
         """In-process tokenization (long texts on a worker thread); ``None`` when it fails (counted, logged).
-        ``text``: the chat already rendered."""
+        ``text``: the chat already rendered and split (:meth:`LocalTokenizer.split_chat`)."""
         m = self.metrics
         t0 = time.perf_counter()
         try:

@@ -1,6 +1,6 @@
 """Token cache: a true LRU with ``max_size`` and ``ttl`` (Pixiu evicts an arbitrary entry; we fix that).
 
-Tokens are stored compactly (``array('q')``). ``max_size`` 0 = unbounded, ``ttl`` 0 = no expiry.
+Tokens are stored compactly (``array('I')``). ``max_size`` 0 = unbounded, ``ttl`` 0 = no expiry.
 An expired entry is removed when read (and counts as a miss) and also on every write: ``put`` drops the
 entries whose ttl has passed, oldest write first, so a cache with a ttl but no ``max_size`` stays bounded
 by the write rate × ttl instead of growing with every distinct key ever seen. Amortised O(1) per write.
@@ -14,6 +14,8 @@ from array import array
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+
+from kvgate.token_ids import token_array
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +64,7 @@ class TokenCache:
         return item[0].tolist()
 
     def get_array(self, key: str) -> array[int] | None:
-        """``get`` without the copy to a list: the stored ``array('q')`` (do not modify it)."""
+        """``get`` without the copy to a list: the stored ``array('I')`` (do not modify it)."""
         item = self._data.get(key)
         if item is not None and self.ttl > 0 and self._clock() >= item[1]:
             del self._data[key]
@@ -81,12 +83,12 @@ class TokenCache:
 
     def put(self, key: str, tokens: Sequence[int]) -> array[int]:
         """Store (or replace) ``key``; evicts least-recently-used entries beyond ``max_size``. Returns the stored
-        ``array('q')`` (do not modify it)."""
+        ``array('I')`` (do not modify it)."""
         now = self._clock()
         if self.ttl > 0:
             self.purge_expired(now)
         expires = now + self.ttl if self.ttl > 0 else float("inf")
-        stored = array("q", tokens)
+        stored = token_array(tokens)
         self._data[key] = (stored, expires)
         self._data.move_to_end(key)
         if self.ttl > 0:
