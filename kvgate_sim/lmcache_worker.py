@@ -37,6 +37,7 @@ from typing import Any
 import msgspec
 import zmq
 
+from kvgate_sim.controller_core import move_tokens
 from kvgate_sim.lmcache_wire import (
     BatchedKVOperationMsg,
     ClearWorkerMsg,
@@ -518,8 +519,6 @@ class LMCacheWorkerBridge:
         if isinstance(req, HealthWorkerMsg):
             return HealthWorkerRetMsg(int(w.health()))
         if isinstance(req, MoveWorkerMsg):
-            from kvgate_sim.controller_server import move_tokens  # local: keeps the ASGI layer out of imports
-
             with _PEERS_LOCK:
                 dst = _PEERS.get(req.new_position[0])
             if dst is None:
