@@ -202,7 +202,7 @@ def build_parser(prog: str = "kvgate bench") -> argparse.ArgumentParser:
 
 
 def _mooncake_records(params: dict[str, Any], n: int | None) -> list[dict[str, Any]]:
-    from kvgate_bench.virtual import tiled_mooncake_records
+    from kvgate_bench.virtual_requests import tiled_mooncake_records
     from kvgate_bench.workloads import DEFAULT_TRACE_PATH, load_mooncake_trace
 
     path = params.get("path", DEFAULT_TRACE_PATH)
@@ -240,7 +240,7 @@ def build_workload(name: str, params: dict[str, Any], requests: int | None, seed
 
 def build_virtual_requests(name: str, params: dict[str, Any], requests: int | None, seed: int) -> tuple[Any, Any]:
     """(vrequests, closed_loop) for the virtual runner; Mooncake uses the hash-only fast path."""
-    from kvgate_bench.virtual import mooncake_vrequests, prepare
+    from kvgate_bench.virtual_requests import mooncake_vrequests, prepare
     from kvgate_bench.workloads import WORKLOADS
 
     if name == "mooncake":
@@ -302,7 +302,8 @@ def run_one(name: str, args: argparse.Namespace, modes: list[Mode], out_dir: Pat
     oracle_block = 16
     oracle_note: str | None = None
     if args.virtual:
-        from kvgate_bench.virtual import oracle_from_prepared, run_virtual
+        from kvgate_bench.virtual import run_virtual
+        from kvgate_bench.virtual_requests import oracle_from_prepared
 
         vreqs, closed = build_virtual_requests(name, params, args.requests, args.seed)
         prep_s = time.perf_counter() - t_start

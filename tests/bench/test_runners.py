@@ -21,7 +21,8 @@ from kvgate_bench.oracle import oracle_hit_rate
 from kvgate_bench.realfleet import ExternalFleet, prepare_workload, probe_ids
 from kvgate_bench.realtime import parse_hit_counters, run_mode, run_modes
 from kvgate_bench.results import summarize
-from kvgate_bench.virtual import prepare, run_virtual
+from kvgate_bench.virtual import run_virtual
+from kvgate_bench.virtual_requests import prepare
 from kvgate_bench.workloads import Request, get_workload
 from kvgate_sim.fleet import Fleet, start_fleet
 
