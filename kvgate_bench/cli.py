@@ -97,7 +97,8 @@ def run_one(name: str, args: argparse.Namespace, modes: list[Mode], out_dir: Pat
         wl_params: dict[str, Any] = params
         phase_of = {v.req_id: v.phase for v in vreqs}
     else:
-        from kvgate_bench.realtime import RealtimeOptions, run_modes_sync
+        from kvgate_bench.realtime import run_modes_sync
+        from kvgate_bench.realtime_driver import RealtimeOptions
 
         wl = build_workload(name, params, args.requests, args.seed)
         if fleet is not None:

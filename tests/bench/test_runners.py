@@ -19,7 +19,8 @@ from kvgate_bench import cli_args, peers
 from kvgate_bench.modes import GATEWAY_MODES, MODES, FleetSpec, gateway_config, peer_available, resolve_modes
 from kvgate_bench.oracle import oracle_hit_rate
 from kvgate_bench.realfleet import ExternalFleet, prepare_workload, probe_ids
-from kvgate_bench.realtime import parse_hit_counters, run_mode, run_modes
+from kvgate_bench.realtime import run_mode, run_modes
+from kvgate_bench.realtime_metrics import parse_hit_counters
 from kvgate_bench.results import summarize
 from kvgate_bench.virtual import run_virtual
 from kvgate_bench.virtual_requests import prepare
