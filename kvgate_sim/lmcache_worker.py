@@ -42,6 +42,7 @@ class LMCacheWorkerBridge(BridgeThread):
 
     ``controller_pull_url`` / ``controller_reply_url`` are ``host:port`` (LMCache config style).
     ``heartbeat_interval=None`` disables heartbeats (and so full syncs), like the real worker's default.
+    The constructor and the thread are :class:`~kvgate_sim.lmcache_bridge_thread.BridgeThread`'s.
     """
 
     # ------------------------------------------------------------------ lifecycle
