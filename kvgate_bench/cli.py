@@ -5,12 +5,12 @@ Real time (default): every mode gets a fresh simulated fleet over HTTP (:mod:`kv
 ``--fleet real`` / ``--fleet-state PATH``: real time on the real vLLM-CPU + LMCache fleet, started once (or already
 running) with its caches reset between modes (:mod:`kvgate_bench.realfleet`).
 Prints one table per workload and writes ``report.md``, ``results.json`` and PNG plots.
+The options are :mod:`kvgate_bench.cli_args`; the workloads they select are built by :mod:`kvgate_bench.cli_workloads`.
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
 import contextlib
 import datetime as _dt
 import os
@@ -29,235 +29,9 @@ import rich  # noqa: F401
 import zmq  # noqa: F401
 from rich.console import Console
 
-from kvgate_bench.modes import DEFAULT_MODES, MODES, FleetSpec, Mode, kvcache_overrides, resolve_modes
-
-WORKLOAD_CHOICES = ("multi_round_qa", "shared_prefix", "shared_prefix_zipf", "long_doc_qa", "mooncake")
-# Cache-management workloads (docs/cache-management.md): selectable by name, not part of "all".
-MANAGEMENT_CHOICES = ("hot_prefix_churn", "hot_prefix_overload")
-TRACE_LEN_HINT = 12031
-
-
-def parse_param(text: str) -> tuple[str, Any]:
-    """``key=value`` → (key, value); the value is a Python literal when it parses as one, else a string."""
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"--param expects key=value, got {text!r}")
-    key, raw = text.split("=", 1)
-    raw = raw.strip()
-    low = raw.lower()
-    if low in ("true", "false"):
-        return key.strip(), low == "true"
-    if low in ("none", "null"):
-        return key.strip(), None
-    try:
-        value: Any = ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-        value = raw
-    if isinstance(value, str) and "/" in raw and raw.count("/") == 1:  # 1/16 style fractions
-        a, b = raw.split("/")
-        try:
-            value = float(a) / float(b)
-        except ValueError:
-            value = raw
-    return key.strip(), value
-
-
-def build_parser(prog: str = "kvgate bench") -> argparse.ArgumentParser:
-    """The ``kvgate bench`` argument parser (every knob documented in ``--help``)."""
-    from kvgate_bench.workloads import describe
-
-    modes_help = "; ".join(f"{m.name}: {m.description}" for m in MODES.values())
-    p = argparse.ArgumentParser(
-        prog=prog,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description=(
-            "Benchmark kvgate routing modes against baselines on realistic workloads. Every mode runs on a FRESH "
-            "simulated vLLM + LMCache fleet (same seed, same engine config); the table reports the engines' "
-            "prefix-cache hit rate and its share of the oracle (infinite cache, perfect routing), TTFT p50/p95/p99, "
-            "E2E p50/p99, throughput, hotspot (instances × largest traffic share; 1.00 = balanced) and errors."
-        ),
-        epilog="workloads (defaults sized for a 2-core box; change with --param key=value):\n" + describe(),
-    )
-    p.add_argument(
-        "--workload",
-        default="multi_round_qa",
-        choices=[*WORKLOAD_CHOICES, *MANAGEMENT_CHOICES, "all"],
-        help="workload family, or 'all' (one report sub-folder each; the hot_prefix_* cache-management "
-        "workloads are not part of it). Default: multi_round_qa",
-    )
-    p.add_argument(
-        "--param",
-        action="append",
-        default=[],
-        type=parse_param,
-        metavar="KEY=VALUE",
-        help="override a workload parameter (repeatable), e.g. --param num_users=16 --param qps=4; "
-        "values are Python literals (1/16 is accepted)",
-    )
-    p.add_argument(
-        "--modes",
-        default=",".join(DEFAULT_MODES),
-        help=f"comma-separated modes, run in this order. Known: {modes_help}. Default: {','.join(DEFAULT_MODES)}",
-    )
-    p.add_argument(
-        "--peers",
-        dest="peers",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="include external peer modes (vllm-router) when installed; missing peers are skipped "
-        "with a message (default: on)",
-    )
-    p.add_argument(
-        "--engines",
-        type=int,
-        default=None,
-        help="engines per fleet (default 4 simulated; 2 with --fleet real, its maximum on 2 cores)",
-    )
-    p.add_argument(
-        "--fleet",
-        default="sim",
-        choices=["sim", "real"],
-        help="sim: a fresh simulated fleet per mode (default). real: start ONE real fleet (vLLM-CPU + LMCache + "
-        "lmcache_controller, tiny model, kvgate_real.fleet; needs scripts/real-engines/setup.sh) for the whole run, "
-        "reset its caches before every mode (vLLM /reset_prefix_cache, controller /clear, /lookup empty) and stop it "
-        "at the end. Prompts are re-tokenized by the engine (/tokenize); the oracle uses those ids at the engine's "
-        "block size",
-    )
-    p.add_argument(
-        "--fleet-state",
-        default=None,
-        metavar="PATH",
-        help="use an already running real fleet (its state.json or run dir, e.g. .cache/real-run/state.json, "
-        "written by `kvgate real up`) instead of starting one; implies --fleet real; the fleet "
-        "is left running",
-    )
-    p.add_argument(
-        "--profile",
-        default="h100",
-        choices=["h100", "a100"],
-        help="engine timing/capacity profile (prefill speed, decode step, KV space). Default h100",
-    )
-    p.add_argument(
-        "--time-scale",
-        type=float,
-        default=1.0,
-        help="multiplies every modelled engine duration (2 = twice as slow). Default 1",
-    )
-    p.add_argument(
-        "--gpu-blocks",
-        type=int,
-        default=None,
-        help="GPU prefix-cache size per engine in 16-token blocks (default: the profile's, ~25.7k)",
-    )
-    p.add_argument(
-        "--lmcache-chunks",
-        type=int,
-        default=None,
-        help="LMCache CPU-tier size per engine in 256-token chunks (default 2048)",
-    )
-    p.add_argument("--no-lmcache", action="store_true", help="engines without the LMCache tier (no kv lookups match)")
-    p.add_argument("--max-num-seqs", type=int, default=None, help="engine max running sequences (default: profile)")
-    p.add_argument(
-        "--virtual",
-        action="store_true",
-        help="virtual-time runner: same engine model and routing code, no HTTP, seconds of wall time "
-        "for 10^5 requests (peer modes are real time only and are skipped)",
-    )
-    p.add_argument(
-        "--requests",
-        type=int,
-        default=None,
-        help="number of requests: mooncake sets max_requests (beyond the 12,031-request trace it is "
-        "tiled as independent tenants); other workloads keep the first N by arrival",
-    )
-    p.add_argument("--seed", type=int, default=0, help="workload seed (unless --param seed=…) and fleet seed")
-    p.add_argument("--out", default=None, help="report folder (default bench-results/<timestamp>)")
-    p.add_argument(
-        "--concurrency",
-        type=int,
-        default=64,
-        help="real time: client-side cap on requests in flight (default 64, fits a 2-core box)",
-    )
-    p.add_argument("--timeout", type=float, default=120.0, help="real time: per-request timeout in seconds")
-    p.add_argument(
-        "--gateway-in-process",
-        action="store_true",
-        help="real time: run kvgate inside the benchmark's event loop (shared with the simulated fleet "
-        "and the client) instead of its own `kvgate serve` process (the default, like the peer)",
-    )
-    p.add_argument(
-        "--repeat",
-        type=int,
-        default=1,
-        metavar="N",
-        help="run every mode N times (a fresh simulated fleet per run; modes interleaved run by run) and report "
-        "per-metric medians: hit rate, TTFT p50/p95/p99, E2E, throughput (counts are totals). Default 1",
-    )
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    return p
-
-
-# --------------------------------------------------------------------------------------------------
-# workload building
-# --------------------------------------------------------------------------------------------------
-
-
-def _mooncake_records(params: dict[str, Any], n: int | None) -> list[dict[str, Any]]:
-    from kvgate_bench.virtual import tiled_mooncake_records
-    from kvgate_bench.workloads import DEFAULT_TRACE_PATH, load_mooncake_trace
-
-    path = params.get("path", DEFAULT_TRACE_PATH)
-    want = n if n is not None else params.get("max_requests")
-    records = load_mooncake_trace(path, None if want is None or want > TRACE_LEN_HINT else want)
-    if want is not None and want > len(records):
-        records = tiled_mooncake_records(records, want)
-    return records[:want] if want is not None else records
-
-
-def build_workload(name: str, params: dict[str, Any], requests: int | None, seed: int) -> Any:
-    """The :class:`Workload` (token ids) for ``name`` with overrides; ``requests`` as documented in --help."""
-    from kvgate_bench.workloads import WORKLOADS, get_workload, mooncake_from_records
-
-    overrides = dict(params)
-    overrides.setdefault("seed", seed)
-    if name == "mooncake" and requests is not None and requests > TRACE_LEN_HINT:
-        spec = WORKLOADS["mooncake"]
-        kw = {**spec.defaults, **overrides}
-        records = _mooncake_records(kw, requests)
-        wl = mooncake_from_records(
-            records, block_tokens_scale=kw["block_tokens_scale"], time_scale=kw["time_scale"], seed=kw["seed"],
-            output_scale=kw["output_scale"], max_output_tokens=kw["max_output_tokens"],
-            params={"path": str(kw["path"]), "max_requests": requests, "tiled": True},
-        )  # fmt: skip
-        wl.name = "mooncake"
-        return wl
-    if name == "mooncake" and requests is not None:
-        overrides["max_requests"] = requests
-    wl = get_workload(name, **overrides)
-    if requests is not None and name != "mooncake":
-        wl.requests = wl.requests[:requests]
-    return wl
-
-
-def build_virtual_requests(name: str, params: dict[str, Any], requests: int | None, seed: int) -> tuple[Any, Any]:
-    """(vrequests, closed_loop) for the virtual runner; Mooncake uses the hash-only fast path."""
-    from kvgate_bench.virtual import mooncake_vrequests, prepare
-    from kvgate_bench.workloads import WORKLOADS
-
-    if name == "mooncake":
-        kw = {**WORKLOADS["mooncake"].defaults, **params}
-        records = _mooncake_records(kw, requests)
-        vreqs = mooncake_vrequests(
-            records, block_tokens_scale=kw["block_tokens_scale"], time_scale=kw["time_scale"],
-            output_scale=kw["output_scale"], max_output_tokens=kw["max_output_tokens"],
-        )  # fmt: skip
-        return vreqs, None
-    wl = build_workload(name, params, requests, seed)
-    return prepare(wl), wl.closed_loop
-
-
-# --------------------------------------------------------------------------------------------------
-# main
-# --------------------------------------------------------------------------------------------------
+from kvgate_bench.cli_args import WORKLOAD_CHOICES, build_parser
+from kvgate_bench.cli_workloads import build_virtual_requests, build_workload
+from kvgate_bench.modes import FleetSpec, Mode, kvcache_overrides, resolve_modes
 
 
 def _console() -> Console:
@@ -302,7 +76,8 @@ def run_one(name: str, args: argparse.Namespace, modes: list[Mode], out_dir: Pat
     oracle_block = 16
     oracle_note: str | None = None
     if args.virtual:
-        from kvgate_bench.virtual import oracle_from_prepared, run_virtual
+        from kvgate_bench.virtual import run_virtual
+        from kvgate_bench.virtual_requests import oracle_from_prepared
 
         vreqs, closed = build_virtual_requests(name, params, args.requests, args.seed)
         prep_s = time.perf_counter() - t_start
@@ -322,7 +97,8 @@ def run_one(name: str, args: argparse.Namespace, modes: list[Mode], out_dir: Pat
         wl_params: dict[str, Any] = params
         phase_of = {v.req_id: v.phase for v in vreqs}
     else:
-        from kvgate_bench.realtime import RealtimeOptions, run_modes_sync
+        from kvgate_bench.realtime import run_modes_sync
+        from kvgate_bench.realtime_driver import RealtimeOptions
 
         wl = build_workload(name, params, args.requests, args.seed)
         if fleet is not None:

@@ -89,7 +89,8 @@ def _explain(console: Console, spec: FleetSpec, wl: Any) -> None:
 def main(argv: Sequence[str] | None = None, prog: str = "kvgate demo") -> int:
     """Entry point of ``kvgate demo``; returns the exit code."""
     from kvgate_bench.oracle import oracle_hit_rate
-    from kvgate_bench.realtime import RealtimeOptions, run_modes_sync
+    from kvgate_bench.realtime import run_modes_sync
+    from kvgate_bench.realtime_driver import RealtimeOptions
     from kvgate_bench.report import print_summary, write_report
     from kvgate_bench.results import summarize
     from kvgate_bench.workloads import get_workload

@@ -16,6 +16,7 @@ text), E2E, the serving instance (``x-kvgate-sim-instance`` response header of a
 gateway's ``x-kvgate-endpoint``), status, cached tokens (stream usage). The mode's hit rate comes from the
 engines' own counters, scraped from ``/metrics`` before and after:
 ``(Δ vllm:prefix_cache_hits_total + Δ vllm:external_prefix_cache_hits_total) / Δ vllm:prefix_cache_queries_total``.
+The client is :mod:`kvgate_bench.realtime_driver`, the counters :mod:`kvgate_bench.realtime_metrics`.
 Everything started is stopped in ``finally`` blocks (gateway, peer process group, fleet). Prompt text is never
 logged.
 
@@ -29,265 +30,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import logging
-import re
 import time
-from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
 from kvgate.serving import run_async
 from kvgate_bench.modes import FleetSpec, Mode, gateway_config, local_routing_supported, tokenize_on_miss_supported
-from kvgate_bench.results import STATUS_OK, ModeRun, RequestResult
-from kvgate_bench.workloads import Request, Workload
+from kvgate_bench.realtime_driver import Driver, ProgressFn, RealtimeOptions, drive
+from kvgate_bench.realtime_metrics import hit_rate_from, scrape_counters, scrape_gateway_routing
+from kvgate_bench.results import ModeRun
+from kvgate_bench.workloads import Workload
 
 if TYPE_CHECKING:
     from kvgate_bench.realfleet import ExternalFleet
 
 log = logging.getLogger("kvgate_bench")
-
-INSTANCE_HEADER = "x-kvgate-sim-instance"
-ENDPOINT_HEADER = "x-kvgate-endpoint"  # set by the gateway: the endpoint id (= instance id) that served the request
-_METRIC_RE = re.compile(r"^(vllm:[a-z_]+)(?:\{[^}]*\})?\s+([0-9.eE+-]+|NaN|\+Inf|-Inf)\s*$")
-_HIT_METRICS = (
-    "vllm:prefix_cache_queries_total",
-    "vllm:prefix_cache_hits_total",
-    "vllm:external_prefix_cache_hits_total",
-)
-
-ProgressFn = Callable[[int], None]
-
-
-@dataclass(slots=True)
-class RealtimeOptions:
-    """Knobs of the HTTP driver."""
-
-    concurrency: int = 64  # requests in flight at most (client side)
-    request_timeout_s: float = 120.0  # per request, whole stream
-    peer_ready_timeout_s: float = 60.0
-    gateway_process: bool = True  # kvgate in its own process (like the peer); False = in this event loop
-
-
-# --------------------------------------------------------------------------------------------------
-# engine metrics
-# --------------------------------------------------------------------------------------------------
-
-
-def parse_hit_counters(text: str) -> dict[str, float]:
-    """The three prefix-cache counters from a vLLM ``/metrics`` page (summed over label sets)."""
-    out = dict.fromkeys(_HIT_METRICS, 0.0)
-    for line in text.splitlines():
-        if not line.startswith("vllm:"):
-            continue
-        m = _METRIC_RE.match(line)
-        if m and m.group(1) in out:
-            with contextlib.suppress(ValueError):
-                out[m.group(1)] += float(m.group(2))
-    return out
-
-
-async def scrape_counters(session: aiohttp.ClientSession, urls: Sequence[str]) -> dict[str, float]:
-    """Sum of :func:`parse_hit_counters` over the engines at ``urls``."""
-    total = dict.fromkeys(_HIT_METRICS, 0.0)
-    for url in urls:
-        async with session.get(url.rstrip("/") + "/metrics") as resp:
-            text = await resp.text()
-        for k, v in parse_hit_counters(text).items():
-            total[k] += v
-    return total
-
-
-def hit_rate_from(before: dict[str, float], after: dict[str, float]) -> float:
-    """Engine-counter hit rate between two scrapes (0.0 without queries)."""
-    q = after[_HIT_METRICS[0]] - before[_HIT_METRICS[0]]
-    hits = (after[_HIT_METRICS[1]] - before[_HIT_METRICS[1]]) + (after[_HIT_METRICS[2]] - before[_HIT_METRICS[2]])
-    return hits / q if q > 0 else 0.0
-
-
-async def scrape_gateway_routing(session: aiohttp.ClientSession, admin_url: str) -> dict[str, float]:
-    """``kvgate_kvcache_routing_lookups_total`` by outcome (empty when the filter is absent)."""
-    out: dict[str, float] = {}
-    with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
-        async with session.get(admin_url.rstrip("/") + "/metrics") as resp:
-            text = await resp.text()
-        for line in text.splitlines():
-            if line.startswith("kvgate_kvcache_routing_lookups_total{"):
-                m = re.match(r'.*outcome="([^"]+)".*\}\s+([0-9.eE+-]+)', line)
-                if m:
-                    out[m.group(1)] = out.get(m.group(1), 0.0) + float(m.group(2))
-    return out
-
-
-# --------------------------------------------------------------------------------------------------
-# one request
-# --------------------------------------------------------------------------------------------------
-
-
-def _has_text(obj: dict[str, Any]) -> bool:
-    for ch in obj.get("choices") or ():
-        delta = ch.get("delta")
-        text = delta.get("content") if isinstance(delta, dict) else ch.get("text")
-        if isinstance(text, str) and text:
-            return True
-    return False
-
-
-class Driver:
-    """Sends workload requests to one base URL and records :class:`RequestResult` rows."""
-
-    def __init__(
-        self,
-        session: aiohttp.ClientSession,
-        base_url: str,
-        mode: str,
-        model: str,
-        opts: RealtimeOptions,
-        t0: float,
-        progress: ProgressFn | None = None,
-    ) -> None:
-        self.session = session
-        self.base_url = base_url.rstrip("/")
-        self.mode = mode
-        self.model = model
-        self.opts = opts
-        self.t0 = t0
-        self.sem = asyncio.Semaphore(max(1, opts.concurrency))
-        self.results: list[RequestResult] = []
-        self._progress = progress
-
-    async def send(self, req: Request) -> RequestResult:
-        """Send one streaming request (waits for a concurrency slot); records and returns its result."""
-        async with self.sem:
-            res = await self._send(req)
-        self.results.append(res)
-        if self._progress is not None:
-            self._progress(1)
-        return res
-
-    async def _send(self, req: Request) -> RequestResult:
-        loop = asyncio.get_running_loop()
-        start = loop.time()
-        ttft: float | None = None
-        instance: str | None = None
-        prompt_tokens = req.num_prompt_tokens
-        cached = 0
-        out_tokens = 0
-        status = STATUS_OK
-        error: str | None = None
-        try:
-            async with asyncio.timeout(self.opts.request_timeout_s):
-                async with self.session.post(
-                    self.base_url + req.path(), json=req.body(self.model, stream=True), headers=req.headers
-                ) as resp:
-                    instance = resp.headers.get(INSTANCE_HEADER) or resp.headers.get(ENDPOINT_HEADER)
-                    if resp.status != 200:
-                        body = (await resp.read())[:200].decode("utf-8", "replace")
-                        status, error = f"http_{resp.status}", f"http_{resp.status}: {body}"
-                    else:
-                        async for raw in resp.content:
-                            if not raw.startswith(b"data:"):
-                                continue
-                            payload = raw[5:].strip()
-                            if payload == b"[DONE]":
-                                break
-                            if ttft is None or b'"usage"' in payload:
-                                obj = json.loads(payload)
-                                if ttft is None and _has_text(obj):
-                                    ttft = loop.time() - start
-                                usage = obj.get("usage")
-                                if isinstance(usage, dict):
-                                    prompt_tokens = int(usage.get("prompt_tokens") or prompt_tokens)
-                                    out_tokens = int(usage.get("completion_tokens") or 0)
-                                    details = usage.get("prompt_tokens_details") or {}
-                                    cached = int(details.get("cached_tokens") or 0)
-        except TimeoutError:
-            status, error = "timeout", f"timeout: no completion within {self.opts.request_timeout_s:g}s"
-        except (aiohttp.ClientError, OSError, ValueError) as exc:
-            status, error = "error", f"{type(exc).__name__}: {str(exc)[:160]}"
-        e2e = loop.time() - start
-        if status == STATUS_OK and ttft is None:
-            status, error = "error", "no_content: stream ended without generated text"
-        return RequestResult(
-            req_id=req.req_id,
-            mode=self.mode,
-            instance=instance,
-            status=status,
-            ttft_s=ttft if status == STATUS_OK else None,
-            e2e_s=e2e if status == STATUS_OK else None,
-            prompt_tokens=prompt_tokens,
-            cached_tokens=cached,
-            error=error,
-            output_tokens=out_tokens,
-            start_s=start - self.t0,
-            phase=req.phase,
-        )
-
-
-# --------------------------------------------------------------------------------------------------
-# pacing
-# --------------------------------------------------------------------------------------------------
-
-
-async def _sleep_until(loop: asyncio.AbstractEventLoop, t: float) -> None:
-    delay = t - loop.time()
-    if delay > 0:
-        await asyncio.sleep(delay)
-
-
-async def drive(workload: Workload, driver: Driver) -> None:
-    """Send every request of ``workload`` following its pacing rules (open loop, sessions or phases)."""
-    loop = asyncio.get_running_loop()
-    t0 = driver.t0
-    cl = workload.closed_loop
-    if cl is None:
-
-        async def at(req: Request) -> None:
-            await _sleep_until(loop, t0 + req.arrival_s)
-            await driver.send(req)
-
-        await asyncio.gather(*(at(r) for r in workload.requests))
-        return
-    if cl.kind == "sessions":
-        sessions: dict[str, list[Request]] = defaultdict(list)
-        for r in workload.requests:
-            sessions[r.session_id or r.req_id].append(r)
-        gap = cl.per_user_gap_s or 0.0
-
-        async def run_session(reqs: list[Request]) -> None:
-            reqs.sort(key=lambda q: q.round_idx)
-            send_at = t0 + reqs[0].arrival_s
-            for r in reqs:
-                await _sleep_until(loop, send_at)
-                sent = loop.time()
-                await driver.send(r)
-                send_at = max(sent + gap, loop.time())
-
-        await asyncio.gather(*(run_session(v) for v in sessions.values()))
-        return
-    if cl.kind == "phased":
-        phases = list(cl.phases) or sorted({r.phase for r in workload.requests})
-        for phase in phases:
-            reqs = [r for r in workload.requests if r.phase == phase]
-            pending = iter(reqs)  # shared: each request once, in list order
-
-            async def worker(pending: Any = pending) -> None:
-                for r in pending:
-                    await driver.send(r)
-
-            await asyncio.gather(*(worker() for _ in range(max(1, cl.max_inflight or 1))))
-            if phase == "warmup" and cl.sleep_after_warmup_s > 0:
-                await asyncio.sleep(cl.sleep_after_warmup_s)
-        return
-    raise ValueError(f"unknown closed-loop kind {cl.kind!r}")
-
-
-# --------------------------------------------------------------------------------------------------
-# one mode
-# --------------------------------------------------------------------------------------------------
 
 
 async def run_mode(

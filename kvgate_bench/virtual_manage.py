@@ -57,7 +57,7 @@ MAX_PREFIX_TOKENS = 65536
 
 
 class ManagedEndpoint(Protocol):
-    """What management needs of a virtual endpoint (:class:`kvgate_bench.virtual.VEndpoint`)."""
+    """What management needs of a virtual endpoint (:class:`kvgate_bench.virtual_router.VEndpoint`)."""
 
     id: str
     core: EngineCore

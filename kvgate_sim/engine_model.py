@@ -18,8 +18,9 @@ Known divergences from vLLM/LMCache are listed in :data:`DIVERGENCES`.
 
 One concept per module: :mod:`kvgate_sim.profiles` (profiles, :class:`EngineConfig`), :mod:`kvgate_sim.prompts`
 (:class:`Prompt`, block hashes), :mod:`kvgate_sim.gpu_cache`, :mod:`kvgate_sim.lmcache_tier`,
-:mod:`kvgate_sim.records` (what the model reports) and :mod:`kvgate_sim.engine_core` (scheduler + timing).
-This module is their public face.
+:mod:`kvgate_sim.records` (what the model reports), :mod:`kvgate_sim.engine_state` (scheduler bookkeeping, step
+timing), :mod:`kvgate_sim.engine_scheduler` (the scheduler, one step at a time) and :mod:`kvgate_sim.engine_core`
+(virtual-time driving, worker commands). This module is their public face.
 """
 
 from __future__ import annotations

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from kvgate.serving import ServerHandle, start_server
-from kvgate_sim.controller_server import SimController, create_controller_app
+from kvgate_sim.controller_core import SimController
+from kvgate_sim.controller_server import create_controller_app
 from kvgate_sim.engine_model import EngineConfig
 from kvgate_sim.engine_server import SimEngine, create_engine_app
 from kvgate_sim.kv_publisher import KVEventsConfig, engine_binds

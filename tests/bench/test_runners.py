@@ -15,13 +15,15 @@ import pytest
 
 from kvgate.config import parse_config
 from kvgate_bench import cli as bench_cli
-from kvgate_bench import peers
+from kvgate_bench import cli_args, peers
 from kvgate_bench.modes import GATEWAY_MODES, MODES, FleetSpec, gateway_config, peer_available, resolve_modes
 from kvgate_bench.oracle import oracle_hit_rate
 from kvgate_bench.realfleet import ExternalFleet, prepare_workload, probe_ids
-from kvgate_bench.realtime import parse_hit_counters, run_mode, run_modes
+from kvgate_bench.realtime import run_mode, run_modes
+from kvgate_bench.realtime_metrics import parse_hit_counters
 from kvgate_bench.results import summarize
-from kvgate_bench.virtual import prepare, run_virtual
+from kvgate_bench.virtual import run_virtual
+from kvgate_bench.virtual_requests import prepare
 from kvgate_bench.workloads import Request, get_workload
 from kvgate_sim.fleet import Fleet, start_fleet
 
@@ -120,10 +122,10 @@ def test_cli_virtual_writes_report(tmp_path: Path, capsys: pytest.CaptureFixture
 
 
 def test_cli_param_parsing() -> None:
-    assert bench_cli.parse_param("qps=4") == ("qps", 4)
-    assert bench_cli.parse_param("block_tokens_scale=1/16") == ("block_tokens_scale", 1 / 16)
-    assert bench_cli.parse_param("distribution=zipf") == ("distribution", "zipf")
-    assert bench_cli.parse_param("ordered=true") == ("ordered", True)
+    assert cli_args.parse_param("qps=4") == ("qps", 4)
+    assert cli_args.parse_param("block_tokens_scale=1/16") == ("block_tokens_scale", 1 / 16)
+    assert cli_args.parse_param("distribution=zipf") == ("distribution", "zipf")
+    assert cli_args.parse_param("ordered=true") == ("ordered", True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -188,7 +190,7 @@ async def test_external_fleet_resets_caches_between_modes() -> None:
 
 
 def test_cli_fleet_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    args = bench_cli.build_parser().parse_args(["--fleet", "real"])
+    args = cli_args.build_parser().parse_args(["--fleet", "real"])
     assert args.fleet == "real" and args.engines is None and args.fleet_state is None
     with pytest.raises(SystemExit):
         bench_cli.main(["--fleet", "real", "--virtual", "--modes", "round_robin"])

@@ -6,12 +6,12 @@ import itertools
 
 from kvgate_bench.modes import MODES, FleetSpec, resolve_modes
 from kvgate_bench.oracle import oracle_hit_rate
-from kvgate_bench.virtual import (
+from kvgate_bench.virtual import run_virtual
+from kvgate_bench.virtual_requests import (
     mooncake_vrequests,
     oracle_from_prepared,
     prepare,
     prompt_hashes,
-    run_virtual,
     tiled_mooncake_records,
 )
 from kvgate_bench.workloads import get_workload, mooncake_from_records

@@ -6,8 +6,9 @@ import functools
 import random
 
 from kvgate_bench.modes import MODES, FleetSpec
-from kvgate_bench.virtual import prepare, run_virtual
+from kvgate_bench.virtual import run_virtual
 from kvgate_bench.virtual_events import HashEventIndex
+from kvgate_bench.virtual_requests import prepare
 from kvgate_bench.workloads import get_workload
 from kvgate_sim.engine_model import EngineConfig, EngineCore, Prompt
 

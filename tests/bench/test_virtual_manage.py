@@ -10,8 +10,10 @@ import pytest
 from kvgate.filters.kvcache.hot_prefixes import HotPrefixes
 from kvgate_bench.modes import MODES, FleetSpec, Mode
 from kvgate_bench.results import ModeRun
-from kvgate_bench.virtual import VEndpoint, prepare, run_virtual
+from kvgate_bench.virtual import run_virtual
 from kvgate_bench.virtual_manage import VirtualManagement, management_enabled
+from kvgate_bench.virtual_requests import prepare
+from kvgate_bench.virtual_router import VEndpoint
 from kvgate_bench.workloads import Workload, get_workload
 from kvgate_sim.engine_model import EngineCore
 

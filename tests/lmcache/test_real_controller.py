@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 
 from kvgate.serving import serve_in_thread
-from kvgate_sim.controller_server import SimController, create_controller_app
+from kvgate_sim.controller_core import SimController
+from kvgate_sim.controller_server import create_controller_app
 from kvgate_sim.lmcache_real import RealController, http_json, lmcache_python
 from kvgate_sim.lmcache_worker import LMCacheWorkerBridge
 from kvgate_sim.protocol import lmcache_chunk_hashes

@@ -10,7 +10,8 @@ import aiohttp
 import pytest
 
 from kvgate.serving import start_server
-from kvgate_sim.controller_server import SimController, create_controller_app
+from kvgate_sim.controller_core import SimController
+from kvgate_sim.controller_server import create_controller_app
 from kvgate_sim.protocol import lmcache_chunk_hashes
 from tests.lmcache.fake_worker import FakeWorker
 
