@@ -11,7 +11,7 @@ Decode path (synchronous, always ``CONTINUE``, errors never reach the client):
    is tokenized synchronously inside the same cap, so first requests (every new turn of a chat)
    are routed too (token acquisition: :mod:`.route_tokens`). The lookup (tokenize included) is capped by
    ``lookup_routing_timeout`` (also by ``request_timeout`` / the HCM timeout if smaller) with
-   ``asyncio.timeout_at``, so the request never waits longer than the cap;
+   ``asyncio.timeout_at``, so the request never waits longer than the cap (the call: :mod:`.lookup_route`);
 4. choose the endpoint (:mod:`.choice`: :func:`kvgate.routing.prefix.choose_prefix_endpoint`) and set
    ``ctx.params[PREFERRED_ENDPOINT_PARAM]``;
 5. enqueue a background job (never blocks; coalesced per key; dropped and counted when full).
@@ -49,14 +49,15 @@ from kvgate.chain import PREFERRED_ENDPOINT_PARAM, FilterStatus, HttpFilter, Req
 from kvgate.config import unknown_keys
 from kvgate.filters.kvcache.background import JobRunner
 from kvgate.filters.kvcache.body_memo import BodyMemo
-from kvgate.filters.kvcache.choice import RouteChoice, predicted
+from kvgate.filters.kvcache.choice import RouteChoice
 from kvgate.filters.kvcache.config import KVCacheConfig
-from kvgate.filters.kvcache.errors import CallTimeout, CircuitOpenError, DecodeError, KVCacheError, PoolTimeout
+from kvgate.filters.kvcache.errors import CallTimeout, CircuitOpenError
 from kvgate.filters.kvcache.events import FilterEvents
 from kvgate.filters.kvcache.extract import Extracted, ExtractError
 from kvgate.filters.kvcache.hotstats import HotStats
 from kvgate.filters.kvcache.jobs import Job, JobPool
 from kvgate.filters.kvcache.lmcache_client import LMCacheClient, LookupResult, TokenizerClient
+from kvgate.filters.kvcache.lookup_route import LookupRoute
 from kvgate.filters.kvcache.managed import CacheManagement
 from kvgate.filters.kvcache.metrics import KVCacheMetrics
 from kvgate.filters.kvcache.pool import HostSlots, PoolLimits, make_session
@@ -217,6 +218,16 @@ class KVCacheFilter(HttpFilter):
             event_index=self.event_index,
             cold=self.cold,
         )
+        self.lookup_route = LookupRoute(
+            self.lmcache,
+            self.breakers["lookup"],
+            self.retry,
+            self.choice,
+            self.metrics,
+            self.events,
+            max_conns_per_host=config.max_conns_per_host,
+            sleep=sleep,
+        )
         self.runner = JobRunner(
             config,
             runtime,
@@ -340,49 +351,7 @@ class KVCacheFilter(HttpFilter):
             self.choice.from_index(ctx, self.event_index, tokens, key)
             return None
         assert isinstance(tokens, list)
-        breaker = self.breakers["lookup"]
-        if not breaker.would_allow():
-            m.routing_lookups.labels("breaker_open").inc()
-            return None
-        t0 = time.perf_counter()
-        outcome: str | None = None
-        try:
-            async with asyncio.timeout_at(deadline):
-                lookup = await retry_call(
-                    lambda: breaker.call(lambda: self.lmcache.lookup(tokens, deadline=deadline), deadline=deadline),
-                    self.retry,
-                    deadline=deadline,
-                    sleep=self._sleep,
-                )
-        except CircuitOpenError:
-            outcome = "breaker_open"
-        except PoolTimeout:
-            outcome = "pool_wait"  # max_conns_per_host saturated: not a controller failure
-            self.events.pool_wait(self.cfg.max_conns_per_host)
-        except TimeoutError:
-            outcome = "timeout"
-            log.debug("[kvcache] routing lookup failed: timed out after %.0fms", (time.perf_counter() - t0) * 1e3)
-        except DecodeError as exc:
-            outcome = "bad_response"
-            log.debug("[kvcache] routing lookup failed: %s", exc)
-        except KVCacheError as exc:
-            outcome = "error"
-            log.debug("[kvcache] routing lookup failed: %s", exc)
-        finally:
-            m.lookup_latency.labels("routing").observe(time.perf_counter() - t0)
-        if outcome is not None:
-            m.routing_lookups.labels(outcome).inc()
-            return None
-        if not lookup.layout:
-            log.debug("[kvcache] routing lookup returned empty instance")
-            outcome, choice = "empty", None
-        else:
-            outcome, choice = self.choice.apply(ctx, lookup.matches, len(tokens), 0, tokens)
-        m.routing_lookups.labels(outcome).inc()
-        # Decision label for clients and benchmarks: which instance was preferred and why.
-        label = f"{outcome};lookup_ms={(time.perf_counter() - t0) * 1e3:.1f}" + predicted(choice)
-        ctx.response_headers.append((b"x-kvgate-kvcache", label.encode()))
-        return lookup
+        return await self.lookup_route.route(ctx, tokens, deadline)
 
     # ------------------------------------------------------------------ background
 
