@@ -1,4 +1,5 @@
-"""Credential redaction for log lines: URLs lose their userinfo and query/fragment values.
+"""Credential redaction for log lines (URLs lose their userinfo and query/fragment values) and for the admin
+``/config`` dump (values under secret-looking keys hidden).
 
 ``redact_url`` is a pure function with no kvgate dependencies so every module can share it.
 """
@@ -6,6 +7,7 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 from urllib.parse import SplitResult, parse_qsl, quote, urlsplit, urlunsplit
 
 REDACTED = "***"
@@ -41,3 +43,28 @@ _USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/\s@?#]*@")
 def redact_userinfo(text: str) -> str:
     """Free text (e.g. an exception message) with the userinfo of every embedded URL replaced by ``***``."""
     return _USERINFO.sub(lambda m: f"{m.group('scheme')}{REDACTED}@", text)
+
+
+# /config: any key containing one of these words (case-insensitive) has its string value hidden
+SECRET_KEY_WORDS = ("token", "secret", "key", "password", "passwd", "auth", "credential", "cookie")
+
+
+def _secret_key(key: str) -> bool:
+    k = key.lower()
+    return any(w in k for w in SECRET_KEY_WORDS)
+
+
+def redact_secrets(obj: Any, key: str = "") -> Any:
+    """A config dump safe to show (the admin ``/config``): string values under keys like ``*token*``,
+    ``*secret*``, ``*key*``, ``*password*``, ``*auth*`` become ``***``; URLs anywhere lose their userinfo and
+    query values (:func:`redact_url`)."""
+    if isinstance(obj, dict):
+        return {k: redact_secrets(v, str(k)) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [redact_secrets(v, key) for v in obj]
+    if isinstance(obj, str):
+        if obj and key and _secret_key(key):
+            return REDACTED
+        if "://" in obj:
+            return redact_url(obj)
+    return obj

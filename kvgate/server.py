@@ -1,4 +1,4 @@
-"""The gateway ASGI application (one per listener) and the admin application."""
+"""The gateway ASGI application (one per listener) and the :class:`Gateway` running them (admin: :mod:`.admin`)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,10 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import aiohttp
 
+from kvgate.admin import admin_router
 from kvgate.asgi import (
     BodyTooLarge,
     ClientDisconnected,
@@ -41,8 +40,6 @@ from kvgate.runtime import Runtime
 log = logging.getLogger("kvgate.server")
 _rlog = RateLimitedLog(log, interval_s=60.0)
 
-# /config redaction: any key containing one of these words (case-insensitive) has its string value hidden.
-SECRET_KEY_WORDS = ("token", "secret", "key", "password", "passwd", "auth", "credential", "cookie")
 DECISION_PREFIX = b"x-kvgate-"
 FORWARDED_HEADERS = (b"x-forwarded-for", b"forwarded")
 
@@ -305,45 +302,6 @@ def _is_ipv6(host: str) -> bool:
         return False
 
 
-def _secret_key(key: str) -> bool:
-    k = key.lower()
-    return any(w in k for w in SECRET_KEY_WORDS)
-
-
-def redact_url(text: str) -> str:
-    """``scheme://user:pw@host/p?q=v`` → ``scheme://***@host/p?q=***`` (userinfo and every query value)."""
-    try:
-        parts = urlsplit(text)
-    except ValueError:
-        return "***"
-    netloc = parts.netloc
-    if "@" in netloc:
-        netloc = "***@" + netloc.rsplit("@", 1)[1]
-    query = parts.query
-    if query:
-        query = urlencode([(k, "***") for k, _ in parse_qsl(query, keep_blank_values=True)], safe="*")
-    return (
-        urlunsplit((parts.scheme, netloc, parts.path, query, ""))
-        if parts.fragment == ""
-        else urlunsplit((parts.scheme, netloc, parts.path, query, "***"))
-    )
-
-
-def redact(obj: Any, key: str = "") -> Any:
-    """Secrets for /config: string values under keys like ``*token*``, ``*secret*``, ``*key*``, ``*password*``,
-    ``*auth*``; URL userinfo and URL query values anywhere."""
-    if isinstance(obj, dict):
-        return {k: redact(v, str(k)) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [redact(v, key) for v in obj]
-    if isinstance(obj, str):
-        if obj and key and _secret_key(key):
-            return "***"
-        if "://" in obj:
-            return redact_url(obj)
-    return obj
-
-
 class Gateway:
     """All listeners of a config plus the admin app, sharing one :class:`Runtime`."""
 
@@ -394,47 +352,4 @@ class Gateway:
         return self._started and all(n > 0 for n in healthy.values()), healthy
 
     def admin_app(self) -> Router:
-        router = Router()
-        metrics = self.runtime.metrics
-
-        async def metrics_h(req: Request, send: Send) -> None:
-            await send_response(send, 200, metrics.render(), b"text/plain; version=0.0.4; charset=utf-8")
-
-        async def healthz(req: Request, send: Send) -> None:
-            await send_json(send, 200, {"status": "ok", "uptime_s": round(time.time() - self._start_time, 3)})
-
-        async def readyz(req: Request, send: Send) -> None:
-            ok, healthy = self.ready()
-            await send_json(send, 200 if ok else 503, {"ready": ok, "healthy_endpoints": healthy})
-
-        async def config_h(req: Request, send: Send) -> None:
-            await send_json(send, 200, redact(self.config.model_dump(mode="json", by_alias=False)))
-
-        token = self.config.admin.token
-
-        def guarded(handler: Any) -> Any:
-            """With ``admin.token`` set, /metrics and /config need ``Authorization: Bearer <token>``
-            (the probes /healthz and /readyz stay open: they reveal nothing)."""
-            if not token:
-                return handler
-            expected = f"Bearer {token}".encode()
-
-            async def check(req: Request, send: Send) -> None:
-                got = (req.header("authorization") or "").encode("latin-1")
-                if not hmac.compare_digest(got, expected):
-                    await send_json(
-                        send,
-                        401,
-                        openai_error("admin token required", "unauthorized", 401),
-                        headers=[(b"www-authenticate", b'Bearer realm="kvgate-admin"')],
-                    )
-                    return
-                await handler(req, send)
-
-            return check
-
-        router.add("GET", "/metrics", guarded(metrics_h))
-        router.add("GET", "/healthz", healthz)
-        router.add("GET", "/readyz", readyz)
-        router.add("GET", "/config", guarded(config_h))
-        return router
+        return admin_router(self.config, self.runtime.metrics, self.ready, self._start_time)

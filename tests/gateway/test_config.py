@@ -17,8 +17,9 @@ from kvgate.cli import main
 from kvgate.config import load_config, parse_config
 from kvgate.durations import parse_duration
 from kvgate.errors import ConfigError, RegistryError
+from kvgate.redact import redact_secrets as redact
 from kvgate.registry import check_config
-from kvgate.server import Gateway, redact
+from kvgate.server import Gateway
 
 SEED = Path(__file__).resolve().parents[2] / "examples" / "pixiu-seed-config.yaml"
 CLUSTERS = [

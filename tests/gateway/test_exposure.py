@@ -13,7 +13,8 @@ from pydantic import BaseModel
 
 from kvgate.chain import FilterStatus, HttpFilter, RequestContext, registered_filter
 from kvgate.config import parse_config
-from kvgate.server import Gateway, redact
+from kvgate.redact import redact_secrets as redact
+from kvgate.server import Gateway
 from kvgate.serving import start_server
 
 from .conftest import Upstreams, gateway_config, launch
