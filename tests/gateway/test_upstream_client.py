@@ -250,3 +250,21 @@ def test_default_client_does_not_import_pyreqwest() -> None:
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["AiohttpTransport", "False"]
+
+
+async def test_path_bytes_outside_the_url_parsers_set(upstreams: Upstreams, gateways: Gateways) -> None:
+    a = await upstreams.add("a")
+    gw = await launch(gateways, gateway_config([a]))
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.listeners[0].port)
+    try:
+        writer.write(b"GET /v1/models/a{b}%2Fc?q=%3F HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 404")
+    got = upstreams.states["a"].calls[0]
+    assert got["query"] == "q=%3F"
+    if gateways.client == "pyreqwest":  # the URL parser percent-encodes { and } (documented difference)
+        assert got["raw_path"] == "/v1/models/a%7Bb%7D%2Fc"
+    else:  # as sent
+        assert got["raw_path"] == "/v1/models/a{b}%2Fc"
