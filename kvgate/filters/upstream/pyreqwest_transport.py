@@ -33,9 +33,13 @@ from pyreqwest.response import Response, ResponseBodyReader
 
 from kvgate.filters.upstream.base import TransportSettings, UpstreamBroken, UpstreamConnectError
 
+# An answer with a Content-Length up to this is read in one call (one hop to the library's thread, not one per
+# chunk plus one for the end); event streams carry no Content-Length and go chunk by chunk.
+WHOLE_BODY_MAX = 256 * 1024
+
 
 class PyreqwestAnswer:
-    __slots__ = ("_closing", "_dropped", "_eof", "_reader", "_req", "_resp", "_slot", "status")
+    __slots__ = ("_closing", "_dropped", "_eof", "_reader", "_req", "_resp", "_slot", "_whole", "status")
 
     def __init__(
         self, req: StreamRequest, resp: Response, slot: asyncio.Semaphore | None, closing: set[asyncio.Task[None]]
@@ -48,6 +52,8 @@ class PyreqwestAnswer:
         self._eof = False
         self._dropped = 0
         self.status = resp.status
+        length = resp.get_header("content-length")
+        self._whole = length is not None and length.isdigit() and int(length) <= WHOLE_BODY_MAX
 
     def raw_headers(self) -> list[tuple[bytes, bytes]]:
         assert self._resp is not None
@@ -79,6 +85,10 @@ class PyreqwestAnswer:
         if reader is None:
             return b""
         try:
+            if self._whole:
+                whole = await reader.bytes()
+                self._eof = True
+                return whole.to_bytes()
             chunk = await reader.read_chunk()
         except TimeoutError:  # reqwest's read timeout: the idle timeout
             raise
