@@ -34,7 +34,8 @@ from pyreqwest.response import Response, ResponseBodyReader
 from kvgate.filters.upstream.base import TransportSettings, UpstreamBroken, UpstreamConnectError
 
 # An answer with a Content-Length up to this is read in one call (one hop to the library's thread, not one per
-# chunk plus one for the end); event streams carry no Content-Length and go chunk by chunk.
+# chunk plus one for the end) when reqwest's read timeout bounds each gap (with the proxy's timer instead, one
+# call would put the whole body under one idle timeout); event streams carry no Content-Length.
 WHOLE_BODY_MAX = 256 * 1024
 
 
@@ -42,7 +43,12 @@ class PyreqwestAnswer:
     __slots__ = ("_closing", "_dropped", "_eof", "_reader", "_req", "_resp", "_slot", "_whole", "status")
 
     def __init__(
-        self, req: StreamRequest, resp: Response, slot: asyncio.Semaphore | None, closing: set[asyncio.Task[None]]
+        self,
+        req: StreamRequest,
+        resp: Response,
+        slot: asyncio.Semaphore | None,
+        closing: set[asyncio.Task[None]],
+        whole_ok: bool,
     ):
         self._req: StreamRequest | None = req
         self._closing = closing  # the transport's close tasks (kept referenced until done)
@@ -53,7 +59,7 @@ class PyreqwestAnswer:
         self._dropped = 0
         self.status = resp.status
         length = resp.get_header("content-length")
-        self._whole = length is not None and length.isdigit() and int(length) <= WHOLE_BODY_MAX
+        self._whole = whole_ok and length is not None and length.isdigit() and int(length) <= WHOLE_BODY_MAX
 
     def raw_headers(self) -> list[tuple[bytes, bytes]]:
         assert self._resp is not None
@@ -187,7 +193,7 @@ class PyreqwestTransport:
             if isinstance(exc, PyreqwestError) and not isinstance(exc, TimeoutError):
                 raise UpstreamBroken(str(exc), type(exc).__name__) from exc
             raise  # timeouts (connect, read) as TimeoutError; cancellation
-        return PyreqwestAnswer(req, resp, slot, self._closing)
+        return PyreqwestAnswer(req, resp, slot, self._closing, self.native_idle_timeout)
 
     async def close(self) -> None:
         if self._closing:
