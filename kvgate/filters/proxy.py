@@ -6,7 +6,7 @@ and is healthy; otherwise the pick stays and the reason is counted. Retries and 
 before any byte reached the client. Fixed Pixiu defects: fallback walks *all* other healthy
 endpoints with wrap-around (not index+1), 4xx answers pass through instead of being retried and
 marking the endpoint unhealthy, and ``timeout`` bounds the wait for response headers, not the
-length of a stream.
+length of a stream. The HTTP client is pluggable (``client``: :mod:`kvgate.filters.upstream`).
 """
 
 from __future__ import annotations
@@ -17,11 +17,9 @@ import logging
 import time
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
-import aiohttp
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from yarl import URL
 
 from kvgate.chain import (
     PREFERRED_ENDPOINT_PARAM,
@@ -35,7 +33,16 @@ from kvgate.chain import (
 from kvgate.cluster import ClusterState, EndpointState
 from kvgate.config import Duration
 from kvgate.errors import NoHealthyEndpoint, UpstreamError, UpstreamTimeout
-from kvgate.payload import request_body
+from kvgate.filters.proxy_headers import RESPONSE_DROP, connection_listed, content_length, request_headers
+from kvgate.filters.upstream import (
+    Answer,
+    Transport,
+    TransportSettings,
+    UpstreamBroken,
+    UpstreamConnectError,
+    make_transport,
+    pyreqwest_available,
+)
 from kvgate.ratelog import RateLimitedLog
 from kvgate.resilience import RetryPolicy
 from kvgate.runtime import Runtime
@@ -43,28 +50,7 @@ from kvgate.runtime import Runtime
 log = logging.getLogger("kvgate.proxy")
 _rlog = RateLimitedLog(log, interval_s=10.0)
 
-HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-        b"te",
-        b"trailer",
-        b"trailers",
-        b"transfer-encoding",
-        b"upgrade",
-        b"host",
-        b"content-length",
-        b"expect",
-        b"proxy-connection",
-    }
-)
-# Set by the gateway's own HTTP server; an upstream copy would duplicate them (RFC 9110: one Date).
-RESPONSE_DROP = HOP_BY_HOP | {b"date", b"server"}
 RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
-# aiohttp adds Accept, Accept-Encoding, User-Agent and Content-Type when absent: forward the client's as sent.
-SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
 
 
 class ProxyConfig(BaseModel):
@@ -86,6 +72,17 @@ class ProxyConfig(BaseModel):
     maxIdleConnsPerHost: int = Field(default=0, ge=0)
     maxConnsPerHost: int = Field(default=0, ge=0)
     scheme: str = "http"
+    client: Literal["aiohttp", "pyreqwest", "auto"] = Field(
+        default="aiohttp",
+        description="upstream HTTP client: aiohttp, pyreqwest (the fastproxy extra), or auto (pyreqwest if installed)",
+    )
+
+    @field_validator("client")
+    @classmethod
+    def _client(cls, v: str) -> str:
+        if v == "pyreqwest" and not pyreqwest_available():
+            raise ValueError("client pyreqwest is not installed (pip install 'kvgate[fastproxy]'), or use aiohttp/auto")
+        return v
 
     @field_validator("scheme")
     @classmethod
@@ -98,23 +95,6 @@ class ProxyConfig(BaseModel):
     @property
     def header_timeout(self) -> float:
         return self.timeout if self.timeout > 0 else self.response_timeout
-
-
-def connection_listed(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
-    """Names listed in ``Connection`` / ``Proxy-Connection``: hop-by-hop for this message (RFC 9110 §7.6.1)."""
-    names: set[bytes] = set()
-    for k, v in headers:
-        if k.lower() in (b"connection", b"proxy-connection"):
-            names.update(t.strip().lower() for t in v.split(b",") if t.strip())
-    return frozenset(names)
-
-
-def _header_value(raw: bytes) -> str:
-    """aiohttp re-encodes header values as UTF-8: decode valid UTF-8 as such so non-ASCII values round-trip."""
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return raw.decode("latin-1")
 
 
 def _attempts_and_delays(ep: EndpointState) -> tuple[int, Callable[[int], float]]:
@@ -131,30 +111,25 @@ class _Target:
     delay: Callable[[int], float]  # the wait before attempt n + 1 (n >= 1)
 
 
+_Kept = tuple[EndpointState, Answer, float]  # an endpoint, its answer (slot held) and the attempt's start
+
+
 class ProxyFilter(HttpFilter):
     def __init__(self, config: ProxyConfig, runtime: Runtime):
         self.config = config
         self.runtime = runtime
         self.metrics = runtime.metrics
-        self._session: aiohttp.ClientSession | None = None
+        self.transport: Transport = make_transport(
+            config.client,
+            TransportSettings(
+                connect_timeout=config.connect_timeout,
+                keepalive_timeout=config.keepalive_timeout,
+                max_conns_per_host=config.maxConnsPerHost,
+                stream_idle_timeout=config.stream_idle_timeout,
+                header_timeout=config.header_timeout,
+            ),
+        )
         self._targets: dict[tuple[str, str], _Target] = {}  # (cluster, endpoint id) -> what never changes
-
-    def _client(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(
-                limit=0,
-                limit_per_host=self.config.maxConnsPerHost or 0,
-                ttl_dns_cache=300,
-                keepalive_timeout=self.config.keepalive_timeout,
-                enable_cleanup_closed=True,
-            )
-            self._session = aiohttp.ClientSession(
-                connector=connector,
-                auto_decompress=False,
-                skip_auto_headers=SKIP_AUTO_HEADERS,
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.config.connect_timeout),
-            )
-        return self._session
 
     def _target(self, ep: EndpointState) -> _Target:
         """The endpoint's origin (``scheme://host:port``) and retry schedule, built once: its config never
@@ -168,8 +143,7 @@ class ProxyFilter(HttpFilter):
         return target
 
     async def close(self) -> None:
-        if self._session is not None and not self._session.closed:
-            await self._session.close()
+        await self.transport.close()
 
     def _choose(self, ctx: RequestContext, cluster: ClusterState) -> EndpointState:
         key = ctx.header(cluster.config.hash_header)
@@ -204,15 +178,6 @@ class ProxyFilter(HttpFilter):
                     order.append(ep)
         return order
 
-    def _headers(self, ctx: RequestContext, ep: EndpointState) -> list[tuple[str, str]]:
-        drop = HOP_BY_HOP | connection_listed(ctx.headers)
-        out = [(k.decode("latin-1"), _header_value(v)) for k, v in ctx.headers if k.lower() not in drop]
-        api_key = ep.config.llm_meta.api_key
-        if api_key:
-            out = [(k, v) for k, v in out if k.lower() != "authorization"]
-            out.append(("Authorization", f"Bearer {api_key}"))
-        return out
-
     async def decode(self, ctx: RequestContext) -> FilterStatus:
         cluster = self.runtime.clusters.get(ctx.cluster_name)
         if cluster is None:  # guarded by config validation
@@ -220,7 +185,7 @@ class ProxyFilter(HttpFilter):
         first = self._choose(ctx, cluster)
         attempts_log: list[dict[str, Any]] = []
         ctx.params[UPSTREAM_ATTEMPTS_PARAM] = attempts_log
-        kept: list[tuple[EndpointState, aiohttp.ClientResponse, float]] = []  # newest retryable error answer
+        kept: list[_Kept] = []  # newest retryable error answer
         try:
             ok = await self._attempt_all(ctx, cluster, first, attempts_log, kept)
         except BaseException:
@@ -254,8 +219,8 @@ class ProxyFilter(HttpFilter):
         cluster: ClusterState,
         first: EndpointState,
         attempts_log: list[dict[str, Any]],
-        kept: list[tuple[EndpointState, aiohttp.ClientResponse, float]],
-    ) -> tuple[EndpointState, aiohttp.ClientResponse, float] | None:
+        kept: list[_Kept],
+    ) -> _Kept | None:
         """Try the endpoints in order with their retry policies; the first good answer (slot held) or None.
 
         An answer of any status proves the endpoint alive: it is never ejected for it here (only outlier
@@ -270,36 +235,33 @@ class ProxyFilter(HttpFilter):
                 if attempt > 1:
                     await asyncio.sleep(delay(attempt - 1))
                 t0 = time.perf_counter()
-                raw = target.origin
-                raw += (ctx.raw_path or ctx.path.encode()).decode("latin-1")
+                target_bytes = (ctx.raw_path or ctx.path.encode()).decode("latin-1")  # the client's path bytes
                 if ctx.query_string:
-                    raw += "?" + ctx.query_string.decode("latin-1")
-                url = URL(raw, encoded=True)  # forward the client's path bytes as they are
+                    target_bytes += "?" + ctx.query_string.decode("latin-1")
                 cluster.acquire(ep)
                 try:
                     async with asyncio.timeout(self.config.header_timeout):  # no extra task (unlike wait_for)
-                        resp = await self._client().request(
+                        resp = await self.transport.send(
                             ctx.method,
-                            url,
-                            data=request_body(ctx.body) if ctx.body else None,
-                            headers=self._headers(ctx, ep),
-                            allow_redirects=False,
-                            compress=False,
+                            target.origin,
+                            target_bytes,
+                            request_headers(ctx.headers, ep.config.llm_meta.api_key),
+                            ctx.body,
                         )
                 except TimeoutError:
                     cluster.release(ep)
                     self._record(attempts_log, cluster, ep, "timeout", None)
                     transport_failure = f"timeout (no response headers within {self.config.header_timeout:g}s)"
                     continue
-                except aiohttp.ClientConnectorError as exc:
+                except UpstreamConnectError as exc:
                     cluster.release(ep)
                     self._record(attempts_log, cluster, ep, "network_error", None, str(exc))
-                    transport_failure = f"connection failure ({type(exc.os_error).__name__})"
+                    transport_failure = f"connection failure ({exc.kind})"
                     break  # transport errors are not retried on the same endpoint (Pixiu); move on
-                except (aiohttp.ClientError, OSError) as exc:
+                except UpstreamBroken as exc:
                     cluster.release(ep)
                     self._record(attempts_log, cluster, ep, "broken", None, str(exc))
-                    transport_failure = f"broken connection ({type(exc).__name__})"
+                    transport_failure = f"broken connection ({exc.kind})"
                     continue
                 except BaseException:
                     cluster.release(ep)
@@ -357,16 +319,27 @@ class ProxyFilter(HttpFilter):
             )
 
     def _wrap(
-        self, cluster: ClusterState, ep: EndpointState, resp: aiohttp.ClientResponse, t0: float, acquired: bool
+        self, cluster: ClusterState, ep: EndpointState, resp: Answer, t0: float, acquired: bool
     ) -> UpstreamResponse:
-        drop = RESPONSE_DROP | connection_listed(list(resp.raw_headers))
-        headers = [(k.lower(), v) for k, v in resp.raw_headers if k.lower() not in drop]
-        if resp.headers.get("Content-Length") and "chunked" not in resp.headers.get("Transfer-Encoding", ""):
-            headers.append((b"content-length", resp.headers["Content-Length"].encode("latin-1")))
+        raw = resp.raw_headers()
+        if resp.dropped_headers():
+            self.metrics.upstream_headers_dropped.labels(cluster.name, ep.id).inc(resp.dropped_headers())
+            _rlog.warning(
+                f"{cluster.name}/{ep.id}/headers",
+                "upstream %s/%s: %d answer header(s) the HTTP client cannot read were dropped",
+                cluster.name,
+                ep.id,
+                resp.dropped_headers(),
+            )
+        drop = RESPONSE_DROP | connection_listed(raw)
+        headers = [(k.lower(), v) for k, v in raw if k.lower() not in drop]
+        length = content_length(raw)
+        if length is not None:
+            headers.append((b"content-length", length))
         metrics = self.metrics
         released = False
 
-        idle = self.config.stream_idle_timeout
+        idle = None if self.transport.native_idle_timeout else self.config.stream_idle_timeout
 
         def release() -> None:
             """Idempotent: free the endpoint slot and the connection (also when the body never started)."""
@@ -374,20 +347,22 @@ class ProxyFilter(HttpFilter):
             if not released:
                 released = True
                 with contextlib.suppress(Exception):
-                    resp.release() if resp.content.at_eof() else resp.close()
+                    resp.release()
                 cluster.release(ep)
                 metrics.upstream_latency.labels(cluster.name, ep.id).observe(time.perf_counter() - t0)
 
         async def body() -> AsyncGenerator[bytes, None]:
             first = True
             try:
-                content = resp.content
                 while True:
                     # Bytes already received are taken without a wait (and without arming a timer).
-                    chunk = content.read_nowait()
-                    if not chunk and not content.at_eof():
-                        async with asyncio.timeout(idle):  # a stalled upstream must not hold the slot forever
-                            chunk = await content.readany()
+                    chunk = resp.read_nowait()
+                    if not chunk and not resp.at_eof():
+                        if idle is None:  # the transport bounds the wait itself
+                            chunk = await resp.read()
+                        else:
+                            async with asyncio.timeout(idle):  # a stalled upstream must not hold the slot forever
+                                chunk = await resp.read()
                     if not chunk:
                         break
                     if first:

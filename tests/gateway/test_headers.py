@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from .conftest import Upstreams, gateway_config, launch
+from .conftest import Gateways, Upstreams, gateway_config, launch
 
 
 async def raw_request(port: int, request: bytes) -> bytes:
@@ -22,14 +22,29 @@ def post(path: str, body: bytes, *headers: str) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
 
-async def test_no_accept_or_accept_encoding_added(upstreams: Upstreams, gateways) -> None:
+async def test_no_accept_or_accept_encoding_added(upstreams: Upstreams, gateways: Gateways) -> None:
     a = await upstreams.add("a")
     gw = await launch(gateways, gateway_config([a]))
     answer = await raw_request(gw.listeners[0].port, post("/v1/completions", b'{"prompt": "x"}'))
     assert answer.startswith(b"HTTP/1.1 200")
     sent = upstreams.states["a"].calls[0]["headers"]
-    assert "accept-encoding" not in sent and "accept" not in sent and "user-agent" not in sent
+    assert "accept-encoding" not in sent  # no compressed answer asked for: none is decoded either
     assert "content-type" not in sent  # the client sent none
+    if gateways.client == "pyreqwest":
+        # reqwest always adds these two when absent (a documented difference of the pyreqwest client)
+        assert sent["accept"] == "*/*" and sent["user-agent"].startswith("python-pyreqwest/")
+    else:
+        assert "accept" not in sent and "user-agent" not in sent
+
+
+async def test_client_accept_and_user_agent_forwarded_as_sent(upstreams: Upstreams, gateways: Gateways) -> None:
+    a = await upstreams.add("a")
+    gw = await launch(gateways, gateway_config([a]))
+    req = post("/v1/completions", b'{"prompt": "x"}', "Accept: application/json", "User-Agent: my-app/1")
+    answer = await raw_request(gw.listeners[0].port, req)
+    assert answer.startswith(b"HTTP/1.1 200")
+    sent = upstreams.states["a"].calls[0]["headers"]
+    assert sent["accept"] == "application/json" and sent["user-agent"] == "my-app/1"
 
 
 async def test_connection_listed_headers_are_dropped_both_ways(upstreams: Upstreams, gateways) -> None:

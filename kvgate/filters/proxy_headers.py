@@ -1,0 +1,63 @@
+"""The proxy filter's header rules: what is hop-by-hop (never forwarded, either way) and how the client's
+headers become the upstream request's (RFC 9110 §7.6.1)."""
+
+from __future__ import annotations
+
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"trailers",
+        b"transfer-encoding",
+        b"upgrade",
+        b"host",
+        b"content-length",
+        b"expect",
+        b"proxy-connection",
+    }
+)
+# Set by the gateway's own HTTP server; an upstream copy would duplicate them (RFC 9110: one Date).
+RESPONSE_DROP = HOP_BY_HOP | {b"date", b"server"}
+
+
+def connection_listed(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    """Names listed in ``Connection`` / ``Proxy-Connection``: hop-by-hop for this message (RFC 9110 §7.6.1)."""
+    names: set[bytes] = set()
+    for k, v in headers:
+        if k.lower() in (b"connection", b"proxy-connection"):
+            names.update(t.strip().lower() for t in v.split(b",") if t.strip())
+    return frozenset(names)
+
+
+def header_value(raw: bytes) -> str:
+    """Both clients encode header values as UTF-8: decode valid UTF-8 as such so non-ASCII values round-trip."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
+
+
+def request_headers(headers: list[tuple[bytes, bytes]], api_key: str | None) -> list[tuple[str, str]]:
+    """The client's headers minus hop-by-hop ones; an endpoint ``api_key`` replaces the client's Authorization."""
+    drop = HOP_BY_HOP | connection_listed(headers)
+    out = [(k.decode("latin-1"), header_value(v)) for k, v in headers if k.lower() not in drop]
+    if api_key:
+        out = [(k, v) for k, v in out if k.lower() != "authorization"]
+        out.append(("Authorization", f"Bearer {api_key}"))
+    return out
+
+
+def content_length(raw: list[tuple[bytes, bytes]]) -> bytes | None:
+    """The answer's ``Content-Length`` to forward: the first one, unless the body is chunked."""
+    length: bytes | None = None
+    for k, v in raw:
+        name = k.lower()
+        if name == b"content-length" and length is None:
+            length = v
+        elif name == b"transfer-encoding" and b"chunked" in v.lower():
+            return None
+    return length or None

@@ -1,0 +1,112 @@
+"""The proxy filter's upstream client on aiohttp (the default).
+
+One session per filter: no total connection cap, ``maxConnsPerHost`` as aiohttp's per-host limit (a wait for a
+free connection happens inside :meth:`AiohttpTransport.send`, under the proxy's header timeout), idle
+connections closed after ``keepalive_timeout``. The client's path bytes go out as they are
+(``URL(..., encoded=True)``), no header is added (``skip_auto_headers``) and no body is decoded
+(``auto_decompress=False``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import aiohttp
+from yarl import URL
+
+from kvgate.filters.upstream.base import TransportSettings, UpstreamBroken, UpstreamConnectError
+from kvgate.payload import request_body
+
+# aiohttp adds Accept, Accept-Encoding, User-Agent and Content-Type when absent: forward the client's as sent.
+SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
+
+
+class AiohttpAnswer:
+    __slots__ = ("_content", "_read", "_released", "_resp")
+
+    def __init__(self, resp: aiohttp.ClientResponse):
+        self._resp = resp
+        self._content = resp.content
+        self._released = False
+        self._read = False  # the body has been read from
+
+    @property
+    def status(self) -> int:
+        return self._resp.status
+
+    def raw_headers(self) -> list[tuple[bytes, bytes]]:
+        return list(self._resp.raw_headers)
+
+    def dropped_headers(self) -> int:
+        return 0
+
+    def read_nowait(self) -> bytes:
+        self._read = True
+        return self._content.read_nowait()
+
+    def at_eof(self) -> bool:
+        return self._content.at_eof()
+
+    async def read(self) -> bytes:
+        return await self._content.readany()
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            with contextlib.suppress(Exception):
+                # A body never read from (a retried error answer): aiohttp keeps the connection when the whole
+                # body arrived, else closes it. A body cut while streaming: closed.
+                if self._content.at_eof() or not self._read:
+                    self._resp.release()
+                else:
+                    self._resp.close()
+
+
+class AiohttpTransport:
+    native_idle_timeout = False
+
+    def __init__(self, settings: TransportSettings):
+        self.settings = settings
+        self._session: aiohttp.ClientSession | None = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(
+                limit=0,
+                limit_per_host=self.settings.max_conns_per_host,
+                ttl_dns_cache=300,
+                keepalive_timeout=self.settings.keepalive_timeout,
+                enable_cleanup_closed=True,
+            )
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                auto_decompress=False,
+                skip_auto_headers=SKIP_AUTO_HEADERS,
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.settings.connect_timeout),
+            )
+        return self._session
+
+    async def send(
+        self, method: str, origin: str, target: str, headers: list[tuple[str, str]], body: bytes
+    ) -> AiohttpAnswer:
+        url = URL(origin + target, encoded=True)  # forward the client's path bytes as they are
+        try:
+            resp = await self._client().request(
+                method,
+                url,
+                data=request_body(body) if body else None,
+                headers=headers,
+                allow_redirects=False,
+                compress=False,
+            )
+        except TimeoutError:  # also aiohttp's connect timeout (ServerTimeoutError)
+            raise
+        except aiohttp.ClientConnectorError as exc:
+            raise UpstreamConnectError(str(exc), type(exc.os_error).__name__) from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            raise UpstreamBroken(str(exc), type(exc).__name__) from exc
+        return AiohttpAnswer(resp)
+
+    async def close(self) -> None:
+        if self._session is not None and not self._session.closed:
+            await self._session.close()
