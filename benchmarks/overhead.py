@@ -7,8 +7,6 @@ Debian package is installed, else a tiny uvicorn app, with a note):
 * ``bare``: a bare Python pass-through (uvicorn + httptools + uvloop + aiohttp, ~30 lines below): the floor
   for this stack;
 * ``kvgate-off``: ``kvgate serve`` with the proxy filter only (routing off);
-* ``kvgate-off-pyreqwest``: the same with the proxy filter's ``client: pyreqwest`` (the fastproxy extra), and
-  ``kvgate-off-long-pyreqwest`` / ``kvgate-local-pyreqwest`` beside ``kvgate-off-long`` / ``kvgate-local``;
 * ``bare-long``: only when named in ``--paths``: ``bare`` sent the kvcache paths' long body;
 * ``kvgate-kv``: ``kvgate serve`` with the kvcache filter on: a long prompt, token-cache hit on every
   measured request, a routing ``/lookup`` to a zero-cost controller (the same upstream);
@@ -288,9 +286,7 @@ def publish_prompt_blocks(events_port: int, prompt: str, block_size: int = 16, s
         ctx.term()
 
 
-def kvgate_config(
-    up_port: int, upstream: str, kvcache: bool, local: dict[str, Any] | None = None, client: str = "aiohttp"
-) -> dict[str, Any]:
+def kvgate_config(up_port: int, upstream: str, kvcache: bool, local: dict[str, Any] | None = None) -> dict[str, Any]:
     filters: list[dict[str, Any]] = []
     if kvcache:
         filters.append(
@@ -309,7 +305,7 @@ def kvgate_config(
                 },
             }
         )
-    filters.append({"name": "dgp.filter.llm.proxy", "config": {} if client == "aiohttp" else {"client": client}})
+    filters.append({"name": "dgp.filter.llm.proxy", "config": {}})
     hcm = {"route_config": {"routes": [{"match": {"prefix": "/"}, "route": {"cluster": "c"}}]}, "http_filters": filters}
     return {
         "listeners": [
@@ -488,16 +484,12 @@ def main() -> int:
         want = set(args.paths or ["kvgate-off", "kvgate-kv", "kvgate-local", "vllm-router", "kvgate-off-w2"])
         if "bare-long" in want:
             targets["bare-long"] = (bare.url, KV_BODY)
-        long_wanted = bool(want & {"kvgate-local", "kvgate-kv", "kvgate-off-long", "kvgate-off-long-pyreqwest"})
-        for client in ("aiohttp", "pyreqwest"):
-            name = "kvgate-off" if client == "aiohttp" else "kvgate-off-pyreqwest"
-            if name not in want:
-                continue
-            p = start_kvgate(name, kvgate_config(up_port, up.url, kvcache=False, client=client))
+        if "kvgate-off" in want:
+            p = start_kvgate("kvgate-off", kvgate_config(up_port, up.url, kvcache=False))
             procs.append(p)
-            targets[name] = (p.url, BODY)
-            if long_wanted:  # the same gateway, the kvcache paths' long body
-                targets[name.replace("kvgate-off", "kvgate-off-long")] = (p.url, KV_BODY)
+            targets["kvgate-off"] = (p.url, BODY)
+            if want & {"kvgate-local", "kvgate-kv", "kvgate-off-long"}:  # the same gateway, the long body
+                targets["kvgate-off-long"] = (p.url, KV_BODY)
         if "kvgate-kv" in want:
             p = start_kvgate("kvgate-kv", kvgate_config(up_port, up.url, kvcache=True))
             procs.append(p)
@@ -508,13 +500,6 @@ def main() -> int:
             procs.append(p)
             publish_prompt_blocks(ev_port, LONG_PROMPT)
             targets["kvgate-local"] = (p.url, KV_BODY)
-        if "kvgate-local-pyreqwest" in want:
-            ev_port = free_port()
-            cfg = kvgate_config(up_port, up.url, True, local_routing_keys(ev_port), client="pyreqwest")
-            p = start_kvgate("kvgate-local-pyreqwest", cfg)
-            procs.append(p)
-            publish_prompt_blocks(ev_port, LONG_PROMPT)
-            targets["kvgate-local-pyreqwest"] = (p.url, KV_BODY)
         if args.baseline_src:
             for name, kv, body in (("kvgate-off", False, BODY), ("kvgate-kv", True, KV_BODY)):
                 if name in want:
@@ -616,14 +601,6 @@ def report(results: dict[str, dict[int, list[Sample]]], use_wrk: bool, args: arg
                 "- local routing c16 req/s vs routing off with the same long body: "
                 f"{_med(local[16], 'rps') / _med(off_long[16], 'rps'):.2f} (issue 9 target >= 0.85)"
             )
-        fast = results.get("kvgate-off-pyreqwest")
-        if fast:
-            lines += [
-                f"- routing off on pyreqwest: c16 req/s vs bare {_med(fast[16], 'rps') / _med(floor[16], 'rps'):.2f} "
-                f"(target >= 0.85), vs kvgate-off {_med(fast[16], 'rps') / _med(off[16], 'rps'):.2f}; c1 added p50 "
-                f"over direct {_med(fast[1], 'p50_ms') - _med(direct[1], 'p50_ms'):.3f} ms; c16 p99 vs bare "
-                f"{_med(fast[16], 'p99_ms') / _med(floor[16], 'p99_ms'):.2f}",
-            ]
         w2 = results.get("kvgate-off-w2")
         if w2:
             lines.append(

@@ -9,8 +9,9 @@ completion chunks) and ``data: [DONE]``, each sent as its own body chunk by a uv
 * ``paced``: ``--gap-ms`` between events (a decode step: every event arrives and is forwarded on its own).
 
 Paths: ``bare`` (overhead.py's ``_bare``: uvicorn + httptools + uvloop + aiohttp, forwarding each chunk as it
-comes), ``kvgate-aiohttp`` and ``kvgate-pyreqwest`` (``kvgate serve``, routing off, the proxy filter's ``client``
-set to each). The load generator is an aiohttp client in this process (wrk cannot time the first event): per
+comes) and ``kvgate`` (``kvgate serve``, routing off). The run that compared the proxy filter on aiohttp and on
+pyreqwest (docs/benchmarks.md, "The proxy filter on pyreqwest") had a third path; pyreqwest was not kept.
+The load generator is an aiohttp client in this process (wrk cannot time the first event): per
 request the time to the first body bytes (TTFB) and to the end (total); it checks every answer's event count.
 It costs CPU on the same cores as the paths, alike for all of them: compare ratios within a run. ``cpu µs/req``
 is the CPU time (user + system, all threads) of the path's process per request.
@@ -178,8 +179,7 @@ def main() -> int:
             procs.append(up)
             port = int(up.url.rsplit(":", 1)[1])
             paths = [start_bare(ctx, up.url)]
-            for client in ("aiohttp", "pyreqwest"):
-                paths.append(start_kvgate(f"kvgate-{client}", kvgate_config(port, up.url, False, client=client)))
+            paths.append(start_kvgate("kvgate", kvgate_config(port, up.url, False)))
             procs += paths
             for p in paths:  # warm-up
                 asyncio.run(load(p.url + "/v1/completions", 4, 1.0, args.events))
@@ -206,22 +206,21 @@ def report(cells: dict[tuple[str, str, int], Cell], args: argparse.Namespace) ->
         f"load average at end {os.getloadavg()[0]:.2f}",
         "",
         "| mode | c | path | req/s | TTFB p50 ms | TTFB p99 ms | total p50 ms | total p99 ms | cpu µs/req "
-        "| req/s vs bare | req/s vs kvgate-aiohttp | cpu vs kvgate-aiohttp |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| req/s vs bare | cpu vs bare |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (mode, name, conc), cell in cells.items():
         rps = statistics.median(r.rps for r in cell.runs)
         cpu = statistics.median(r.cpu_us for r in cell.runs)
         ttfb = [x for r in cell.runs for x in r.ttfb_ms]
         total = [x for r in cell.runs for x in r.total_ms]
-        bare = statistics.median(r.rps for r in cells[(mode, "bare", conc)].runs)
-        ref = cells[(mode, "kvgate-aiohttp", conc)].runs
-        ref_rps = statistics.median(r.rps for r in ref)
-        ref_cpu = statistics.median(r.cpu_us for r in ref)
+        base = cells[(mode, "bare", conc)].runs
+        bare_rps = statistics.median(r.rps for r in base)
+        bare_cpu = statistics.median(r.cpu_us for r in base)
         lines.append(
             f"| {mode} | {conc} | {name} | {rps:.0f} | {pct(ttfb, 0.5):.3f} | {pct(ttfb, 0.99):.3f} "
-            f"| {pct(total, 0.5):.2f} | {pct(total, 0.99):.2f} | {cpu:.0f} | {rps / bare:.2f} | {rps / ref_rps:.2f} "
-            f"| {cpu / ref_cpu:.2f} |"
+            f"| {pct(total, 0.5):.2f} | {pct(total, 0.99):.2f} | {cpu:.0f} | {rps / bare_rps:.2f} "
+            f"| {cpu / bare_cpu:.2f} |"
         )
     return "\n".join(lines)
 

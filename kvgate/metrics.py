@@ -117,14 +117,6 @@ class Metrics:
         self.local_replies = Family(
             Counter("kvgate_local_replies", "Requests answered by the gateway itself", ["status", "reason"], registry=r)
         )
-        self.upstream_headers_dropped = Family(
-            Counter(
-                "kvgate_upstream_headers_dropped",
-                "Upstream answer headers not forwarded because the proxy's HTTP client cannot read them",
-                ["cluster", "endpoint"],
-                registry=r,
-            )
-        )
 
     def render(self) -> bytes:
         """The exposition text: this gateway's registry, or with several workers the aggregate of all of them

@@ -6,7 +6,7 @@ and is healthy; otherwise the pick stays and the reason is counted. Retries and 
 before any byte reached the client. Fixed Pixiu defects: fallback walks *all* other healthy
 endpoints with wrap-around (not index+1), 4xx answers pass through instead of being retried and
 marking the endpoint unhealthy, and ``timeout`` bounds the wait for response headers, not the
-length of a stream. The HTTP client is pluggable (``client``: :mod:`kvgate.filters.upstream`).
+length of a stream. The HTTP client sits behind a small interface (:mod:`kvgate.filters.upstream`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import logging
 import time
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -41,7 +41,6 @@ from kvgate.filters.upstream import (
     UpstreamBroken,
     UpstreamConnectError,
     make_transport,
-    pyreqwest_available,
 )
 from kvgate.ratelog import RateLimitedLog
 from kvgate.resilience import RetryPolicy
@@ -72,17 +71,6 @@ class ProxyConfig(BaseModel):
     maxIdleConnsPerHost: int = Field(default=0, ge=0)
     maxConnsPerHost: int = Field(default=0, ge=0)
     scheme: str = "http"
-    client: Literal["aiohttp", "pyreqwest", "auto"] = Field(
-        default="aiohttp",
-        description="upstream HTTP client: aiohttp, pyreqwest (the fastproxy extra), or auto (pyreqwest if installed)",
-    )
-
-    @field_validator("client")
-    @classmethod
-    def _client(cls, v: str) -> str:
-        if v == "pyreqwest" and not pyreqwest_available():
-            raise ValueError("client pyreqwest is not installed (pip install 'kvgate[fastproxy]'), or use aiohttp/auto")
-        return v
 
     @field_validator("scheme")
     @classmethod
@@ -115,12 +103,11 @@ _Kept = tuple[EndpointState, Answer, float]  # an endpoint, its answer (slot hel
 
 
 class ProxyFilter(HttpFilter):
-    def __init__(self, config: ProxyConfig, runtime: Runtime):
+    def __init__(self, config: ProxyConfig, runtime: Runtime, transport: Transport | None = None):
         self.config = config
         self.runtime = runtime
         self.metrics = runtime.metrics
-        self.transport: Transport = make_transport(
-            config.client,
+        self.transport: Transport = transport or make_transport(
             TransportSettings(
                 connect_timeout=config.connect_timeout,
                 keepalive_timeout=config.keepalive_timeout,
@@ -322,15 +309,6 @@ class ProxyFilter(HttpFilter):
         self, cluster: ClusterState, ep: EndpointState, resp: Answer, t0: float, acquired: bool
     ) -> UpstreamResponse:
         raw = resp.raw_headers()
-        if resp.dropped_headers():
-            self.metrics.upstream_headers_dropped.labels(cluster.name, ep.id).inc(resp.dropped_headers())
-            _rlog.warning(
-                f"{cluster.name}/{ep.id}/headers",
-                "upstream %s/%s: %d answer header(s) the HTTP client cannot read were dropped",
-                cluster.name,
-                ep.id,
-                resp.dropped_headers(),
-            )
         drop = RESPONSE_DROP | connection_listed(raw)
         headers = [(k.lower(), v) for k, v in raw if k.lower() not in drop]
         length = content_length(raw)
@@ -339,7 +317,7 @@ class ProxyFilter(HttpFilter):
         metrics = self.metrics
         released = False
 
-        idle = None if self.transport.native_idle_timeout else self.config.stream_idle_timeout
+        idle = self.config.stream_idle_timeout
 
         def release() -> None:
             """Idempotent: free the endpoint slot and the connection (also when the body never started)."""

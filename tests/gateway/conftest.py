@@ -17,7 +17,6 @@ from kvgate.chain import (
     registered_kinds,
 )
 from kvgate.config import parse_config
-from kvgate.filters.upstream import pyreqwest_available
 from kvgate.serving import ServerHandle, start_server
 
 from .upstream import UpstreamState, make_upstream
@@ -124,44 +123,18 @@ async def upstreams() -> AsyncIterator[Upstreams]:
 
 
 class Gateways(list[RunningGateway]):
-    """The gateways a test started, and the proxy filter's upstream client they use (``client``)."""
-
-    def __init__(self, client: str):
-        super().__init__()
-        self.client = client
+    """The gateways a test started (stopped when it ends)."""
 
 
-PROXY_CLIENTS = [
-    "aiohttp",
-    pytest.param(
-        "pyreqwest",
-        marks=pytest.mark.skipif(not pyreqwest_available(), reason="pyreqwest (the fastproxy extra) not installed"),
-    ),
-]
-
-
-@pytest.fixture(params=PROXY_CLIENTS)
-async def gateways(request: pytest.FixtureRequest) -> AsyncIterator[Gateways]:
-    """Every gateway test runs once per upstream client of the proxy filter."""
-    started = Gateways(request.param)
+@pytest.fixture
+async def gateways() -> AsyncIterator[Gateways]:
+    started = Gateways()
     yield started
     for g in started:
         await g.stop(2.0)
 
 
-def with_client(cfg: dict[str, Any], client: str) -> dict[str, Any]:
-    """``cfg`` with ``client`` set on every proxy filter that does not name one."""
-    for listener in cfg.get("listeners", []):
-        for f in listener["filter_chains"]["filters"]:
-            for hf in f.get("config", {}).get("http_filters", []):
-                if hf["name"] == "dgp.filter.llm.proxy":
-                    hf["config"] = {"client": client, **(hf.get("config") or {})}
-    return cfg
-
-
 async def launch(gateways: list[RunningGateway], cfg: dict[str, Any]) -> RunningGateway:
-    if isinstance(gateways, Gateways):
-        cfg = with_client(cfg, gateways.client)
     g = await start_gateway(parse_config(cfg), port=0, admin_port=0)
     gateways.append(g)
     return g

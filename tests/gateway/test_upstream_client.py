@@ -1,24 +1,17 @@
-"""The proxy filter's upstream client (``client``: aiohttp or pyreqwest), each against real loopback servers:
-connection cap, idle timeout mid-stream, error outcomes, connection reuse and the closing of a cut body, answer
-headers the client cannot read, and the ``client`` key itself."""
+"""The proxy filter's upstream client against real loopback servers: connection cap, idle timeout mid-stream,
+error outcomes, connection reuse and the closing of a cut body, non-ASCII answer headers, path bytes as sent."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
 import pytest
 
-from kvgate.config import parse_config
-from kvgate.errors import ConfigError
-from kvgate.registry import check_config
-
-from .conftest import Gateways, Upstreams, dead_port, gateway_config, launch, with_client
+from .conftest import Gateways, Upstreams, dead_port, gateway_config, launch
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -115,7 +108,7 @@ async def test_max_conns_per_host_caps_and_its_wait_counts_toward_timeout(
     "proxy",
     [
         {"stream_idle_timeout": "300ms"},  # idle shorter than the header wait: the proxy's timer
-        {"stream_idle_timeout": "300ms", "timeout": "200ms"},  # not shorter: pyreqwest's own read timeout
+        {"stream_idle_timeout": "300ms", "timeout": "200ms"},  # idle not shorter than the header wait
     ],
     ids=["proxy-timer", "header-shorter"],
 )
@@ -203,53 +196,7 @@ async def test_answer_header_outside_ascii(upstreams: Upstreams, gateways: Gatew
         assert r.status == 200 and (await r.json())["served_by"] == "a"
         assert r.headers["x-up-plain"] == "1"
         raw = dict(r.raw_headers)
-    text = await metrics_text(gw)
-    dropped = 'kvgate_upstream_headers_dropped_total{cluster="llm",endpoint="a"} 1.0'
-    if gateways.client == "pyreqwest":  # the library cannot hand such a value over: dropped and counted
-        assert b"x-up-name" not in raw and dropped in text
-    else:
-        assert raw[b"x-up-name"] == "café".encode() and dropped not in text
-
-
-def test_client_key_names_itself_when_pyreqwest_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "pyreqwest", None)  # as if the fastproxy extra were not installed
-
-    def check(client: str) -> None:
-        check_config(parse_config(with_client(gateway_config([("a", 1)]), client)))
-
-    with pytest.raises(ConfigError) as exc:
-        check("pyreqwest")
-    assert exc.value.path == "listeners[0].filter_chains.filters[0].config.http_filters[0].config.client"
-    assert "fastproxy" in exc.value.reason
-    check("auto")  # falls back to aiohttp
-    check("aiohttp")
-    with pytest.raises(ConfigError) as bad:
-        check("curl")
-    assert bad.value.path.endswith("http_filters[0].config.client")
-
-
-def test_auto_resolves_by_installation(monkeypatch: pytest.MonkeyPatch) -> None:
-    from kvgate.filters.upstream import pyreqwest_available, resolve_client
-
-    assert resolve_client("auto") == ("pyreqwest" if pyreqwest_available() else "aiohttp")
-    monkeypatch.setitem(sys.modules, "pyreqwest", None)
-    assert resolve_client("auto") == "aiohttp"
-    assert resolve_client("aiohttp") == "aiohttp"
-
-
-def test_default_client_does_not_import_pyreqwest() -> None:
-    script = (
-        "import sys\n"
-        "from kvgate.filters.proxy import ProxyConfig, ProxyFilter\n"
-        "from kvgate.config import parse_config\n"
-        "from kvgate.runtime import Runtime\n"
-        f"cfg = {gateway_config([('a', 1)])!r}\n"
-        "f = ProxyFilter(ProxyConfig(), Runtime(parse_config(cfg)))\n"
-        "print(type(f.transport).__name__, 'pyreqwest' in sys.modules)\n"
-    )
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split() == ["AiohttpTransport", "False"]
+    assert raw[b"x-up-name"] == "café".encode()  # forwarded as received
 
 
 async def test_path_bytes_outside_the_url_parsers_set(upstreams: Upstreams, gateways: Gateways) -> None:
@@ -264,7 +211,4 @@ async def test_path_bytes_outside_the_url_parsers_set(upstreams: Upstreams, gate
     assert answer.startswith(b"HTTP/1.1 404")
     got = upstreams.states["a"].calls[0]
     assert got["query"] == "q=%3F"
-    if gateways.client == "pyreqwest":  # the URL parser percent-encodes { and } (documented difference)
-        assert got["raw_path"] == "/v1/models/a%7Bb%7D%2Fc"
-    else:  # as sent
-        assert got["raw_path"] == "/v1/models/a{b}%2Fc"
+    assert got["raw_path"] == "/v1/models/a{b}%2Fc"  # as sent

@@ -1,4 +1,4 @@
-"""The proxy filter's upstream client on aiohttp (the default).
+"""The proxy filter's upstream client on aiohttp.
 
 One session per filter: no total connection cap, ``maxConnsPerHost`` as aiohttp's per-host limit (a wait for a
 free connection happens inside :meth:`AiohttpTransport.send`, under the proxy's header timeout), idle
@@ -37,9 +37,6 @@ class AiohttpAnswer:
     def raw_headers(self) -> list[tuple[bytes, bytes]]:
         return list(self._resp.raw_headers)
 
-    def dropped_headers(self) -> int:
-        return 0
-
     def read_nowait(self) -> bytes:
         self._read = True
         return self._content.read_nowait()
@@ -63,8 +60,6 @@ class AiohttpAnswer:
 
 
 class AiohttpTransport:
-    native_idle_timeout = False
-
     def __init__(self, settings: TransportSettings):
         self.settings = settings
         self._session: aiohttp.ClientSession | None = None

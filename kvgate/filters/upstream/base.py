@@ -8,8 +8,7 @@ Failures are reported in three kinds, which the proxy maps onto its attempt outc
 - :class:`UpstreamBroken` (the connection failed after it was made): ``broken``. While the body streams it
   is an ``OSError`` the server counts as ``upstream_aborted``.
 
-The header wait and the idle wait between body chunks are bounded by the proxy, not here, unless the transport
-enforces the idle timeout itself (:attr:`Transport.native_idle_timeout`).
+The header wait and the idle wait between body chunks are bounded by the proxy, not here.
 """
 
 from __future__ import annotations
@@ -54,10 +53,6 @@ class Answer(Protocol):
         """The head's headers as received (names in any case, repeated names kept)."""
         ...
 
-    def dropped_headers(self) -> int:
-        """How many received headers the client library could not hand over (they are not forwarded)."""
-        ...
-
     def read_nowait(self) -> bytes:
         """Body bytes already received, without waiting; ``b""`` when none are buffered (or at the end)."""
         ...
@@ -77,10 +72,6 @@ class Answer(Protocol):
 
 
 class Transport(Protocol):
-    #: The transport bounds the wait between body chunks itself (raising ``TimeoutError``): the proxy arms no
-    #: timer of its own.
-    native_idle_timeout: bool
-
     async def send(self, method: str, origin: str, target: str, headers: list[tuple[str, str]], body: bytes) -> Answer:
         """Send ``method origin+target`` (``target``: the path and query bytes as the client sent them, as a
         latin-1 string), the headers as given (none added where the library allows) and ``body`` (none when
