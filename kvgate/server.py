@@ -236,10 +236,17 @@ class ListenerApp:
                 headers.extend(h for h in ctx.response_headers if not h[0].lower().startswith(DECISION_PREFIX))
             await send({"type": "http.response.start", "status": resp.status, "headers": headers})
             sent = 0
+            # With a Content-Length, the chunk that completes it ends the response (one send fewer per answer);
+            # the body is still read to its end, so the upstream connection goes back to the pool.
+            length = _declared_length(headers) if ctx.method != "HEAD" else None
+            ended = False
             try:
                 async for chunk in resp.body:
+                    if ended:
+                        continue
                     sent += len(chunk)
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    ended = length is not None and sent >= length
+                    await send({"type": "http.response.body", "body": chunk, "more_body": not ended})
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                 # Too late for an error answer: end without completing the response, so the server
                 # drops the connection and the client sees a truncated stream, not a clean end.
@@ -256,7 +263,8 @@ class ListenerApp:
                 if callable(abort):
                     abort()  # drop the connection: the client sees a truncated stream, uvicorn logs nothing
                 return
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            if not ended:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
             ctx.completed = True
             self.metrics.requests.labels(ctx.cluster_name, resp.endpoint_id or "", str(resp.status)).inc()
         finally:
@@ -288,6 +296,14 @@ def _watcher_task(receive: Receive, on_disconnect: Callable[[], None]) -> Callab
         watch.cancel()
 
     return stop
+
+
+def _declared_length(headers: list[tuple[bytes, bytes]]) -> int | None:
+    """The answer's Content-Length (lower-case names, as the proxy hands them over), if valid."""
+    for k, v in headers:
+        if k == b"content-length":
+            return int(v) if v.isdigit() else None
+    return None
 
 
 def _endpoint(ctx: RequestContext) -> str:

@@ -316,7 +316,6 @@ class ProxyFilter(HttpFilter):
             headers.append((b"content-length", length))
         metrics = self.metrics
         released = False
-
         idle = self.config.stream_idle_timeout
 
         def release() -> None:
@@ -336,11 +335,8 @@ class ProxyFilter(HttpFilter):
                     # Bytes already received are taken without a wait (and without arming a timer).
                     chunk = resp.read_nowait()
                     if not chunk and not resp.at_eof():
-                        if idle is None:  # the transport bounds the wait itself
+                        async with asyncio.timeout(idle):  # a stalled upstream must not hold the slot forever
                             chunk = await resp.read()
-                        else:
-                            async with asyncio.timeout(idle):  # a stalled upstream must not hold the slot forever
-                                chunk = await resp.read()
                     if not chunk:
                         break
                     if first:
