@@ -63,6 +63,25 @@ LOOKUP_REPLY = json.dumps({"event_id": "e1", "layout_info": {"up": ["LocalCPUBac
 CONCURRENCIES = (1, 16)
 
 
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def group_cpu_s(*, session: int | None = None, pgrp: int | None = None) -> float:
+    """CPU seconds (user + system, all threads) of every process in a session or a process group, from /proc."""
+    field, want = (3, session) if session is not None else (2, pgrp)
+    total = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[field]) == want:  # after the name: state(0) ppid pgrp session ... utime(11) stime(12)
+            total += int(fields[11]) + int(fields[12])
+    return total / _TICK
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -65,6 +65,7 @@ from overhead import (
     _wait_http,
     add_run_options,
     free_port,
+    group_cpu_s,
     start_nginx,
     wrk_run,
 )
@@ -513,24 +514,10 @@ def log_tail(proc: Proc) -> str:
     return f.read_text()[-1500:] if f and f.exists() else ""
 
 
-_TICK = os.sysconf("SC_CLK_TCK")
-
-
 def cpu_s(proc: Proc) -> float:
     """CPU seconds (user + system, all threads) of a stack's process group (granian's workers included)."""
     assert proc.popen is not None
-    pgid = proc.popen.pid
-    total = 0
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid:  # after the name: state ppid pgrp ... utime(11) stime(12)
-            total += int(fields[11]) + int(fields[12])
-    return total / _TICK
+    return group_cpu_s(pgrp=proc.popen.pid)
 
 
 @dataclass

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from overhead import Proc, _wait_http, add_run_options, kvgate_config, start_bare, start_kvgate
+from overhead import Proc, _wait_http, add_run_options, group_cpu_s, kvgate_config, start_bare, start_kvgate
 
 CHUNK = {
     "id": "cmpl-bench",
@@ -45,7 +45,6 @@ CHUNK = {
 }
 EVENT = f"data: {json.dumps(CHUNK)}\n\n".encode()
 DONE = b"data: [DONE]\n\n"
-_TICK = os.sysconf("SC_CLK_TCK")
 
 
 def _sse_upstream(port_q: mp.Queue, events: int, gap_s: float) -> None:  # type: ignore[type-arg]
@@ -96,17 +95,7 @@ def session_pid(proc: Proc) -> int:
 
 def cpu_s(sid: int) -> float:
     """CPU seconds (user + system, all threads) of every process in session ``sid``."""
-    total = 0
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[3]) == sid:  # after the name: state ppid pgrp session ... utime(11) stime(12)
-            total += int(fields[11]) + int(fields[12])
-    return total / _TICK
+    return group_cpu_s(session=sid)
 
 
 @dataclass
