@@ -54,6 +54,7 @@ class UpstreamResponse:
     body: AsyncGenerator[bytes, None]  # closed with aclose() when the client goes away
     endpoint_id: str | None = None
     on_close: Callable[[], None] | None = None
+    length: int | None = None  # the body's Content-Length when declared (the server ends the answer with it)
 
 
 _UNSET: Any = object()

@@ -238,7 +238,7 @@ class ListenerApp:
             sent = 0
             # With a Content-Length, the chunk that completes it ends the response (one send fewer per answer);
             # the body is still read to its end, so the upstream connection goes back to the pool.
-            length = _declared_length(headers) if ctx.method != "HEAD" else None
+            length = resp.length if ctx.method != "HEAD" else None
             ended = False
             try:
                 async for chunk in resp.body:
@@ -296,14 +296,6 @@ def _watcher_task(receive: Receive, on_disconnect: Callable[[], None]) -> Callab
         watch.cancel()
 
     return stop
-
-
-def _declared_length(headers: list[tuple[bytes, bytes]]) -> int | None:
-    """The answer's Content-Length (lower-case names, as the proxy hands them over), if valid."""
-    for k, v in headers:
-        if k == b"content-length":
-            return int(v) if v.isdigit() else None
-    return None
 
 
 def _endpoint(ctx: RequestContext) -> str:

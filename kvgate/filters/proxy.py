@@ -346,7 +346,8 @@ class ProxyFilter(HttpFilter):
             finally:
                 release()
 
-        return UpstreamResponse(resp.status, headers, body(), endpoint_id=ep.id, on_close=release)
+        declared = int(length) if length is not None and length.isdigit() else None
+        return UpstreamResponse(resp.status, headers, body(), endpoint_id=ep.id, on_close=release, length=declared)
 
 
 @register_filter("dgp.filter.llm.proxy", ProxyConfig, terminal=True)

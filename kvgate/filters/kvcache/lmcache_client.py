@@ -22,7 +22,7 @@ from kvgate.filters.kvcache.errors import CallTimeout, DecodeError, NotSupported
 from kvgate.filters.kvcache.pool import HostSlots
 from kvgate.payload import request_body
 from kvgate.redact import redact_url, redact_userinfo
-from kvgate.token_ids import token_array
+from kvgate.token_ids import MAX_TOKEN_ID
 
 SessionFactory = Callable[[], aiohttp.ClientSession]
 R = TypeVar("R")
@@ -209,8 +209,6 @@ def parse_tokens(data: Any) -> list[int]:
     tokens = data.get("tokens") if isinstance(data, dict) else None
     if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
         raise DecodeError("[kvcache] decode tokenize response: 'tokens' is not a list of integers")
-    try:
-        token_array(tokens)  # every vocabulary fits 32 bits: anything else is not a token id
-    except OverflowError:
-        raise DecodeError("[kvcache] decode tokenize response: a token id is outside 0..2**32-1") from None
+    if tokens and (min(tokens) < 0 or max(tokens) > MAX_TOKEN_ID):  # every vocabulary fits 32 bits
+        raise DecodeError("[kvcache] decode tokenize response: a token id is outside 0..2**32-1")
     return tokens

@@ -134,15 +134,15 @@ class RouteTokens:
         if not may_fill_a_chunk(req, self.min_prompt_tokens()):
             return None
         if self.local is not None:
-            text: Split | None = None
+            split: Split | None = None
             if self.event_index is not None and req.kind == "chat":
                 lazy = self.lazy_chat(self.local, self.event_index, req)
                 if isinstance(lazy, Unheld):
                     return lazy
                 if isinstance(lazy, array):
                     return self.store(key, lazy)
-                text = lazy
-            tokens = await self.tokenize_local(self.local, req, key, text)
+                split = lazy
+            tokens = await self.tokenize_local(self.local, req, key, split)
             if tokens is not None:
                 return self.store(key, tokens)
         if self.cfg.tokenize_on_miss:
@@ -181,17 +181,17 @@ class RouteTokens:
         return UNHELD
 
     async def tokenize_local(
-        self, tok: LocalTokenizer, req: Extracted, key: str, text: Split | None = None
+        self, tok: LocalTokenizer, req: Extracted, key: str, split: Split | None = None
     ) -> list[int] | array[int] | None:
         """In-process tokenization (long texts on a worker thread); ``None`` when it fails (counted, logged).
-        ``text``: the chat already rendered and split (:meth:`LocalTokenizer.split_chat`)."""
+        ``split``: the chat already rendered and split (:meth:`LocalTokenizer.split_chat`)."""
         m = self.metrics
         t0 = time.perf_counter()
         try:
             if req.kind == "prompt":
                 tokens: list[int] | array[int] = await tok.aencode_prompt(req.engine_text)
-            elif text is not None:
-                tokens = await tok.aencode_rendered_chat(text)
+            elif split is not None:
+                tokens = await tok.aencode_rendered_chat(split)
             else:
                 tokens = await tok.aencode_chat(list(req.messages), tools=req.tools)
         except TokenizationError as exc:
