@@ -62,26 +62,8 @@ class Request:
         return default
 
     async def body(self, limit: int | None = None) -> bytes:
-        if self._body is not None:
-            return self._body
-        declared = self.header("content-length")
-        if limit is not None and declared is not None and declared.isdigit() and int(declared) > limit:
-            raise BodyTooLarge(limit)
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            msg = await self.receive()
-            if msg["type"] == "http.disconnect":
-                raise ClientDisconnected()
-            chunk = msg.get("body", b"")
-            if chunk:
-                size += len(chunk)
-                if limit is not None and size > limit:
-                    raise BodyTooLarge(limit)
-                chunks.append(chunk)
-            if not msg.get("more_body", False):
-                break
-        self._body = b"".join(chunks)
+        if self._body is None:
+            self._body = await read_body(self.scope, self.receive, limit)
         return self._body
 
     async def json(self, limit: int | None = None) -> Any:
@@ -90,6 +72,39 @@ class Request:
             raw = await self.body(limit)
             self._json = loads(raw) if raw else None
         return self._json
+
+
+async def read_body(scope: Scope, receive: Receive, limit: int | None = None) -> bytes:
+    """The request body; :class:`BodyTooLarge` over ``limit`` bytes (a declared larger length is refused before
+    any byte is read), :class:`ClientDisconnected` if the client goes away first."""
+    if limit is not None:
+        for k, v in scope.get("headers", ()):
+            if k == b"content-length":
+                if v.isdigit() and int(v) > limit:
+                    raise BodyTooLarge(limit)
+                break
+    msg = await receive()
+    if msg["type"] == "http.disconnect":
+        raise ClientDisconnected()
+    body: bytes = msg.get("body", b"")
+    if limit is not None and len(body) > limit:
+        raise BodyTooLarge(limit)
+    if not msg.get("more_body", False):  # the common case: the whole body in one message
+        return body
+    chunks = [body]
+    size = len(body)
+    while True:
+        msg = await receive()
+        if msg["type"] == "http.disconnect":
+            raise ClientDisconnected()
+        chunk = msg.get("body", b"")
+        if chunk:
+            size += len(chunk)
+            if limit is not None and size > limit:
+                raise BodyTooLarge(limit)
+            chunks.append(chunk)
+        if not msg.get("more_body", False):
+            return b"".join(chunks)
 
 
 def json_bytes(obj: Any) -> bytes:

@@ -47,14 +47,16 @@ class LocalReply:
 
 @dataclass(slots=True)
 class UpstreamResponse:
-    """What the terminal filter hands back: status, headers and the body as an async stream."""
+    """What the terminal filter hands back: status, headers and the body, as an async stream or (``complete``)
+    as bytes that had all arrived."""
 
     status: int
     headers: list[tuple[bytes, bytes]]
-    body: AsyncGenerator[bytes, None]  # closed with aclose() when the client goes away
+    body: AsyncGenerator[bytes, None] | None  # closed with aclose() when the client goes away; None: ``complete``
     endpoint_id: str | None = None
     on_close: Callable[[], None] | None = None
     length: int | None = None  # the body's Content-Length when declared (the server ends the answer with it)
+    complete: bytes | None = None  # the whole body, when it came with the head (``body`` is then None)
 
 
 _UNSET: Any = object()

@@ -79,6 +79,8 @@ class ClusterState:
         self._clock = clock
         for ep in self.endpoints:
             metrics.endpoint_healthy.labels(self.name, ep.id).set(1)
+        self._in_flight_gauges = [(ep, metrics.in_flight.labels(self.name, ep.id)) for ep in self.endpoints]
+        metrics.tally.sample(self._sample_in_flight)
 
     def get(self, endpoint_id: str) -> EndpointState | None:
         return self._by_id.get(endpoint_id)
@@ -160,12 +162,15 @@ class ClusterState:
         return "; ".join(parts) or "no endpoint available"
 
     def acquire(self, ep: EndpointState) -> None:
-        ep.in_flight += 1
-        self._metrics.in_flight.labels(self.name, ep.id).set(ep.in_flight)
+        ep.in_flight += 1  # kvgate_endpoint_in_flight is sampled from it at each metrics flush (kvgate.tally)
 
     def release(self, ep: EndpointState) -> None:
-        ep.in_flight = max(0, ep.in_flight - 1)
-        self._metrics.in_flight.labels(self.name, ep.id).set(ep.in_flight)
+        if ep.in_flight > 0:
+            ep.in_flight -= 1
+
+    def _sample_in_flight(self) -> None:
+        for ep, gauge in self._in_flight_gauges:
+            gauge.set(ep.in_flight)
 
 
 class ClusterManager:

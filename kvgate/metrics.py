@@ -8,9 +8,11 @@ workers (gauges: see :data:`MULTIPROC_MODES`).
 from __future__ import annotations
 
 import os
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
+
+from kvgate.tally import CountCell, HistogramCell, Tally
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -19,19 +21,38 @@ M = TypeVar("M", Counter, Gauge, Histogram)
 
 class Family(Generic[M]):
     """A labelled metric whose children are looked up once per label set: prometheus_client's ``.labels()``
-    validates the values and takes a lock on every call, which the request path should not pay per request."""
+    validates the values and takes a lock on every call, which the request path should not pay per request.
+    The request path's own updates go through :mod:`kvgate.tally` cells (:meth:`count`, :meth:`histogram`)."""
 
-    __slots__ = ("_children", "metric")
+    __slots__ = ("_cells", "_children", "metric", "tally")
 
-    def __init__(self, metric: M) -> None:
+    def __init__(self, metric: M, tally: Tally) -> None:
         self.metric: M = metric
+        self.tally = tally
         self._children: dict[tuple[str, ...], M] = {}
+        self._cells: dict[tuple[str, ...], Any] = {}
 
     def labels(self, *values: str) -> M:
         child = self._children.get(values)
         if child is None:
             child = self._children[values] = self.metric.labels(*values)
         return child
+
+    def count(self, *values: str) -> CountCell:
+        """The tally cell of a counter child (``cell.n += 1``), made once per label set."""
+        cell = self._cells.get(values)
+        if cell is None:
+            child: Any = self.labels(*values)
+            cell = self._cells[values] = self.tally.counter(child)
+        return cell
+
+    def histogram(self, *values: str) -> HistogramCell:
+        """The tally cell of a histogram child (``cell.observe(v)``), made once per label set."""
+        cell = self._cells.get(values)
+        if cell is None:
+            child: Any = self.labels(*values)
+            cell = self._cells[values] = self.tally.histogram(child, child._upper_bounds)
+        return cell
 
 
 def multiprocess_dir() -> str | None:
@@ -46,13 +67,15 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        self.tally = t = Tally(r)  # registered first: a collection flushes it before reading the metrics
         self.requests = Family(
             Counter(
                 "kvgate_requests",
                 "Client requests by route cluster, endpoint and status",
                 ["cluster", "endpoint", "status"],
                 registry=r,
-            )
+            ),
+            t,
         )
         self.in_flight = Family(
             Gauge(
@@ -61,7 +84,8 @@ class Metrics:
                 ["cluster", "endpoint"],
                 registry=r,
                 multiprocess_mode="livesum",  # several workers: the sum over the live ones
-            )
+            ),
+            t,
         )
         self.upstream_latency = Family(
             Histogram(
@@ -70,7 +94,8 @@ class Metrics:
                 ["cluster", "endpoint"],
                 buckets=LATENCY_BUCKETS,
                 registry=r,
-            )
+            ),
+            t,
         )
         self.upstream_ttfb = Family(
             Histogram(
@@ -79,7 +104,8 @@ class Metrics:
                 ["cluster", "endpoint"],
                 buckets=LATENCY_BUCKETS,
                 registry=r,
-            )
+            ),
+            t,
         )
         self.upstream_attempts = Family(
             Counter(
@@ -87,7 +113,8 @@ class Metrics:
                 "Upstream attempts by outcome (ok, status_error, network_error, timeout)",
                 ["cluster", "endpoint", "outcome"],
                 registry=r,
-            )
+            ),
+            t,
         )
         self.preferred = Family(
             Counter(
@@ -95,7 +122,8 @@ class Metrics:
                 "Preferred-endpoint decisions: honored, absent, unknown_id, unhealthy",
                 ["cluster", "outcome"],
                 registry=r,
-            )
+            ),
+            t,
         )
         self.endpoint_healthy = Family(
             Gauge(
@@ -104,7 +132,8 @@ class Metrics:
                 ["cluster", "endpoint"],
                 registry=r,
                 multiprocess_mode="all",  # several workers: one series per worker (label pid), own breakers each
-            )
+            ),
+            t,
         )
         self.ejections = Family(
             Counter(
@@ -112,15 +141,20 @@ class Metrics:
                 "Endpoints taken out of rotation, by cause (connection, timeout, broken, consecutive_5xx)",
                 ["cluster", "endpoint", "cause"],
                 registry=r,
-            )
+            ),
+            t,
         )
         self.local_replies = Family(
-            Counter("kvgate_local_replies", "Requests answered by the gateway itself", ["status", "reason"], registry=r)
+            Counter(
+                "kvgate_local_replies", "Requests answered by the gateway itself", ["status", "reason"], registry=r
+            ),
+            t,
         )
 
     def render(self) -> bytes:
         """The exposition text: this gateway's registry, or with several workers the aggregate of all of them
         (prometheus_client's multiprocess collector over ``PROMETHEUS_MULTIPROC_DIR``)."""
+        self.tally.flush()  # this worker's pending updates (others flush theirs every second)
         path = multiprocess_dir()
         if path is None:
             return generate_latest(self.registry)

@@ -19,20 +19,21 @@ from kvgate.asgi import (
     BodyTooLarge,
     ClientDisconnected,
     Receive,
-    Request,
     Router,
     Scope,
     Send,
     json_bytes,
     lifespan_noop,
     openai_error,
+    read_body,
     send_json,
     send_response,
 )
-from kvgate.chain import FilterStatus, HttpFilter, RequestContext, build_filter
+from kvgate.chain import FilterStatus, HttpFilter, RequestContext, UpstreamResponse, build_filter
 from kvgate.config import GatewayConfig, HttpConnectionManager, Listener
 from kvgate.errors import UpstreamError
 from kvgate.httpproto import ServerLimits
+from kvgate.metrics import multiprocess_dir
 from kvgate.ratelog import RateLimitedLog
 from kvgate.registry import check_config
 from kvgate.runtime import Runtime
@@ -66,6 +67,11 @@ class ListenerApp:
         self.runtime = runtime
         self.routes = [RouteEntry(r.match.prefix, r.match.path, r.route.cluster) for r in hcm.route_config.routes]
         self.metrics = runtime.metrics
+        # filters that override encode (the others' would be an empty coroutine per request)
+        self._encoders = [f for f in filters if type(f).encode is not HttpFilter.encode]
+        self._token_name = hcm.decision_headers_token_header.lower().encode("latin-1")
+        self._token = hcm.decision_headers_token.encode() if hcm.decision_headers_token else b""
+        self._peer_headers: dict[tuple[str, str], tuple[tuple[bytes, bytes], tuple[bytes, bytes]]] = {}
 
     def server_limits(self) -> ServerLimits:
         """The HTTP server's client limits from this listener's connection-manager keys."""
@@ -107,16 +113,15 @@ class ListenerApp:
         if route is None:
             await self._local(send, 404, f"no route for path {scope['path']!r}", "not_found", "no_route")
             return
-        request = Request(scope, receive)
         try:
-            body = await request.body(limit=self.hcm.max_request_body_bytes)
+            body = await read_body(scope, receive, self.hcm.max_request_body_bytes)
         except BodyTooLarge as exc:
             await self._local(
                 send, 413, f"request body exceeds {exc.limit} bytes", "invalid_request_error", "body_too_large"
             )
             return
         except ClientDisconnected:
-            self.metrics.requests.labels(route.cluster, "", "client_closed").inc()
+            self.metrics.requests.count(route.cluster, "", "client_closed").n += 1
             log.info("client disconnected while sending the request body")
             return
         headers, show_decisions = self._request_headers(scope)
@@ -158,7 +163,7 @@ class ListenerApp:
             if not disconnected:
                 raise
             me.uncancel()
-            self.metrics.requests.labels(route.cluster, _endpoint(ctx), "client_closed").inc()
+            self.metrics.requests.count(route.cluster, _endpoint(ctx), "client_closed").n += 1
             log.info("client disconnected; upstream request to %s cancelled", _endpoint(ctx) or route.cluster)
         finally:
             stop_watching()
@@ -167,14 +172,14 @@ class ListenerApp:
         """The headers to forward (debug token removed, X-Forwarded-For / Forwarded per the trust rule) and
         whether this request may see the decision headers."""
         hcm = self.hcm
-        token_name = hcm.decision_headers_token_header.encode("latin-1")
+        token_name = self._token_name
         show = hcm.decision_headers
         out: list[tuple[bytes, bytes]] = []
         xff: list[bytes] = []
         fwd: list[bytes] = []
-        for k, v in scope.get("headers", []):
+        for k, v in scope.get("headers", ()):
             if k == token_name:
-                if hcm.decision_headers_token and hmac.compare_digest(v, hcm.decision_headers_token.encode()):
+                if self._token and hmac.compare_digest(v, self._token):
                     show = True
                 continue  # a credential: never forwarded
             if k in FORWARDED_HEADERS:
@@ -184,14 +189,31 @@ class ListenerApp:
         client = scope.get("client")
         if client:
             peer = str(client[0])
-            trusted = hcm.xff_num_trusted_hops > 0
-            chain = [b", ".join(xff)] if trusted and xff else []
-            out.append((b"x-forwarded-for", b", ".join([*chain, peer.encode("latin-1")])))
-            node = f'"[{peer}]"' if _is_ipv6(peer) else peer
-            fchain = [b", ".join(fwd)] if trusted and fwd else []
             proto = scope.get("scheme", "http")
-            out.append((b"forwarded", b", ".join([*fchain, f"for={node};proto={proto}".encode("latin-1")])))
+            own = self._peer_headers.get((peer, proto))
+            if own is None:
+                own = self._own_forwarded(peer, proto)
+            if hcm.xff_num_trusted_hops > 0 and (xff or fwd):
+                x, f = own
+                if xff:
+                    x = (x[0], b", ".join([*xff, x[1]]))
+                if fwd:
+                    f = (f[0], b", ".join([*fwd, f[1]]))
+                own = (x, f)
+            out.extend(own)
         return out, show
+
+    def _own_forwarded(self, peer: str, proto: str) -> tuple[tuple[bytes, bytes], tuple[bytes, bytes]]:
+        """This hop's X-Forwarded-For and Forwarded headers for a client address (kept per address)."""
+        node = f'"[{peer}]"' if _is_ipv6(peer) else peer
+        own = (
+            (b"x-forwarded-for", peer.encode("latin-1")),
+            (b"forwarded", f"for={node};proto={proto}".encode("latin-1")),
+        )
+        if len(self._peer_headers) >= 4096:  # many distinct clients: start over rather than grow without end
+            self._peer_headers.clear()
+        self._peer_headers[(peer, proto)] = own
+        return own
 
     async def _handle(self, ctx: RequestContext, send: Send, show_decisions: bool = False) -> None:
         try:
@@ -199,13 +221,13 @@ class ListenerApp:
                 if await flt.decode(ctx) is FilterStatus.STOP:
                     break
         except UpstreamError as exc:
-            self.metrics.requests.labels(ctx.cluster_name, _endpoint(ctx), str(exc.status)).inc()
+            self.metrics.requests.count(ctx.cluster_name, _endpoint(ctx), str(exc.status)).n += 1
             self.metrics.local_replies.labels(str(exc.status), exc.error_type).inc()
             await send_json(send, exc.status, openai_error(str(exc), exc.error_type, exc.status))
             return
         except Exception as exc:  # a bug or shutdown race: still an OpenAI-style answer, never a crash
             log.exception("request failed inside the filter chain: %s", type(exc).__name__)
-            self.metrics.requests.labels(ctx.cluster_name, _endpoint(ctx), "502").inc()
+            self.metrics.requests.count(ctx.cluster_name, _endpoint(ctx), "502").n += 1
             self.metrics.local_replies.labels("502", "internal_error").inc()
             await send_json(send, 502, openai_error(f"gateway error: {type(exc).__name__}", "gateway_error", 502))
             return
@@ -225,53 +247,63 @@ class ListenerApp:
             )
             return
         try:
-            for flt in self.filters:
+            for flt in self._encoders:
                 await flt.encode(ctx)
-            headers = list(resp.headers)
+            headers = resp.headers
             if show_decisions:
-                headers.extend(ctx.response_headers)
+                headers = [*headers, *ctx.response_headers]
                 if resp.endpoint_id:
                     headers.append((b"x-kvgate-endpoint", resp.endpoint_id.encode()))
-            else:  # filters' x-kvgate-* decision headers stay inside (upstream headers pass as they are)
-                headers.extend(h for h in ctx.response_headers if not h[0].lower().startswith(DECISION_PREFIX))
+            elif ctx.response_headers:  # filters' x-kvgate-* decision headers stay inside (upstream's pass)
+                headers = [*headers, *(h for h in ctx.response_headers if not h[0].lower().startswith(DECISION_PREFIX))]
             await send({"type": "http.response.start", "status": resp.status, "headers": headers})
-            sent = 0
-            # With a Content-Length, the chunk that completes it ends the response (one send fewer per answer);
-            # the body is still read to its end, so the upstream connection goes back to the pool.
-            length = resp.length if ctx.method != "HEAD" else None
-            ended = False
-            try:
-                async for chunk in resp.body:
-                    if ended:
-                        continue
-                    sent += len(chunk)
-                    ended = length is not None and sent >= length
-                    await send({"type": "http.response.body", "body": chunk, "more_body": not ended})
-            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                # Too late for an error answer: end without completing the response, so the server
-                # drops the connection and the client sees a truncated stream, not a clean end.
-                _rlog.warning(
-                    "upstream_aborted",
-                    "upstream %s/%s aborted the response after %d bytes: %s",
-                    ctx.cluster_name,
-                    resp.endpoint_id,
-                    sent,
-                    type(exc).__name__,
-                )
-                self.metrics.requests.labels(ctx.cluster_name, resp.endpoint_id or "", "upstream_aborted").inc()
-                abort = ctx.params.get("_kvgate_abort")
-                if callable(abort):
-                    abort()  # drop the connection: the client sees a truncated stream, uvicorn logs nothing
+            if resp.body is None:  # the whole body came with the head
+                await send({"type": "http.response.body", "body": resp.complete or b"", "more_body": False})
+            elif not await self._stream(ctx, resp, send):
                 return
-            if not ended:
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
             ctx.completed = True
-            self.metrics.requests.labels(ctx.cluster_name, resp.endpoint_id or "", str(resp.status)).inc()
+            self.metrics.requests.count(ctx.cluster_name, resp.endpoint_id or "", str(resp.status)).n += 1
         finally:
-            with contextlib.suppress(Exception):
-                await resp.body.aclose()
+            if resp.body is not None:
+                with contextlib.suppress(Exception):
+                    await resp.body.aclose()
             if resp.on_close is not None:
                 resp.on_close()
+
+    async def _stream(self, ctx: RequestContext, resp: UpstreamResponse, send: Send) -> bool:
+        """Send the answer's body stream; False when the upstream aborted it (the client's connection is dropped)."""
+        assert resp.body is not None
+        sent = 0
+        # With a Content-Length, the chunk that completes it ends the response (one send fewer per answer);
+        # the body is still read to its end, so the upstream connection goes back to the pool.
+        length = resp.length if ctx.method != "HEAD" else None
+        ended = False
+        try:
+            async for chunk in resp.body:
+                if ended:
+                    continue
+                sent += len(chunk)
+                ended = length is not None and sent >= length
+                await send({"type": "http.response.body", "body": chunk, "more_body": not ended})
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            # Too late for an error answer: end without completing the response, so the server
+            # drops the connection and the client sees a truncated stream, not a clean end.
+            _rlog.warning(
+                "upstream_aborted",
+                "upstream %s/%s aborted the response after %d bytes: %s",
+                ctx.cluster_name,
+                resp.endpoint_id,
+                sent,
+                type(exc).__name__,
+            )
+            self.metrics.requests.count(ctx.cluster_name, resp.endpoint_id or "", "upstream_aborted").n += 1
+            abort = ctx.params.get("_kvgate_abort")
+            if callable(abort):
+                abort()  # drop the connection: the client sees a truncated stream, uvicorn logs nothing
+            return False
+        if not ended:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        return True
 
 
 async def _wait_disconnect(receive: Receive) -> None:
@@ -319,6 +351,7 @@ class Gateway:
         self.runtime = runtime or Runtime(config)
         self.listener_apps: list[ListenerApp] = []
         self._started = False
+        self._tally_task: asyncio.Task[None] | None = None
         self._start_time = time.time()
         self.warnings: list[str] = checked.warnings
         for lst, chain in zip(config.listeners, checked.chains, strict=True):
@@ -334,6 +367,8 @@ class Gateway:
             for flt in app.filters:
                 await flt.start()
         await self.runtime.clusters.start_health_checks(self.runtime.aux_session, self._proxy_schemes())
+        if multiprocess_dir() is not None:  # other workers' scrapes read this one's files: publish every second
+            self._tally_task = asyncio.create_task(self.runtime.metrics.tally.run(), name="kvgate:metrics-flush")
         self._started = True
 
     def _proxy_schemes(self) -> dict[str, str]:
@@ -348,6 +383,11 @@ class Gateway:
         return out
 
     async def close(self) -> None:
+        if self._tally_task is not None:
+            self._tally_task.cancel()  # it flushes once more as it stops
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._tally_task
+            self._tally_task = None
         for app in self.listener_apps:
             for flt in app.filters:
                 with contextlib.suppress(Exception):

@@ -32,8 +32,9 @@ from kvgate.chain import (
 )
 from kvgate.cluster import ClusterState, EndpointState
 from kvgate.config import Duration
+from kvgate.deadlines import Deadlines
 from kvgate.errors import NoHealthyEndpoint, UpstreamError, UpstreamTimeout
-from kvgate.filters.proxy_headers import RESPONSE_DROP, connection_listed, content_length, request_headers
+from kvgate.filters.proxy_headers import request_headers, response_headers
 from kvgate.filters.upstream import (
     Answer,
     Transport,
@@ -45,6 +46,7 @@ from kvgate.filters.upstream import (
 from kvgate.ratelog import RateLimitedLog
 from kvgate.resilience import RetryPolicy
 from kvgate.runtime import Runtime
+from kvgate.tally import CountCell, HistogramCell
 
 log = logging.getLogger("kvgate.proxy")
 _rlog = RateLimitedLog(log, interval_s=10.0)
@@ -97,6 +99,9 @@ class _Target:
     origin: str
     attempts: int
     delay: Callable[[int], float]  # the wait before attempt n + 1 (n >= 1)
+    ok: CountCell  # kvgate_upstream_attempts{outcome="ok"}
+    ttfb: HistogramCell
+    latency: HistogramCell
 
 
 _Kept = tuple[EndpointState, Answer, float]  # an endpoint, its answer (slot held) and the attempt's start
@@ -117,19 +122,32 @@ class ProxyFilter(HttpFilter):
             ),
         )
         self._targets: dict[tuple[str, str], _Target] = {}  # (cluster, endpoint id) -> what never changes
+        # one timer per wait length instead of one per wait (kvgate.deadlines)
+        self._header_deadlines = Deadlines(config.header_timeout)
+        self._idle_deadlines = Deadlines(config.stream_idle_timeout)
 
     def _target(self, ep: EndpointState) -> _Target:
-        """The endpoint's origin (``scheme://host:port``) and retry schedule, built once: its config never
-        changes."""
+        """The endpoint's origin (``scheme://host:port``), retry schedule and metric cells, built once: its
+        config never changes."""
         key = (ep.cluster, ep.id)
         target = self._targets.get(key)
         if target is None:
             attempts, delay = _attempts_and_delays(ep)
             origin = f"{self.config.scheme}://{ep.base_url.split('://', 1)[1]}"
-            target = self._targets[key] = _Target(origin, attempts, delay)
+            m = self.metrics
+            target = self._targets[key] = _Target(
+                origin,
+                attempts,
+                delay,
+                m.upstream_attempts.count(ep.cluster, ep.id, "ok"),
+                m.upstream_ttfb.histogram(ep.cluster, ep.id),
+                m.upstream_latency.histogram(ep.cluster, ep.id),
+            )
         return target
 
     async def close(self) -> None:
+        self._header_deadlines.close()
+        self._idle_deadlines.close()
         await self.transport.close()
 
     def _choose(self, ctx: RequestContext, cluster: ClusterState) -> EndpointState:
@@ -149,7 +167,7 @@ class ProxyFilter(HttpFilter):
                 picked = ep
         else:
             outcome = "absent"
-        self.metrics.preferred.labels(cluster.name, outcome).inc()
+        self.metrics.preferred.count(cluster.name, outcome).n += 1
         ctx.params["llm_preferred_outcome"] = outcome
         if picked is None:
             raise NoHealthyEndpoint(cluster.name, cluster.unavailable_reason())
@@ -213,6 +231,9 @@ class ProxyFilter(HttpFilter):
         An answer of any status proves the endpoint alive: it is never ejected for it here (only outlier
         detection's consecutive 5xx may do that, counting this request once). Transport failures (connect
         error, header timeout, broken connection) trigger the passive cooldown."""
+        target_bytes = (ctx.raw_path or ctx.path.encode()).decode("latin-1")  # the client's path bytes
+        if ctx.query_string:
+            target_bytes += "?" + ctx.query_string.decode("latin-1")
         for ep in self._order(cluster, first):
             target = self._target(ep)
             n_attempts, delay = target.attempts, target.delay
@@ -222,12 +243,9 @@ class ProxyFilter(HttpFilter):
                 if attempt > 1:
                     await asyncio.sleep(delay(attempt - 1))
                 t0 = time.perf_counter()
-                target_bytes = (ctx.raw_path or ctx.path.encode()).decode("latin-1")  # the client's path bytes
-                if ctx.query_string:
-                    target_bytes += "?" + ctx.query_string.decode("latin-1")
                 cluster.acquire(ep)
                 try:
-                    async with asyncio.timeout(self.config.header_timeout):  # no extra task (unlike wait_for)
+                    with self._header_deadlines.wait():  # the header timeout, without a timer per request
                         resp = await self.transport.send(
                             ctx.method,
                             target.origin,
@@ -266,7 +284,7 @@ class ProxyFilter(HttpFilter):
                         r.release()
                     kept[:] = [(ep, resp, t0)]
                     break
-                self._record(attempts_log, cluster, ep, "ok", resp.status)
+                self._record(attempts_log, cluster, ep, "ok", resp.status, cell=target.ok)
                 cluster.mark_answered(ep, resp.status)
                 return ep, resp, t0
             if transport_failure:
@@ -283,6 +301,7 @@ class ProxyFilter(HttpFilter):
         outcome: str,
         status: int | None,
         detail: str = "",
+        cell: CountCell | None = None,
     ) -> None:
         log_.append(
             {
@@ -294,7 +313,7 @@ class ProxyFilter(HttpFilter):
                 "error_type": outcome,
             }
         )
-        self.metrics.upstream_attempts.labels(cluster.name, ep.id, outcome).inc()
+        (cell or self.metrics.upstream_attempts.count(cluster.name, ep.id, outcome)).n += 1
         if outcome != "ok":  # counted above; logged once per 10 s per endpoint and kind
             _rlog.warning(
                 f"{cluster.name}/{ep.id}/{outcome}",
@@ -308,15 +327,9 @@ class ProxyFilter(HttpFilter):
     def _wrap(
         self, cluster: ClusterState, ep: EndpointState, resp: Answer, t0: float, acquired: bool
     ) -> UpstreamResponse:
-        raw = resp.raw_headers()
-        drop = RESPONSE_DROP | connection_listed(raw)
-        headers = [(k.lower(), v) for k, v in raw if k.lower() not in drop]
-        length = content_length(raw)
-        if length is not None:
-            headers.append((b"content-length", length))
-        metrics = self.metrics
+        headers, length = response_headers(resp.raw_headers())
+        target = self._target(ep)
         released = False
-        idle = self.config.stream_idle_timeout
 
         def release() -> None:
             """Idempotent: free the endpoint slot and the connection (also when the body never started)."""
@@ -326,27 +339,43 @@ class ProxyFilter(HttpFilter):
                 with contextlib.suppress(Exception):
                     resp.release()
                 cluster.release(ep)
-                metrics.upstream_latency.labels(cluster.name, ep.id).observe(time.perf_counter() - t0)
+                target.latency.observe(time.perf_counter() - t0)
+
+        declared = int(length) if length is not None and length.isdigit() else None
+        # The whole body already arrived with the head (a short JSON answer): handed over as bytes, the
+        # connection and the endpoint slot freed now, and the server sends it without iterating a stream.
+        first = resp.read_nowait()
+        if first and resp.at_eof():
+            target.ttfb.observe(time.perf_counter() - t0)
+            release()
+            return UpstreamResponse(
+                resp.status, headers, None, endpoint_id=ep.id, on_close=release, length=declared, complete=first
+            )
+        idle = self._idle_deadlines
 
         async def body() -> AsyncGenerator[bytes, None]:
-            first = True
+            chunk = first
             try:
-                while True:
-                    # Bytes already received are taken without a wait (and without arming a timer).
+                if chunk:
+                    target.ttfb.observe(time.perf_counter() - t0)
+                    yield chunk
+                elif not resp.at_eof():
+                    with idle.wait():  # a stalled upstream must not hold the slot forever
+                        chunk = await resp.read()
+                    if chunk:
+                        target.ttfb.observe(time.perf_counter() - t0)
+                        yield chunk
+                while chunk:
+                    # Bytes already received are taken without a wait (and without a deadline).
                     chunk = resp.read_nowait()
                     if not chunk and not resp.at_eof():
-                        async with asyncio.timeout(idle):  # a stalled upstream must not hold the slot forever
+                        with idle.wait():
                             chunk = await resp.read()
-                    if not chunk:
-                        break
-                    if first:
-                        metrics.upstream_ttfb.labels(cluster.name, ep.id).observe(time.perf_counter() - t0)
-                        first = False
-                    yield chunk
+                    if chunk:
+                        yield chunk
             finally:
                 release()
 
-        declared = int(length) if length is not None and length.isdigit() else None
         return UpstreamResponse(resp.status, headers, body(), endpoint_id=ep.id, on_close=release, length=declared)
 
 

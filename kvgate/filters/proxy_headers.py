@@ -24,13 +24,20 @@ HOP_BY_HOP = frozenset(
 RESPONSE_DROP = HOP_BY_HOP | {b"date", b"server"}
 
 
+_NO_NAMES: frozenset[bytes] = frozenset()
+_CONNECTION_NAMES = (b"connection", b"proxy-connection")
+_CONNECTION_LENGTHS = (len(_CONNECTION_NAMES[0]), len(_CONNECTION_NAMES[1]))
+
+
 def connection_listed(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
     """Names listed in ``Connection`` / ``Proxy-Connection``: hop-by-hop for this message (RFC 9110 §7.6.1)."""
-    names: set[bytes] = set()
+    names: set[bytes] | None = None
     for k, v in headers:
-        if k.lower() in (b"connection", b"proxy-connection"):
+        if len(k) in _CONNECTION_LENGTHS and k.lower() in _CONNECTION_NAMES:  # the length test skips the others
+            if names is None:
+                names = set()
             names.update(t.strip().lower() for t in v.split(b",") if t.strip())
-    return frozenset(names)
+    return frozenset(names) if names else _NO_NAMES
 
 
 def header_value(raw: bytes) -> str:
@@ -43,8 +50,13 @@ def header_value(raw: bytes) -> str:
 
 def request_headers(headers: list[tuple[bytes, bytes]], api_key: str | None) -> list[tuple[str, str]]:
     """The client's headers minus hop-by-hop ones; an endpoint ``api_key`` replaces the client's Authorization."""
-    drop = HOP_BY_HOP | connection_listed(headers)
-    out = [(k.decode("latin-1"), header_value(v)) for k, v in headers if k.lower() not in drop]
+    listed = connection_listed(headers)
+    drop = HOP_BY_HOP | listed if listed else HOP_BY_HOP
+    out = [
+        (k.decode("latin-1"), v.decode("ascii") if v.isascii() else header_value(v))
+        for k, v in headers
+        if k.lower() not in drop
+    ]
     if api_key:
         out = [(k, v) for k, v in out if k.lower() != "authorization"]
         out.append(("Authorization", f"Bearer {api_key}"))
@@ -61,3 +73,19 @@ def content_length(raw: list[tuple[bytes, bytes]]) -> bytes | None:
         elif name == b"transfer-encoding" and b"chunked" in v.lower():
             return None
     return length or None
+
+
+def response_headers(raw: list[tuple[bytes, bytes]]) -> tuple[list[tuple[bytes, bytes]], bytes | None]:
+    """An upstream answer's headers as forwarded to the client (names lower-cased, hop-by-hop ones and Date /
+    Server dropped) with its ``Content-Length`` (:func:`content_length`) appended, and that length."""
+    listed = connection_listed(raw)
+    drop = RESPONSE_DROP | listed if listed else RESPONSE_DROP
+    headers = []
+    for k, v in raw:
+        name = k.lower()
+        if name not in drop:
+            headers.append((name, v))
+    length = content_length(raw)
+    if length is not None:
+        headers.append((b"content-length", length))
+    return headers, length

@@ -212,3 +212,22 @@ async def test_path_bytes_outside_the_url_parsers_set(upstreams: Upstreams, gate
     got = upstreams.states["a"].calls[0]
     assert got["query"] == "q=%3F"
     assert got["raw_path"] == "/v1/models/a{b}%2Fc"  # as sent
+
+
+async def test_an_upstream_cookie_is_never_sent_on_another_clients_request(
+    upstreams: Upstreams, gateways: Gateways
+) -> None:
+    """The upstream client keeps no cookies: one client's Set-Cookie reached the next client's request before
+    (aiohttp's default cookie jar; it skips IP hosts, so the endpoint is named by host name here)."""
+    name, port = await upstreams.add("a")
+    upstreams.states["a"].resp_headers = [(b"set-cookie", b"session=client-one-secret; Path=/")]
+    cfg = gateway_config([(name, port)])
+    cfg["clusters"][0]["endpoints"][0]["socket_address"]["address"] = "localhost"
+    gw = await launch(gateways, cfg)
+    for _ in range(2):  # two clients, each with its own session (no cookie of their own)
+        async with aiohttp.ClientSession() as s, s.post(f"{gw.url}/v1/completions", json={"prompt": "x"}) as r:
+            assert r.status == 200
+            assert r.headers["set-cookie"].startswith("session=client-one-secret")  # passed to the client
+    calls = upstreams.states["a"].calls
+    assert len(calls) == 2
+    assert "cookie" not in calls[1]["headers"]

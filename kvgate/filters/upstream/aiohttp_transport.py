@@ -3,8 +3,8 @@
 One session per filter: no total connection cap, ``maxConnsPerHost`` as aiohttp's per-host limit (a wait for a
 free connection happens inside :meth:`AiohttpTransport.send`, under the proxy's header timeout), idle
 connections closed after ``keepalive_timeout``. The client's path bytes go out as they are
-(``URL(..., encoded=True)``), no header is added (``skip_auto_headers``) and no body is decoded
-(``auto_decompress=False``).
+(``URL(..., encoded=True)``), no header is added (``skip_auto_headers``), no body is decoded
+(``auto_decompress=False``) and no cookie is kept (an upstream's Set-Cookie is for the client that got it).
 """
 
 from __future__ import annotations
@@ -75,6 +75,7 @@ class AiohttpTransport:
             )
             self._session = aiohttp.ClientSession(
                 connector=connector,
+                cookie_jar=aiohttp.DummyCookieJar(),  # a Set-Cookie is the client's: never kept for others
                 auto_decompress=False,
                 skip_auto_headers=SKIP_AUTO_HEADERS,
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.settings.connect_timeout),
