@@ -14,9 +14,11 @@ keep-alive connections, and it answers protocol errors in plain text. This subcl
   complete (an upstream aborted mid-stream) without uvicorn logging an ERROR.
 * ``kvgate.on_disconnect`` (a scope extension): ``register(callback) -> unregister``; the callback runs when
   the connection is lost before the response completed (no watcher task per request).
+* ``kvgate.head_with_body`` (a scope extension): the application's next two sends are a whole response (head,
+  then the complete body): uvicorn's two writes go out as one (one send and one packet fewer per answer).
 
 Timers are lazy: one ``call_later`` per connection is re-armed only when it fires before the current deadline,
-instead of two timer handles created and cancelled per request.
+instead of three timer handles created and cancelled per request (uvicorn's keep-alive wait included).
 """
 
 from __future__ import annotations
@@ -95,6 +97,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self._head_count = 0
         self._head_bytes = 0
         self._refusal: _Refuse | None = None
+        self._keepalive = False  # waiting for the next request on a kept-alive connection (the timer's job)
 
     @classmethod
     def with_limits(cls, limits: ServerLimits) -> type[GatewayHttpProtocol]:
@@ -267,6 +270,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             ext: dict[str, Any] = self.scope["extensions"]
             ext["kvgate.abort"] = lambda: self._abort(cycle)
             ext["kvgate.on_disconnect"] = lambda callback: self._watch(cycle, callback)
+            ext["kvgate.head_with_body"] = lambda: self._hold_head(cycle)
             self._arm(self.limits.request_body_timeout, self._body_timeout)
 
     def on_body(self, body: bytes) -> None:
@@ -278,10 +282,29 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self._disarm()
         super().on_message_complete()
 
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        if self.timeout_keep_alive_task is None or self.transport.is_closing():
+    # -- keep-alive: uvicorn's per-response timer handle replaced by the connection's lazy timer ------------
+    def _unset_keepalive_if_required(self) -> None:
+        if self._keepalive:
+            self._keepalive = False
+            self._disarm()
+
+    def _keepalive_expired(self) -> None:
+        self._keepalive = False
+        if not self.transport.is_closing():
+            self.transport.close()
+
+    def on_response_complete(self) -> None:  # uvicorn's, with the keep-alive wait on the lazy timer
+        self.server_state.total_requests += 1
+        if self.transport.is_closing():
             return
+        self._unset_keepalive_if_required()
+        self.flow.resume_reading()
+        if self.pipeline:  # pipelined requests: start the next one
+            cycle, app = self.pipeline.pop()
+            self._start_asgi_task(cycle, app)
+            return
+        self._keepalive = True
+        self._arm(self.timeout_keep_alive, self._keepalive_expired)
         cap = self.limits.max_idle_connections
         self.idle[self] = None
         while len(self.idle) > cap:
@@ -303,6 +326,11 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
         return unregister
 
+    def _hold_head(self, cycle: Any) -> None:
+        """The application's next two sends are a response's head and its whole body: write them together."""
+        if not cycle.response_started and cycle.transport is self.transport:
+            cycle.transport = _HeadWithBody(self.transport, cycle)
+
     def _abort(self, cycle: Any) -> None:
         """Drop the connection of a response that cannot be completed; uvicorn then logs nothing."""
         cycle.disconnected = True
@@ -313,3 +341,37 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
 def _noop() -> None:
     return None
+
+
+class _HeadWithBody:
+    """The transport as one response cycle sees it while its head is held: uvicorn writes a response's head and
+    its body separately (two sends, two packets); the head is kept until the body's write and both go out in
+    one. Then the cycle has the transport itself again. Closing first writes what is held."""
+
+    __slots__ = ("_cycle", "_held", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, cycle: Any):
+        self._transport = transport
+        self._cycle = cycle
+        self._held: bytes | None = None
+
+    def write(self, data: bytes) -> None:
+        if self._held is None:
+            self._held = data
+            return
+        self._cycle.transport = self._transport
+        self._transport.write(self._held + data)
+        self._held = None
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def close(self) -> None:
+        self._cycle.transport = self._transport
+        if self._held is not None and not self._transport.is_closing():
+            self._transport.write(self._held)
+        self._held = None
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)

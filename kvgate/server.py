@@ -151,6 +151,7 @@ class ListenerApp:
 
         ext = scope.get("extensions") or {}
         ctx.params["_kvgate_abort"] = ext.get("kvgate.abort")
+        ctx.params["_kvgate_head_with_body"] = ext.get("kvgate.head_with_body")
         watch_disconnect = ext.get("kvgate.on_disconnect")
         stop_watching: Callable[[], None]
         if watch_disconnect is not None:
@@ -256,11 +257,16 @@ class ListenerApp:
                     headers.append((b"x-kvgate-endpoint", resp.endpoint_id.encode()))
             elif ctx.response_headers:  # filters' x-kvgate-* decision headers stay inside (upstream's pass)
                 headers = [*headers, *(h for h in ctx.response_headers if not h[0].lower().startswith(DECISION_PREFIX))]
-            await send({"type": "http.response.start", "status": resp.status, "headers": headers})
-            if resp.body is None:  # the whole body came with the head
+            if resp.body is None:  # the whole body came with the head: one write for both (kvgate's server)
+                coalesce = ctx.params.get("_kvgate_head_with_body")
+                if coalesce is not None:
+                    coalesce()
+                await send({"type": "http.response.start", "status": resp.status, "headers": headers})
                 await send({"type": "http.response.body", "body": resp.complete or b"", "more_body": False})
-            elif not await self._stream(ctx, resp, send):
-                return
+            else:
+                await send({"type": "http.response.start", "status": resp.status, "headers": headers})
+                if not await self._stream(ctx, resp, send):
+                    return
             ctx.completed = True
             self.metrics.requests.count(ctx.cluster_name, resp.endpoint_id or "", str(resp.status)).n += 1
         finally:
