@@ -20,6 +20,7 @@ log = logging.getLogger("kvgate.cluster")
 class EndpointState:
     __slots__ = (
         "active_healthy",
+        "base_url",
         "cluster",
         "config",
         "consecutive_5xx",
@@ -28,15 +29,22 @@ class EndpointState:
         "cooldown_until",
         "ejections",
         "fail_streak",
+        "id",
         "in_flight",
         "index",
         "ok_streak",
+        "weight",
     )
 
     def __init__(self, cluster: str, index: int, config: Endpoint):
         self.cluster = cluster
         self.index = index
         self.config = config
+        # copied once: the config never changes, and these are read on every request (a pydantic attribute
+        # read, let alone a property that formats the URL, costs several times a slot's)
+        self.id: str = config.id
+        self.weight: int = config.weight
+        self.base_url: str = config.base_url
         self.in_flight = 0
         self.cooldown_until = 0.0  # monotonic seconds; passive health
         self.cooldown_reason = ""  # why the endpoint is cooling down (shown in 503 answers)
@@ -46,18 +54,6 @@ class EndpointState:
         self.active_healthy = True
         self.fail_streak = 0
         self.ok_streak = 0
-
-    @property
-    def id(self) -> str:
-        return self.config.id
-
-    @property
-    def weight(self) -> int:
-        return self.config.weight
-
-    @property
-    def base_url(self) -> str:
-        return self.config.base_url
 
     def healthy(self, now: float | None = None) -> bool:
         if not self.active_healthy:

@@ -10,12 +10,11 @@ keep-alive connections, and it answers protocol errors in plain text. This subcl
 * ``max_idle_connections``: beyond it, the longest-idle keep-alive connection is closed.
 * its own refusals (malformed request, non-ASCII target, CONNECT, WebSocket upgrade) are OpenAI-style
   JSON; they are logged once per minute per kind (WARNING) and reported through ``on_reject``.
-* ``kvgate.abort`` (a scope extension): the application drops the connection of a response it cannot
-  complete (an upstream aborted mid-stream) without uvicorn logging an ERROR.
-* ``kvgate.on_disconnect`` (a scope extension): ``register(callback) -> unregister``; the callback runs when
-  the connection is lost before the response completed (no watcher task per request).
-* ``kvgate.head_with_body`` (a scope extension): the application's next two sends are a whole response (head,
-  then the complete body): uvicorn's two writes go out as one (one send and one packet fewer per answer).
+* ``kvgate.hooks`` (a scope extension, :class:`CycleHooks`): ``abort()`` drops the connection of a response the
+  application cannot complete (an upstream aborted mid-stream) without uvicorn logging an ERROR;
+  ``on_disconnect(callback) -> unregister`` runs the callback when the connection is lost before the response
+  completed (no watcher task per request); ``head_with_body()``: the next two sends are a whole response, and
+  uvicorn's two writes go out as one (one send and one packet fewer per answer).
 
 Timers are lazy: one ``call_later`` per connection is re-armed only when it fires before the current deadline,
 instead of three timer handles created and cancelled per request (uvicorn's keep-alive wait included).
@@ -121,10 +120,6 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     def _disarm(self) -> None:
         self._due = None  # a pending timer finds nothing to do when it fires
 
-    @property
-    def _armed(self) -> bool:
-        return self._due is not None
-
     def _fire(self) -> None:
         self._timer = None
         fn = self._due
@@ -201,12 +196,12 @@ class GatewayHttpProtocol(HttpToolsProtocol):
                 callback()
 
     def data_received(self, data: bytes) -> None:
-        self._unset_keepalive_if_required()
-        self.idle.pop(self, None)
+        if self._keepalive:  # the wait between requests ends
+            self._keepalive = False
+            self._due = None
+            self.idle.pop(self, None)
         if self._in_head:
             self._head_raw += len(data)
-            if not self._armed:
-                self._arm(self.limits.request_headers_timeout, self._header_timeout)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -218,41 +213,52 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             cause = exc.__context__ if isinstance(exc.__context__, _Refuse) else None
             self._refuse(cause or self._refusal or _Refuse(400, "malformed HTTP request", "bad_request"))
             return
-        if self._in_head and self._head_raw > self.limits.max_request_headers_bytes + 1024:
-            self._refuse(
-                _Refuse(431, f"request head exceeds {self.limits.max_request_headers_bytes} bytes", "headers_too_large")
-            )
+        # Timers are armed only for what is still missing once the data is parsed: a request that came whole
+        # in one read arms none.
+        if self._in_head:  # a partial head
+            if self._head_raw > self.limits.max_request_headers_bytes + 1024:
+                self._refuse(
+                    _Refuse(
+                        431, f"request head exceeds {self.limits.max_request_headers_bytes} bytes", "headers_too_large"
+                    )
+                )
+            elif self._due is None:
+                self._arm(self.limits.request_headers_timeout, self._header_timeout)
+        else:
+            cycle = self.cycle
+            if cycle is not None and cycle.more_body and not cycle.response_complete:  # a partial body
+                self._arm(self.limits.request_body_timeout, self._body_timeout)
 
     def on_message_begin(self) -> None:
-        super().on_message_begin()
+        HttpToolsProtocol.on_message_begin(self)
         self._in_head = True
         self._started = True
         self._head_raw = self._head_count = self._head_bytes = 0
         self._refusal = None
         self.scope["extensions"] = {}
-        if not self._armed:
-            self._arm(self.limits.request_headers_timeout, self._header_timeout)
 
     def on_url(self, url: bytes) -> None:
-        super().on_url(url)
+        self.url += url  # uvicorn's on_url
         if len(self.url) > self.limits.max_request_headers_bytes:
             raise _Refuse(414, f"request target exceeds {self.limits.max_request_headers_bytes} bytes", "uri_too_long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._head_count += 1
         self._head_bytes += len(name) + len(value) + 4
-        if self._head_count > self.limits.max_request_headers_count:
-            raise _Refuse(431, f"more than {self.limits.max_request_headers_count} request headers", "too_many_headers")
-        if self._head_bytes > self.limits.max_request_headers_bytes:
-            raise _Refuse(
-                431, f"request headers exceed {self.limits.max_request_headers_bytes} bytes", "headers_too_large"
-            )
-        super().on_header(name, value)
+        limits = self.limits
+        if self._head_count > limits.max_request_headers_count:
+            raise _Refuse(431, f"more than {limits.max_request_headers_count} request headers", "too_many_headers")
+        if self._head_bytes > limits.max_request_headers_bytes:
+            raise _Refuse(431, f"request headers exceed {limits.max_request_headers_bytes} bytes", "headers_too_large")
+        name = name.lower()  # uvicorn's on_header
+        if name == b"expect" and value.lower() == b"100-continue":
+            self.expect_100_continue = True
+        self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._started = False
-        self._disarm()
+        self._due = None  # the head's timer (data_received arms the body's if the body is not all there)
         method = self.parser.get_method()
         if method == b"CONNECT":
             self._refusal = _Refuse(405, "CONNECT is not supported by this gateway", "connect")
@@ -264,23 +270,15 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             self.url.decode("ascii")
         except UnicodeDecodeError:
             raise _Refuse(400, "request target must be ASCII (percent-encode other bytes)", "bad_target") from None
-        super().on_headers_complete()
+        HttpToolsProtocol.on_headers_complete(self)
         cycle = self.cycle
         if cycle is not None:
             ext: dict[str, Any] = self.scope["extensions"]
-            ext["kvgate.abort"] = lambda: self._abort(cycle)
-            ext["kvgate.on_disconnect"] = lambda callback: self._watch(cycle, callback)
-            ext["kvgate.head_with_body"] = lambda: self._hold_head(cycle)
-            self._arm(self.limits.request_body_timeout, self._body_timeout)
-
-    def on_body(self, body: bytes) -> None:
-        super().on_body(body)
-        if self._armed:
-            self._arm(self.limits.request_body_timeout, self._body_timeout)
+            ext["kvgate.hooks"] = CycleHooks(self, cycle)
 
     def on_message_complete(self) -> None:
-        self._disarm()
-        super().on_message_complete()
+        self._due = None  # the body's timer
+        HttpToolsProtocol.on_message_complete(self)
 
     # -- keep-alive: uvicorn's per-response timer handle replaced by the connection's lazy timer ------------
     def _unset_keepalive_if_required(self) -> None:
@@ -341,6 +339,30 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
 def _noop() -> None:
     return None
+
+
+class CycleHooks:
+    """What kvgate's server offers the application for one request, as ``scope["extensions"]["kvgate.hooks"]``."""
+
+    __slots__ = ("_cycle", "_protocol")
+
+    def __init__(self, protocol: GatewayHttpProtocol, cycle: Any):
+        self._protocol = protocol
+        self._cycle = cycle
+
+    def abort(self) -> None:
+        """Drop the connection of a response that cannot be completed (uvicorn then logs nothing)."""
+        self._protocol._abort(self._cycle)
+
+    def on_disconnect(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback`` once if the connection is lost before the response completed; returns the function
+        that unregisters it (no watcher task per request)."""
+        return self._protocol._watch(self._cycle, callback)
+
+    def head_with_body(self) -> None:
+        """The application's next two sends are a whole response (head, then the complete body): uvicorn's two
+        writes go out as one (one send and one packet fewer per answer)."""
+        self._protocol._hold_head(self._cycle)
 
 
 class _HeadWithBody:

@@ -43,6 +43,7 @@ _rlog = RateLimitedLog(log, interval_s=60.0)
 
 DECISION_PREFIX = b"x-kvgate-"
 FORWARDED_HEADERS = (b"x-forwarded-for", b"forwarded")
+HOOKS_PARAM = "_kvgate_hooks"  # ctx.params: the server's CycleHooks (kvgate.httpproto) when it runs under kvgate's
 
 
 @dataclass
@@ -71,6 +72,11 @@ class ListenerApp:
         self._encoders = [f for f in filters if type(f).encode is not HttpFilter.encode]
         self._token_name = hcm.decision_headers_token_header.lower().encode("latin-1")
         self._token = hcm.decision_headers_token.encode() if hcm.decision_headers_token else b""
+        # read per request: plain attributes (a pydantic model's attribute read costs more)
+        self._body_limit: int = hcm.max_request_body_bytes
+        self._timeout: float = hcm.timeout
+        self._show_decisions: bool = hcm.decision_headers
+        self._trust_xff: bool = hcm.xff_num_trusted_hops > 0
         self._peer_headers: dict[tuple[str, str], tuple[tuple[bytes, bytes], tuple[bytes, bytes]]] = {}
 
     def server_limits(self) -> ServerLimits:
@@ -114,7 +120,7 @@ class ListenerApp:
             await self._local(send, 404, f"no route for path {scope['path']!r}", "not_found", "no_route")
             return
         try:
-            body = await read_body(scope, receive, self.hcm.max_request_body_bytes)
+            body = await read_body(scope, receive, self._body_limit)
         except BodyTooLarge as exc:
             await self._local(
                 send, 413, f"request body exceeds {exc.limit} bytes", "invalid_request_error", "body_too_large"
@@ -133,7 +139,7 @@ class ListenerApp:
             body=body,
             cluster_name=route.cluster,
             route_prefix=route.prefix,
-            timeout=self.hcm.timeout,
+            timeout=self._timeout,
             raw_path=scope.get("raw_path") or path.encode("utf-8"),
         )
         # A client disconnect cancels this handler (and so the upstream call or stream it is in), which closes
@@ -149,13 +155,11 @@ class ListenerApp:
                 disconnected = True
                 me.cancel()
 
-        ext = scope.get("extensions") or {}
-        ctx.params["_kvgate_abort"] = ext.get("kvgate.abort")
-        ctx.params["_kvgate_head_with_body"] = ext.get("kvgate.head_with_body")
-        watch_disconnect = ext.get("kvgate.on_disconnect")
+        hooks = (scope.get("extensions") or {}).get("kvgate.hooks")
         stop_watching: Callable[[], None]
-        if watch_disconnect is not None:
-            stop_watching = watch_disconnect(on_disconnect)
+        if hooks is not None:
+            ctx.params[HOOKS_PARAM] = hooks
+            stop_watching = hooks.on_disconnect(on_disconnect)
         else:
             stop_watching = _watcher_task(receive, on_disconnect)
         try:
@@ -172,9 +176,8 @@ class ListenerApp:
     def _request_headers(self, scope: Scope) -> tuple[list[tuple[bytes, bytes]], bool]:
         """The headers to forward (debug token removed, X-Forwarded-For / Forwarded per the trust rule) and
         whether this request may see the decision headers."""
-        hcm = self.hcm
         token_name = self._token_name
-        show = hcm.decision_headers
+        show = self._show_decisions
         out: list[tuple[bytes, bytes]] = []
         xff: list[bytes] = []
         fwd: list[bytes] = []
@@ -194,7 +197,7 @@ class ListenerApp:
             own = self._peer_headers.get((peer, proto))
             if own is None:
                 own = self._own_forwarded(peer, proto)
-            if hcm.xff_num_trusted_hops > 0 and (xff or fwd):
+            if self._trust_xff and (xff or fwd):
                 x, f = own
                 if xff:
                     x = (x[0], b", ".join([*xff, x[1]]))
@@ -258,9 +261,9 @@ class ListenerApp:
             elif ctx.response_headers:  # filters' x-kvgate-* decision headers stay inside (upstream's pass)
                 headers = [*headers, *(h for h in ctx.response_headers if not h[0].lower().startswith(DECISION_PREFIX))]
             if resp.body is None:  # the whole body came with the head: one write for both (kvgate's server)
-                coalesce = ctx.params.get("_kvgate_head_with_body")
-                if coalesce is not None:
-                    coalesce()
+                hooks = ctx.params.get(HOOKS_PARAM)
+                if hooks is not None:
+                    hooks.head_with_body()
                 await send({"type": "http.response.start", "status": resp.status, "headers": headers})
                 await send({"type": "http.response.body", "body": resp.complete or b"", "more_body": False})
             else:
@@ -303,9 +306,9 @@ class ListenerApp:
                 type(exc).__name__,
             )
             self.metrics.requests.count(ctx.cluster_name, resp.endpoint_id or "", "upstream_aborted").n += 1
-            abort = ctx.params.get("_kvgate_abort")
-            if callable(abort):
-                abort()  # drop the connection: the client sees a truncated stream, uvicorn logs nothing
+            hooks = ctx.params.get(HOOKS_PARAM)
+            if hooks is not None:
+                hooks.abort()  # drop the connection: the client sees a truncated stream, uvicorn logs nothing
             return False
         if not ended:
             await send({"type": "http.response.body", "body": b"", "more_body": False})

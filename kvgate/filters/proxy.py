@@ -102,6 +102,8 @@ class _Target:
     ok: CountCell  # kvgate_upstream_attempts{outcome="ok"}
     ttfb: HistogramCell
     latency: HistogramCell
+    api_key: str | None  # the endpoint's llm_meta.api_key
+    fallback: bool  # llm_meta.fallback
 
 
 _Kept = tuple[EndpointState, Answer, float]  # an endpoint, its answer (slot held) and the attempt's start
@@ -142,6 +144,8 @@ class ProxyFilter(HttpFilter):
                 m.upstream_attempts.count(ep.cluster, ep.id, "ok"),
                 m.upstream_ttfb.histogram(ep.cluster, ep.id),
                 m.upstream_latency.histogram(ep.cluster, ep.id),
+                ep.config.llm_meta.api_key,
+                ep.config.llm_meta.fallback,
             )
         return target
 
@@ -151,7 +155,7 @@ class ProxyFilter(HttpFilter):
         await self.transport.close()
 
     def _choose(self, ctx: RequestContext, cluster: ClusterState) -> EndpointState:
-        key = ctx.header(cluster.config.hash_header)
+        key = ctx.header(cluster.config.hash_header) if cluster.balancer.keyed else None
         picked = cluster.pick(key)
         preferred = ctx.params.get(PREFERRED_ENDPOINT_PARAM)
         if isinstance(preferred, str) and preferred:
@@ -175,7 +179,7 @@ class ProxyFilter(HttpFilter):
 
     def _order(self, cluster: ClusterState, first: EndpointState) -> list[EndpointState]:
         order = [first]
-        if first.config.llm_meta.fallback:
+        if self._target(first).fallback:
             n = len(cluster.endpoints)
             for step in range(1, n):
                 ep = cluster.endpoints[(first.index + step) % n]
@@ -250,7 +254,7 @@ class ProxyFilter(HttpFilter):
                             ctx.method,
                             target.origin,
                             target_bytes,
-                            request_headers(ctx.headers, ep.config.llm_meta.api_key),
+                            request_headers(ctx.headers, target.api_key),
                             ctx.body,
                         )
                 except TimeoutError:

@@ -31,6 +31,7 @@ class Balancer:
     """
 
     name = "base"
+    keyed = True  # reads the request's hash key (the others are not handed one: no header scan per request)
 
     def pick(self, candidates: Sequence[E], key: str | None = None) -> E | None:
         raise NotImplementedError
@@ -40,6 +41,7 @@ class RoundRobin(Balancer):
     """Cycles over the candidates; the cursor advances on every pick (as in Pixiu)."""
 
     name = "round_robin"
+    keyed = False
 
     def __init__(self) -> None:
         self._next = 0
@@ -54,6 +56,7 @@ class RoundRobin(Balancer):
 
 class RandomPick(Balancer):
     name = "random"
+    keyed = False
 
     def __init__(self, rng: random.Random | None = None) -> None:
         self._rng = rng or random.Random()
@@ -64,6 +67,7 @@ class RandomPick(Balancer):
 
 class WeightedRandom(Balancer):
     name = "weighted_random"
+    keyed = False
 
     def __init__(self, rng: random.Random | None = None) -> None:
         self._rng = rng or random.Random()
@@ -81,6 +85,7 @@ class LeastRequest(Balancer):
     """Fewest in-flight requests; ties rotate so that an idle fleet is not herded onto one endpoint."""
 
     name = "least_request"
+    keyed = False
 
     def __init__(self) -> None:
         self._rr = 0

@@ -145,10 +145,10 @@ def make_upstream(name: str) -> tuple[Router, UpstreamState]:
             }
         )
         await send({"type": "http.response.body", "body": b"data: {}\n\n", "more_body": True})
-        abort = (req.scope.get("extensions") or {}).get("kvgate.abort")
-        if abort is None:
+        hooks = (req.scope.get("extensions") or {}).get("kvgate.hooks")
+        if hooks is None:
             raise RuntimeError("upstream dies mid-stream")  # uvicorn drops the connection
-        abort()  # the same, without uvicorn's ERROR record
+        hooks.abort()  # the same, without uvicorn's ERROR record
 
     router.not_found = echo_path
     router.add("POST", "/v1/die", die_mid_stream)
