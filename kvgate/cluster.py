@@ -137,11 +137,11 @@ class ClusterState:
     def mark_ok(self, ep: EndpointState) -> None:
         ep.ejections = 0
         ep.consecutive_5xx = 0
-        if ep.cooldown_until:
+        if ep.cooldown_until:  # it was ejected (the gauge went to 0 then): usable again
             ep.cooldown_until = 0.0
             ep.cooldown_reason = ""
-        if ep.active_healthy:
-            self._metrics.endpoint_healthy.labels(self.name, ep.id).set(1)
+            if ep.active_healthy:
+                self._metrics.endpoint_healthy.labels(self.name, ep.id).set(1)
 
     def unavailable_reason(self) -> str:
         """Why no endpoint is usable, for the 503 message (which endpoints, after what, for how long)."""

@@ -30,14 +30,23 @@ _CONNECTION_LENGTHS = (len(_CONNECTION_NAMES[0]), len(_CONNECTION_NAMES[1]))
 
 
 def connection_listed(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
-    """Names listed in ``Connection`` / ``Proxy-Connection``: hop-by-hop for this message (RFC 9110 §7.6.1)."""
-    names: set[bytes] | None = None
+    """Names listed in ``Connection`` / ``Proxy-Connection``: hop-by-hop for this message (RFC 9110 §7.6.1).
+    Names that are hop-by-hop anyway (``keep-alive``, ``close``) are left out."""
+    names: frozenset[bytes] = _NO_NAMES
     for k, v in headers:
         if len(k) in _CONNECTION_LENGTHS and k.lower() in _CONNECTION_NAMES:  # the length test skips the others
-            if names is None:
-                names = set()
-            names.update(t.strip().lower() for t in v.split(b",") if t.strip())
-    return frozenset(names) if names else _NO_NAMES
+            listed = _LISTED.get(v)
+            if listed is None:
+                listed = frozenset(t.strip().lower() for t in v.split(b",") if t.strip()) - HOP_BY_HOP - _NOT_NAMES
+                if len(_LISTED) < 256:  # a handful of distinct values in practice
+                    _LISTED[v] = listed
+            if listed:
+                names = names | listed
+    return names
+
+
+_LISTED: dict[bytes, frozenset[bytes]] = {}  # a Connection value -> the names it adds to HOP_BY_HOP
+_NOT_NAMES = frozenset({b"close"})  # a connection option, not a header name
 
 
 def header_value(raw: bytes) -> str:
@@ -63,29 +72,24 @@ def request_headers(headers: list[tuple[bytes, bytes]], api_key: str | None) -> 
     return out
 
 
-def content_length(raw: list[tuple[bytes, bytes]]) -> bytes | None:
-    """The answer's ``Content-Length`` to forward: the first one, unless the body is chunked."""
-    length: bytes | None = None
-    for k, v in raw:
-        name = k.lower()
-        if name == b"content-length" and length is None:
-            length = v
-        elif name == b"transfer-encoding" and b"chunked" in v.lower():
-            return None
-    return length or None
-
-
 def response_headers(raw: list[tuple[bytes, bytes]]) -> tuple[list[tuple[bytes, bytes]], bytes | None]:
     """An upstream answer's headers as forwarded to the client (names lower-cased, hop-by-hop ones and Date /
-    Server dropped) with its ``Content-Length`` (:func:`content_length`) appended, and that length."""
+    Server dropped) with its ``Content-Length`` appended (the first one, unless the body is chunked), and that length."""
     listed = connection_listed(raw)
     drop = RESPONSE_DROP | listed if listed else RESPONSE_DROP
     headers = []
+    length: bytes | None = None
+    chunked = False
     for k, v in raw:
         name = k.lower()
         if name not in drop:
             headers.append((name, v))
-    length = content_length(raw)
-    if length is not None:
-        headers.append((b"content-length", length))
+        elif name == b"content-length":
+            if length is None:
+                length = v
+        elif name == b"transfer-encoding" and b"chunked" in v.lower():
+            chunked = True
+    if chunked or not length:
+        return headers, None
+    headers.append((b"content-length", length))
     return headers, length
