@@ -74,7 +74,8 @@ def request_headers(headers: list[tuple[bytes, bytes]], api_key: str | None) -> 
 
 def response_headers(raw: list[tuple[bytes, bytes]]) -> tuple[list[tuple[bytes, bytes]], bytes | None]:
     """An upstream answer's headers as forwarded to the client (names lower-cased, hop-by-hop ones and Date /
-    Server dropped) with its ``Content-Length`` appended (the first one, unless the body is chunked), and that length."""
+    Server dropped) with its ``Content-Length`` appended (the first one, unless the body is chunked), and that
+    length."""
     listed = connection_listed(raw)
     drop = RESPONSE_DROP | listed if listed else RESPONSE_DROP
     headers = []
