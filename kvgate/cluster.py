@@ -124,8 +124,8 @@ class ClusterState:
         """The endpoint answered: it is alive. Only outlier detection (N consecutive 5xx, counted once per
         request by the caller) may eject it; any other answer resets the 5xx streak and the back-off."""
         if status < 500:
-            ep.consecutive_5xx = 0
-            self.mark_ok(ep)
+            if ep.ejections or ep.consecutive_5xx or ep.cooldown_until:  # else nothing to reset
+                self.mark_ok(ep)
             return
         ep.consecutive_5xx += 1
         od = self.config.outlier_detection

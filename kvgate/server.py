@@ -94,7 +94,7 @@ class ListenerApp:
 
     def _route(self, path: str) -> RouteEntry | None:
         for r in self.routes:
-            if r.matches(path):
+            if path == r.path if r.path is not None else path.startswith(r.prefix):  # RouteEntry.matches, inlined
                 return r
         return None
 

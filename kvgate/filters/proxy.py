@@ -12,7 +12,6 @@ length of a stream. The HTTP client sits behind a small interface (:mod:`kvgate.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import AsyncGenerator, Callable
@@ -123,7 +122,7 @@ class ProxyFilter(HttpFilter):
                 header_timeout=config.header_timeout,
             ),
         )
-        self._targets: dict[tuple[str, str], _Target] = {}  # (cluster, endpoint id) -> what never changes
+        self._targets: dict[EndpointState, _Target] = {}  # endpoint -> what never changes
         # one timer per wait length instead of one per wait (kvgate.deadlines)
         self._header_deadlines = Deadlines(config.header_timeout)
         self._idle_deadlines = Deadlines(config.stream_idle_timeout)
@@ -131,13 +130,12 @@ class ProxyFilter(HttpFilter):
     def _target(self, ep: EndpointState) -> _Target:
         """The endpoint's origin (``scheme://host:port``), retry schedule and metric cells, built once: its
         config never changes."""
-        key = (ep.cluster, ep.id)
-        target = self._targets.get(key)
+        target = self._targets.get(ep)
         if target is None:
             attempts, delay = _attempts_and_delays(ep)
             origin = f"{self.config.scheme}://{ep.base_url.split('://', 1)[1]}"
             m = self.metrics
-            target = self._targets[key] = _Target(
+            target = self._targets[ep] = _Target(
                 origin,
                 attempts,
                 delay,
@@ -340,8 +338,10 @@ class ProxyFilter(HttpFilter):
             nonlocal released
             if not released:
                 released = True
-                with contextlib.suppress(Exception):
+                try:
                     resp.release()
+                except Exception:  # the connection is dropped either way
+                    pass
                 cluster.release(ep)
                 target.latency.observe(time.perf_counter() - t0)
 
