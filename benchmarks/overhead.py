@@ -219,12 +219,17 @@ def start_py_upstream(ctx: Any) -> Proc:
 
 # -- the floor: a bare Python pass-through ---------------------------------------------------------------------------
 def _bare(upstream: str, port_q: mp.Queue) -> None:  # type: ignore[type-arg]
-    import uvicorn
-    import uvloop
-
     # A session of its own, like every `kvgate serve` here: with the kernel's autogroup scheduling on, a
     # process sharing wrk's session shares wrk's CPU share, which made the floor slower than kvgate's paths.
     os.setsid()
+    serve_bare(upstream, 0, port_q.put)
+
+
+def serve_bare(upstream: str, port: int = 0, on_port: Any = None) -> None:
+    """The floor: serve the bare pass-through to ``upstream`` on ``127.0.0.1:port`` until killed; ``on_port``
+    is called with the bound port (benchmarks/instructions.py runs this under valgrind)."""
+    import uvicorn
+    import uvloop
 
     session: aiohttp.ClientSession | None = None
 
@@ -249,10 +254,11 @@ def _bare(upstream: str, port_q: mp.Queue) -> None:  # type: ignore[type-arg]
         nonlocal session
         session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        sock.bind(("127.0.0.1", 0))
+        sock.bind(("127.0.0.1", port))
         cfg = uvicorn.Config(app, http="httptools", loop="none", lifespan="off", access_log=False, log_level="error")
         server = uvicorn.Server(cfg)
-        port_q.put(sock.getsockname()[1])
+        if on_port is not None:
+            on_port(sock.getsockname()[1])
         await server.serve(sockets=[sock])
 
     uvloop.run(main())
