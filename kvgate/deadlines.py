@@ -59,11 +59,13 @@ class Deadlines:
     def wait(self) -> _Wait:
         """A context manager bounding the current task's block to ``delay`` seconds from now."""
         loop = self._loop
-        if loop is None or loop.is_closed():
+        task = asyncio.current_task(loop) if loop is not None else None
+        if task is None:  # first use, or another loop (the bound one closed): bind the running one
             loop = self._bind()
-        task = asyncio.current_task(loop)
-        if task is None:
-            raise RuntimeError("Deadlines.wait() must be used inside a task")
+            task = asyncio.current_task(loop)
+            if task is None:
+                raise RuntimeError("Deadlines.wait() must be used inside a task")
+        assert loop is not None
         w = _Wait(self, task, loop.time() + self.delay)
         self._waits[w] = None
         if self._timer is None:

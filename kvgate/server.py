@@ -179,17 +179,20 @@ class ListenerApp:
         token_name = self._token_name
         show = self._show_decisions
         out: list[tuple[bytes, bytes]] = []
-        xff: list[bytes] = []
-        fwd: list[bytes] = []
-        for k, v in scope.get("headers", ()):
+        xff: list[bytes] | None = None
+        fwd: list[bytes] | None = None
+        for h in scope.get("headers", ()):
+            k = h[0]
             if k == token_name:
-                if self._token and hmac.compare_digest(v, self._token):
+                if self._token and hmac.compare_digest(h[1], self._token):
                     show = True
                 continue  # a credential: never forwarded
-            if k in FORWARDED_HEADERS:
-                (xff if k == b"x-forwarded-for" else fwd).append(v)
-                continue
-            out.append((k, v))
+            if k == b"x-forwarded-for":
+                xff = [*(xff or ()), h[1]]
+            elif k == b"forwarded":
+                fwd = [*(fwd or ()), h[1]]
+            else:
+                out.append(h)
         client = scope.get("client")
         if client:
             peer = str(client[0])

@@ -59,17 +59,38 @@ def header_value(raw: bytes) -> str:
 
 def request_headers(headers: list[tuple[bytes, bytes]], api_key: str | None) -> list[tuple[str, str]]:
     """The client's headers minus hop-by-hop ones; an endpoint ``api_key`` replaces the client's Authorization."""
-    listed = connection_listed(headers)
-    drop = HOP_BY_HOP | listed if listed else HOP_BY_HOP
-    out = [
-        (k.decode("latin-1"), v.decode("ascii") if v.isascii() else header_value(v))
-        for k, v in headers
-        if k.lower() not in drop
-    ]
+    out: list[tuple[str, str]] = []
+    listed = False
+    names = _NAMES
+    for k, v in headers:
+        name = names.get(k)
+        if name is None:
+            name = _name(k)
+        if name:
+            try:
+                out.append((name, v.decode("utf-8")))  # header_value, inlined (one call for valid UTF-8)
+            except UnicodeDecodeError:
+                out.append((name, v.decode("latin-1")))
+        elif k.lower() in _CONNECTION_NAMES:
+            listed = True
+    if listed:  # names the Connection header lists are hop-by-hop for this message: drop them too
+        drop = {n.decode("latin-1") for n in connection_listed(headers)}
+        out = [(k, v) for k, v in out if k.lower() not in drop]
     if api_key:
         out = [(k, v) for k, v in out if k.lower() != "authorization"]
         out.append(("Authorization", f"Bearer {api_key}"))
     return out
+
+
+def _name(k: bytes) -> str:
+    """A request header name as forwarded (latin-1 text), or ``""`` when it is hop-by-hop; kept in :data:`_NAMES`."""
+    name = "" if k.lower() in HOP_BY_HOP else k.decode("latin-1")
+    if len(_NAMES) < 1024:  # names repeat across requests; a client sending endless new names is not cached
+        _NAMES[k] = name
+    return name
+
+
+_NAMES: dict[bytes, str] = {}  # a request header name -> its forwarded form ("" = hop-by-hop)
 
 
 def response_headers(raw: list[tuple[bytes, bytes]]) -> tuple[list[tuple[bytes, bytes]], bytes | None]:
