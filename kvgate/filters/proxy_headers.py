@@ -3,6 +3,8 @@ headers become the upstream request's (RFC 9110 §7.6.1)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 HOP_BY_HOP = frozenset(
     {
         b"connection",
@@ -29,7 +31,7 @@ _CONNECTION_NAMES = (b"connection", b"proxy-connection")
 _CONNECTION_LENGTHS = (len(_CONNECTION_NAMES[0]), len(_CONNECTION_NAMES[1]))
 
 
-def connection_listed(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
+def connection_listed(headers: Sequence[tuple[bytes, bytes]]) -> frozenset[bytes]:
     """Names listed in ``Connection`` / ``Proxy-Connection``: hop-by-hop for this message (RFC 9110 §7.6.1).
     Names that are hop-by-hop anyway (``keep-alive``, ``close``) are left out."""
     names: frozenset[bytes] = _NO_NAMES
@@ -93,7 +95,7 @@ def _name(k: bytes) -> str:
 _NAMES: dict[bytes, str] = {}  # a request header name -> its forwarded form ("" = hop-by-hop)
 
 
-def response_headers(raw: list[tuple[bytes, bytes]]) -> tuple[list[tuple[bytes, bytes]], bytes | None]:
+def response_headers(raw: Sequence[tuple[bytes, bytes]]) -> tuple[list[tuple[bytes, bytes]], bytes | None]:
     """An upstream answer's headers as forwarded to the client (names lower-cased, hop-by-hop ones and Date /
     Server dropped) with its ``Content-Length`` appended (the first one, unless the body is chunked), and that
     length."""

@@ -10,6 +10,7 @@ connections closed after ``keepalive_timeout``. The client's path bytes go out a
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 
 import aiohttp
 from yarl import URL
@@ -34,8 +35,8 @@ class AiohttpAnswer:
     def status(self) -> int:
         return self._resp.status
 
-    def raw_headers(self) -> list[tuple[bytes, bytes]]:
-        return list(self._resp.raw_headers)
+    def raw_headers(self) -> Sequence[tuple[bytes, bytes]]:
+        return self._resp.raw_headers
 
     def read_nowait(self) -> bytes:
         self._read = True

@@ -13,6 +13,7 @@ The header wait and the idle wait between body chunks are bounded by the proxy, 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -49,7 +50,7 @@ class Answer(Protocol):
     @property
     def status(self) -> int: ...
 
-    def raw_headers(self) -> list[tuple[bytes, bytes]]:
+    def raw_headers(self) -> Sequence[tuple[bytes, bytes]]:
         """The head's headers as received (names in any case, repeated names kept)."""
         ...
 
