@@ -99,21 +99,53 @@ def response_headers(raw: Sequence[tuple[bytes, bytes]]) -> tuple[list[tuple[byt
     """An upstream answer's headers as forwarded to the client (names lower-cased, hop-by-hop ones and Date /
     Server dropped) with its ``Content-Length`` appended (the first one, unless the body is chunked), and that
     length."""
-    listed = connection_listed(raw)
-    drop = RESPONSE_DROP | listed if listed else RESPONSE_DROP
     headers = []
     length: bytes | None = None
     chunked = False
+    extra: frozenset[bytes] | None = None
+    names = _RESPONSE_NAMES
     for k, v in raw:
-        name = k.lower()
-        if name not in drop:
+        entry = names.get(k)
+        if entry is None:
+            entry = _response_name(k)
+        name, kind = entry
+        if kind == _FORWARD:
             headers.append((name, v))
-        elif name == b"content-length":
+        elif kind == _LENGTH:
             if length is None:
                 length = v
-        elif name == b"transfer-encoding" and b"chunked" in v.lower():
-            chunked = True
+        elif kind == _ENCODING:
+            chunked = chunked or b"chunked" in v.lower()
+        elif kind == _CONNECTION:
+            listed = _LISTED.get(v)
+            if listed is None:
+                listed = connection_listed(((k, v),))
+            if listed:
+                extra = listed if extra is None else extra | listed
+    if extra:  # names the Connection header lists are hop-by-hop for this message: drop them too
+        headers = [h for h in headers if h[0] not in extra]
     if chunked or not length:
         return headers, None
     headers.append((b"content-length", length))
     return headers, length
+
+
+_FORWARD, _DROP, _LENGTH, _ENCODING, _CONNECTION = range(5)
+# an answer's header name -> (its lower-cased form, what happens to it)
+_RESPONSE_NAMES: dict[bytes, tuple[bytes, int]] = {}
+
+
+def _response_name(k: bytes) -> tuple[bytes, int]:
+    name = k.lower()
+    kind = _FORWARD
+    if name == b"content-length":
+        kind = _LENGTH
+    elif name == b"transfer-encoding":
+        kind = _ENCODING
+    elif name in _CONNECTION_NAMES:
+        kind = _CONNECTION
+    elif name in RESPONSE_DROP:
+        kind = _DROP
+    if len(_RESPONSE_NAMES) < 1024:  # names repeat across answers; endless new names are not cached
+        _RESPONSE_NAMES[k] = (name, kind)
+    return name, kind
