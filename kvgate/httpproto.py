@@ -12,7 +12,7 @@ keep-alive connections, and it answers protocol errors in plain text. This subcl
   JSON; they are logged once per minute per kind (WARNING) and reported through ``on_reject``.
 * ``kvgate.hooks`` (a scope extension, :class:`CycleHooks`): ``abort()`` drops the connection of a response the
   application cannot complete (an upstream aborted mid-stream) without uvicorn logging an ERROR;
-  ``on_disconnect(callback) -> unregister`` runs the callback when the connection is lost before the response
+  ``cancel_on_disconnect(task)`` cancels the request's task when the connection is lost before the response
   completed (no watcher task per request); ``head_with_body()``: the next two sends are a whole response, and
   uvicorn's two writes go out as one (one send and one packet fewer per answer).
 
@@ -89,7 +89,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self._timer_at = 0.0  # when self._timer fires (loop time)
         self._deadline = 0.0  # when the armed check is due
         self._due: Callable[[], None] | None = None  # the armed check (None: disarmed)
-        self._on_lost: dict[Any, Callable[[], None]] = {}  # request cycle -> disconnect callback
+        self._on_lost: dict[Any, CycleHooks] = {}  # request cycle -> its hooks, whose task a loss cancels
         self._in_head = True  # reading a request head (or waiting for the first byte of one)
         self._started = False  # some byte of the current request head arrived
         self._head_raw = 0
@@ -191,9 +191,9 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self.idle.pop(self, None)
         super().connection_lost(exc)
         lost, self._on_lost = self._on_lost, {}
-        for cycle, callback in lost.items():
+        for cycle, hooks in lost.items():
             if not cycle.response_complete:
-                callback()
+                hooks._connection_lost()
 
     def data_received(self, data: bytes) -> None:
         if self._keepalive:  # the wait between requests ends
@@ -310,19 +310,14 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             self.idle.pop(oldest, None)
             oldest.transport.close()
 
-    def _watch(self, cycle: Any, callback: Callable[[], None]) -> Callable[[], None]:
-        """Call ``callback`` once if the connection is lost before ``cycle``'s response completes."""
+    def _watch(self, cycle: Any, hooks: CycleHooks) -> None:
+        """Tell ``hooks`` if the connection is lost before ``cycle``'s response completes."""
         if cycle.disconnected:
-            self.loop.call_soon(callback)
-            return _noop
-        if not cycle.response_complete:
+            self.loop.call_soon(hooks._connection_lost)
+            return
+        if self.flow.read_paused and not cycle.response_complete:
             self.flow.resume_reading()  # notice a client's close even if reading was paused
-        self._on_lost[cycle] = callback
-
-        def unregister() -> None:
-            self._on_lost.pop(cycle, None)
-
-        return unregister
+        self._on_lost[cycle] = hooks
 
     def _hold_head(self, cycle: Any) -> None:
         """The application's next two sends are a response's head and its whole body: write them together."""
@@ -344,20 +339,33 @@ def _noop() -> None:
 class CycleHooks:
     """What kvgate's server offers the application for one request, as ``scope["extensions"]["kvgate.hooks"]``."""
 
-    __slots__ = ("_cycle", "_protocol")
+    __slots__ = ("_cycle", "_protocol", "_task", "lost")
 
     def __init__(self, protocol: GatewayHttpProtocol, cycle: Any):
         self._protocol = protocol
         self._cycle = cycle
+        self._task: asyncio.Task[Any] | None = None
+        self.lost = False  # the connection was lost before the response completed
 
     def abort(self) -> None:
         """Drop the connection of a response that cannot be completed (uvicorn then logs nothing)."""
         self._protocol._abort(self._cycle)
 
-    def on_disconnect(self, callback: Callable[[], None]) -> Callable[[], None]:
-        """Call ``callback`` once if the connection is lost before the response completed; returns the function
-        that unregisters it (no watcher task per request)."""
-        return self._protocol._watch(self._cycle, callback)
+    def cancel_on_disconnect(self, task: asyncio.Task[Any]) -> CycleHooks:
+        """Cancel ``task`` (and set :attr:`lost`) if the connection is lost before the response completed, until
+        :meth:`stop`: no watcher task, no callback per request."""
+        self._task = task
+        self._protocol._watch(self._cycle, self)
+        return self
+
+    def stop(self) -> None:
+        self._task = None
+        self._protocol._on_lost.pop(self._cycle, None)
+
+    def _connection_lost(self) -> None:
+        if self._task is not None and not self.lost:
+            self.lost = True
+            self._task.cancel()
 
     def head_with_body(self) -> None:
         """The application's next two sends are a whole response (head, then the complete body): uvicorn's two

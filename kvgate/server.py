@@ -9,8 +9,8 @@ import hmac
 import ipaddress
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 
@@ -32,7 +32,7 @@ from kvgate.asgi import (
 from kvgate.chain import FilterStatus, HttpFilter, RequestContext, UpstreamResponse, build_filter
 from kvgate.config import GatewayConfig, HttpConnectionManager, Listener
 from kvgate.errors import UpstreamError
-from kvgate.httpproto import ServerLimits
+from kvgate.httpproto import CycleHooks, ServerLimits
 from kvgate.metrics import multiprocess_dir
 from kvgate.ratelog import RateLimitedLog
 from kvgate.registry import check_config
@@ -143,35 +143,27 @@ class ListenerApp:
             raw_path=scope.get("raw_path") or path.encode("utf-8"),
         )
         # A client disconnect cancels this handler (and so the upstream call or stream it is in), which closes
-        # the upstream connection and frees the endpoint slot. kvgate's HTTP protocol calls back on connection
+        # the upstream connection and frees the endpoint slot. kvgate's HTTP protocol cancels it on connection
         # loss (no task per request); under another ASGI server a watcher task waits for http.disconnect.
         me = asyncio.current_task()
         assert me is not None
-        disconnected = False
-
-        def on_disconnect() -> None:
-            nonlocal disconnected
-            if not ctx.completed and not disconnected:
-                disconnected = True
-                me.cancel()
-
         hooks = (scope.get("extensions") or {}).get("kvgate.hooks")
-        stop_watching: Callable[[], None]
+        watch: CycleHooks | _DisconnectWatcher
         if hooks is not None:
             ctx.params[HOOKS_PARAM] = hooks
-            stop_watching = hooks.on_disconnect(on_disconnect)
+            watch = hooks.cancel_on_disconnect(me)
         else:
-            stop_watching = _watcher_task(receive, on_disconnect)
+            watch = _DisconnectWatcher(receive, me, ctx)
         try:
             await self._handle(ctx, send, show_decisions)
         except asyncio.CancelledError:
-            if not disconnected:
+            if not watch.lost:
                 raise
             me.uncancel()
             self.metrics.requests.count(route.cluster, _endpoint(ctx), "client_closed").n += 1
             log.info("client disconnected; upstream request to %s cancelled", _endpoint(ctx) or route.cluster)
         finally:
-            stop_watching()
+            watch.stop()
 
     def _request_headers(self, scope: Scope) -> tuple[list[tuple[bytes, bytes]], bool]:
         """The headers to forward (debug token removed, X-Forwarded-For / Forwarded per the trust rule) and
@@ -318,28 +310,34 @@ class ListenerApp:
         return True
 
 
+class _DisconnectWatcher:
+    """Under another ASGI server: a task that waits for ``http.disconnect`` and cancels the request's task if the
+    response has not completed (:class:`CycleHooks`' ``cancel_on_disconnect`` does it without a task)."""
+
+    __slots__ = ("_ctx", "_target", "_watch", "lost")
+
+    def __init__(self, receive: Receive, target: asyncio.Task[Any], ctx: RequestContext):
+        self._target = target
+        self._ctx = ctx
+        self.lost = False
+        self._watch = asyncio.ensure_future(_wait_disconnect(receive))
+        self._watch.add_done_callback(self._done)
+
+    def _done(self, t: asyncio.Task[None]) -> None:
+        if not t.cancelled() and t.exception() is None and not self._ctx.completed and not self.lost:
+            self.lost = True
+            self._target.cancel()
+
+    def stop(self) -> None:
+        self._watch.remove_done_callback(self._done)
+        self._watch.cancel()
+
+
 async def _wait_disconnect(receive: Receive) -> None:
     while True:
         msg = await receive()
         if msg["type"] == "http.disconnect":
             return
-
-
-def _watcher_task(receive: Receive, on_disconnect: Callable[[], None]) -> Callable[[], None]:
-    """A task that calls ``on_disconnect`` when ``receive`` reports http.disconnect; returns its stop function."""
-
-    def done(t: asyncio.Task[None]) -> None:
-        if not t.cancelled() and t.exception() is None:
-            on_disconnect()
-
-    watch = asyncio.ensure_future(_wait_disconnect(receive))
-    watch.add_done_callback(done)
-
-    def stop() -> None:
-        watch.remove_done_callback(done)
-        watch.cancel()
-
-    return stop
 
 
 def _endpoint(ctx: RequestContext) -> str:
