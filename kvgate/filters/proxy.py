@@ -286,7 +286,17 @@ class ProxyFilter(HttpFilter):
                         r.release()
                     kept[:] = [(ep, resp, t0)]
                     break
-                self._record(attempts_log, cluster, ep, "ok", resp.status, cell=target.ok)
+                attempts_log.append(  # _record's entry for a success, inlined (the request path)
+                    {
+                        "endpoint_id": ep.id,
+                        "endpoint_address": ep.base_url,
+                        "cluster": cluster.name,
+                        "success": True,
+                        "status_code": resp.status,
+                        "error_type": "ok",
+                    }
+                )
+                target.ok.n += 1
                 cluster.mark_answered(ep, resp.status)
                 return ep, resp, t0
             if transport_failure:
@@ -303,7 +313,6 @@ class ProxyFilter(HttpFilter):
         outcome: str,
         status: int | None,
         detail: str = "",
-        cell: CountCell | None = None,
     ) -> None:
         log_.append(
             {
@@ -315,7 +324,7 @@ class ProxyFilter(HttpFilter):
                 "error_type": outcome,
             }
         )
-        (cell or self.metrics.upstream_attempts.count(cluster.name, ep.id, outcome)).n += 1
+        self.metrics.upstream_attempts.count(cluster.name, ep.id, outcome).n += 1
         if outcome != "ok":  # counted above; logged once per 10 s per endpoint and kind
             _rlog.warning(
                 f"{cluster.name}/{ep.id}/{outcome}",
