@@ -37,6 +37,7 @@ from kvgate.metrics import multiprocess_dir
 from kvgate.ratelog import RateLimitedLog
 from kvgate.registry import check_config
 from kvgate.runtime import Runtime
+from kvgate.tally import CountCell
 
 log = logging.getLogger("kvgate.server")
 _rlog = RateLimitedLog(log, interval_s=60.0)
@@ -78,6 +79,7 @@ class ListenerApp:
         self._show_decisions: bool = hcm.decision_headers
         self._trust_xff: bool = hcm.xff_num_trusted_hops > 0
         self._peer_headers: dict[tuple[str, str], tuple[tuple[bytes, bytes], tuple[bytes, bytes]]] = {}
+        self._answered: dict[tuple[str, str | None, int], CountCell] = {}  # kvgate_requests cells by status
 
     def server_limits(self) -> ServerLimits:
         """The HTTP server's client limits from this listener's connection-manager keys."""
@@ -266,7 +268,11 @@ class ListenerApp:
                 if not await self._stream(ctx, resp, send):
                     return
             ctx.completed = True
-            self.metrics.requests.count(ctx.cluster_name, resp.endpoint_id or "", str(resp.status)).n += 1
+            key = (ctx.cluster_name, resp.endpoint_id, resp.status)
+            cell = self._answered.get(key)
+            if cell is None:
+                cell = self._answered[key] = self.metrics.requests.count(key[0], key[1] or "", str(key[2]))
+            cell.n += 1
         finally:
             if resp.body is not None:
                 with contextlib.suppress(Exception):

@@ -340,6 +340,20 @@ class ProxyFilter(HttpFilter):
     ) -> UpstreamResponse:
         headers, length = response_headers(resp.raw_headers())
         target = self._target(ep)
+        declared = int(length) if length is not None and length.isdigit() else None
+        # The whole body already arrived with the head (a short JSON answer): handed over as bytes, the
+        # connection and the endpoint slot freed now, and the server sends it without iterating a stream.
+        first = resp.read_nowait()
+        if first and resp.at_eof():
+            now = time.perf_counter()
+            try:
+                resp.release()
+            except Exception:  # the connection is dropped either way
+                pass
+            cluster.release(ep)
+            target.ttfb.observe(now - t0)
+            target.latency.observe(now - t0)
+            return UpstreamResponse(resp.status, headers, None, endpoint_id=ep.id, length=declared, complete=first)
         released = False
 
         def release() -> None:
@@ -354,16 +368,6 @@ class ProxyFilter(HttpFilter):
                 cluster.release(ep)
                 target.latency.observe(time.perf_counter() - t0)
 
-        declared = int(length) if length is not None and length.isdigit() else None
-        # The whole body already arrived with the head (a short JSON answer): handed over as bytes, the
-        # connection and the endpoint slot freed now, and the server sends it without iterating a stream.
-        first = resp.read_nowait()
-        if first and resp.at_eof():
-            target.ttfb.observe(time.perf_counter() - t0)
-            release()
-            return UpstreamResponse(
-                resp.status, headers, None, endpoint_id=ep.id, on_close=release, length=declared, complete=first
-            )
         idle = self._idle_deadlines
 
         async def body() -> AsyncGenerator[bytes, None]:
