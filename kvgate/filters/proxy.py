@@ -176,13 +176,13 @@ class ProxyFilter(HttpFilter):
         return picked
 
     def _order(self, cluster: ClusterState, first: EndpointState) -> list[EndpointState]:
+        """``first``, then (its ``fallback`` on) every other healthy endpoint, wrapping around."""
         order = [first]
-        if self._target(first).fallback:
-            n = len(cluster.endpoints)
-            for step in range(1, n):
-                ep = cluster.endpoints[(first.index + step) % n]
-                if ep.healthy():
-                    order.append(ep)
+        n = len(cluster.endpoints)
+        for step in range(1, n):
+            ep = cluster.endpoints[(first.index + step) % n]
+            if ep.healthy():
+                order.append(ep)
         return order
 
     async def decode(self, ctx: RequestContext) -> FilterStatus:
@@ -236,7 +236,7 @@ class ProxyFilter(HttpFilter):
         target_bytes = (ctx.raw_path or ctx.path.encode()).decode("latin-1")  # the client's path bytes
         if ctx.query_string:
             target_bytes += "?" + ctx.query_string.decode("latin-1")
-        for ep in self._order(cluster, first):
+        for ep in self._order(cluster, first) if self._target(first).fallback else (first,):
             target = self._target(ep)
             n_attempts, delay = target.attempts, target.delay
             transport_failure = ""
@@ -343,8 +343,8 @@ class ProxyFilter(HttpFilter):
         declared = int(length) if length is not None and length.isdigit() else None
         # The whole body already arrived with the head (a short JSON answer): handed over as bytes, the
         # connection and the endpoint slot freed now, and the server sends it without iterating a stream.
-        first = resp.read_nowait()
-        if first and resp.at_eof():
+        first = resp.read_complete()
+        if first:
             now = time.perf_counter()
             try:
                 resp.release()
@@ -354,6 +354,8 @@ class ProxyFilter(HttpFilter):
             target.ttfb.observe(now - t0)
             target.latency.observe(now - t0)
             return UpstreamResponse(resp.status, headers, None, endpoint_id=ep.id, length=declared, complete=first)
+        if first is None:  # the body is still arriving: what is here already
+            first = resp.read_nowait()
         released = False
 
         def release() -> None:

@@ -38,6 +38,13 @@ class AiohttpAnswer:
     def raw_headers(self) -> Sequence[tuple[bytes, bytes]]:
         return self._resp.raw_headers
 
+    def read_complete(self) -> bytes | None:
+        content = self._content
+        if not content.is_eof():
+            return None
+        self._read = True
+        return content.read_nowait()
+
     def read_nowait(self) -> bytes:
         self._read = True
         return self._content.read_nowait()

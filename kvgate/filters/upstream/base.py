@@ -54,6 +54,11 @@ class Answer(Protocol):
         """The head's headers as received (names in any case, repeated names kept)."""
         ...
 
+    def read_complete(self) -> bytes | None:
+        """The whole body when all of it has arrived (and nothing was read before), else None (nothing is
+        taken then)."""
+        ...
+
     def read_nowait(self) -> bytes:
         """Body bytes already received, without waiting; ``b""`` when none are buffered (or at the end)."""
         ...
