@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
-import hmac
-import ipaddress
 import logging
 import time
 from dataclasses import dataclass
@@ -30,9 +27,11 @@ from kvgate.asgi import (
     send_response,
 )
 from kvgate.chain import FilterStatus, HttpFilter, RequestContext, UpstreamResponse, build_filter
+from kvgate.client_headers import ClientHeaders
 from kvgate.config import GatewayConfig, HttpConnectionManager, Listener
+from kvgate.cycle_hooks import CycleHooks
 from kvgate.errors import UpstreamError
-from kvgate.httpproto import CycleHooks, ServerLimits
+from kvgate.httpproto import ServerLimits
 from kvgate.metrics import multiprocess_dir
 from kvgate.ratelog import RateLimitedLog
 from kvgate.registry import check_config
@@ -43,7 +42,6 @@ log = logging.getLogger("kvgate.server")
 _rlog = RateLimitedLog(log, interval_s=60.0)
 
 DECISION_PREFIX = b"x-kvgate-"
-FORWARDED_HEADERS = (b"x-forwarded-for", b"forwarded")
 HOOKS_PARAM = "_kvgate_hooks"  # ctx.params: the server's CycleHooks (kvgate.httpproto) when it runs under kvgate's
 
 
@@ -71,14 +69,10 @@ class ListenerApp:
         self.metrics = runtime.metrics
         # filters that override encode (the others' would be an empty coroutine per request)
         self._encoders = [f for f in filters if type(f).encode is not HttpFilter.encode]
-        self._token_name = hcm.decision_headers_token_header.lower().encode("latin-1")
-        self._token = hcm.decision_headers_token.encode() if hcm.decision_headers_token else b""
+        self._client_headers = ClientHeaders(hcm)
         # read per request: plain attributes (a pydantic model's attribute read costs more)
         self._body_limit: int = hcm.max_request_body_bytes
         self._timeout: float = hcm.timeout
-        self._show_decisions: bool = hcm.decision_headers
-        self._trust_xff: bool = hcm.xff_num_trusted_hops > 0
-        self._peer_headers: dict[tuple[str, str], tuple[tuple[bytes, bytes], tuple[bytes, bytes]]] = {}
         self._answered: dict[tuple[str, str | None, int], CountCell] = {}  # kvgate_requests cells by status
 
     def server_limits(self) -> ServerLimits:
@@ -132,7 +126,7 @@ class ListenerApp:
             self.metrics.requests.count(route.cluster, "", "client_closed").n += 1
             log.info("client disconnected while sending the request body")
             return
-        headers, show_decisions = self._request_headers(scope)
+        headers, show_decisions = self._client_headers(scope)
         ctx = RequestContext(
             method=scope["method"],
             path=scope["path"],
@@ -166,55 +160,6 @@ class ListenerApp:
             log.info("client disconnected; upstream request to %s cancelled", _endpoint(ctx) or route.cluster)
         finally:
             watch.stop()
-
-    def _request_headers(self, scope: Scope) -> tuple[list[tuple[bytes, bytes]], bool]:
-        """The headers to forward (debug token removed, X-Forwarded-For / Forwarded per the trust rule) and
-        whether this request may see the decision headers."""
-        token_name = self._token_name
-        show = self._show_decisions
-        out: list[tuple[bytes, bytes]] = []
-        xff: list[bytes] | None = None
-        fwd: list[bytes] | None = None
-        for h in scope.get("headers", ()):
-            k = h[0]
-            if k == token_name:
-                if self._token and hmac.compare_digest(h[1], self._token):
-                    show = True
-                continue  # a credential: never forwarded
-            if k == b"x-forwarded-for":
-                xff = [*(xff or ()), h[1]]
-            elif k == b"forwarded":
-                fwd = [*(fwd or ()), h[1]]
-            else:
-                out.append(h)
-        client = scope.get("client")
-        if client:
-            peer = str(client[0])
-            proto = scope.get("scheme", "http")
-            own = self._peer_headers.get((peer, proto))
-            if own is None:
-                own = self._own_forwarded(peer, proto)
-            if self._trust_xff and (xff or fwd):
-                x, f = own
-                if xff:
-                    x = (x[0], b", ".join([*xff, x[1]]))
-                if fwd:
-                    f = (f[0], b", ".join([*fwd, f[1]]))
-                own = (x, f)
-            out.extend(own)
-        return out, show
-
-    def _own_forwarded(self, peer: str, proto: str) -> tuple[tuple[bytes, bytes], tuple[bytes, bytes]]:
-        """This hop's X-Forwarded-For and Forwarded headers for a client address (kept per address)."""
-        node = f'"[{peer}]"' if _is_ipv6(peer) else peer
-        own = (
-            (b"x-forwarded-for", peer.encode("latin-1")),
-            (b"forwarded", f"for={node};proto={proto}".encode("latin-1")),
-        )
-        if len(self._peer_headers) >= 4096:  # many distinct clients: start over rather than grow without end
-            self._peer_headers.clear()
-        self._peer_headers[(peer, proto)] = own
-        return own
 
     async def _handle(self, ctx: RequestContext, send: Send, show_decisions: bool = False) -> None:
         try:
@@ -348,14 +293,6 @@ async def _wait_disconnect(receive: Receive) -> None:
 
 def _endpoint(ctx: RequestContext) -> str:
     return ctx.response.endpoint_id or "" if ctx.response is not None else ""
-
-
-@functools.lru_cache(maxsize=1024)
-def _is_ipv6(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).version == 6
-    except ValueError:
-        return False
 
 
 class Gateway:
