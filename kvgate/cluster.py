@@ -87,10 +87,7 @@ class ClusterState:
 
     def pick(self, key: str | None = None, exclude: set[str] | frozenset[str] = frozenset()) -> EndpointState | None:
         now = self._clock()
-        if exclude:
-            cands = [ep for ep in self.endpoints if ep.id not in exclude and ep.healthy(now)]
-        else:  # EndpointState.healthy, inlined (the request path)
-            cands = [ep for ep in self.endpoints if ep.active_healthy and now >= ep.cooldown_until]
+        cands = [ep for ep in self.endpoints if ep.id not in exclude and ep.healthy(now)]
         return self.balancer.pick(cands, key)
 
     def _eject(self, ep: EndpointState, base_s: float, reason: str) -> None:

@@ -198,9 +198,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         if self._keepalive:  # the wait between requests ends
-            self._keepalive = False
-            self._due = None
-            self.idle.pop(self, None)
+            self._unset_keepalive_if_required()
         if self._in_head:
             self._head_raw += len(data)
         try:
@@ -286,6 +284,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         if self._keepalive:
             self._keepalive = False
             self._disarm()
+            self.idle.pop(self, None)
 
     def _keepalive_expired(self) -> None:
         self._keepalive = False
@@ -331,7 +330,3 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         cycle.keep_alive = False
         if not self.transport.is_closing():
             self.transport.close()
-
-
-def _noop() -> None:
-    return None

@@ -36,7 +36,6 @@ from kvgate.metrics import multiprocess_dir
 from kvgate.ratelog import RateLimitedLog
 from kvgate.registry import check_config
 from kvgate.runtime import Runtime
-from kvgate.tally import CountCell
 
 log = logging.getLogger("kvgate.server")
 _rlog = RateLimitedLog(log, interval_s=60.0)
@@ -73,7 +72,6 @@ class ListenerApp:
         # read per request: plain attributes (a pydantic model's attribute read costs more)
         self._body_limit: int = hcm.max_request_body_bytes
         self._timeout: float = hcm.timeout
-        self._answered: dict[tuple[str, str | None, int], CountCell] = {}  # kvgate_requests cells by status
 
     def server_limits(self) -> ServerLimits:
         """The HTTP server's client limits from this listener's connection-manager keys."""
@@ -90,7 +88,7 @@ class ListenerApp:
 
     def _route(self, path: str) -> RouteEntry | None:
         for r in self.routes:
-            if path == r.path if r.path is not None else path.startswith(r.prefix):  # RouteEntry.matches, inlined
+            if r.matches(path):
                 return r
         return None
 
@@ -213,11 +211,7 @@ class ListenerApp:
                 if not await self._stream(ctx, resp, send):
                     return
             ctx.completed = True
-            key = (ctx.cluster_name, resp.endpoint_id, resp.status)
-            cell = self._answered.get(key)
-            if cell is None:
-                cell = self._answered[key] = self.metrics.requests.count(key[0], key[1] or "", str(key[2]))
-            cell.n += 1
+            self.metrics.requests.count(ctx.cluster_name, resp.endpoint_id or "", str(resp.status)).n += 1
         finally:
             if resp.body is not None:
                 with contextlib.suppress(Exception):

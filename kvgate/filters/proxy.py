@@ -286,16 +286,7 @@ class ProxyFilter(HttpFilter):
                         r.release()
                     kept[:] = [(ep, resp, t0)]
                     break
-                attempts_log.append(  # _record's entry for a success, inlined (the request path)
-                    {
-                        "endpoint_id": ep.id,
-                        "endpoint_address": ep.base_url,
-                        "cluster": cluster.name,
-                        "success": True,
-                        "status_code": resp.status,
-                        "error_type": "ok",
-                    }
-                )
+                attempts_log.append(_attempt_entry(cluster, ep, "ok", resp.status))
                 target.ok.n += 1
                 cluster.mark_answered(ep, resp.status)
                 return ep, resp, t0
@@ -314,16 +305,7 @@ class ProxyFilter(HttpFilter):
         status: int | None,
         detail: str = "",
     ) -> None:
-        log_.append(
-            {
-                "endpoint_id": ep.id,
-                "endpoint_address": ep.base_url,
-                "cluster": cluster.name,
-                "success": outcome == "ok",
-                "status_code": status,
-                "error_type": outcome,
-            }
-        )
+        log_.append(_attempt_entry(cluster, ep, outcome, status))
         self.metrics.upstream_attempts.count(cluster.name, ep.id, outcome).n += 1
         if outcome != "ok":  # counted above; logged once per 10 s per endpoint and kind
             _rlog.warning(
@@ -346,10 +328,7 @@ class ProxyFilter(HttpFilter):
         first = resp.read_complete()
         if first:
             now = time.perf_counter()
-            try:
-                resp.release()
-            except Exception:  # the connection is dropped either way
-                pass
+            _release_quietly(resp)
             cluster.release(ep)
             target.ttfb.observe(now - t0)
             target.latency.observe(now - t0)
@@ -363,10 +342,7 @@ class ProxyFilter(HttpFilter):
             nonlocal released
             if not released:
                 released = True
-                try:
-                    resp.release()
-                except Exception:  # the connection is dropped either way
-                    pass
+                _release_quietly(resp)
                 cluster.release(ep)
                 target.latency.observe(time.perf_counter() - t0)
 
@@ -396,6 +372,25 @@ class ProxyFilter(HttpFilter):
                 release()
 
         return UpstreamResponse(resp.status, headers, body(), endpoint_id=ep.id, on_close=release, length=declared)
+
+
+def _attempt_entry(cluster: ClusterState, ep: EndpointState, outcome: str, status: int | None) -> dict[str, Any]:
+    """One attempt as recorded in ``ctx.params[UPSTREAM_ATTEMPTS_PARAM]``."""
+    return {
+        "endpoint_id": ep.id,
+        "endpoint_address": ep.base_url,
+        "cluster": cluster.name,
+        "success": outcome == "ok",
+        "status_code": status,
+        "error_type": outcome,
+    }
+
+
+def _release_quietly(resp: Answer) -> None:
+    try:
+        resp.release()
+    except Exception:  # the connection is dropped either way
+        pass
 
 
 @register_filter("dgp.filter.llm.proxy", ProxyConfig, terminal=True)

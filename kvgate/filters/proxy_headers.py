@@ -4,6 +4,9 @@ headers become the upstream request's (RFC 9110 §7.6.1)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TypeVar
+
+V = TypeVar("V")
 
 HOP_BY_HOP = frozenset(
     {
@@ -28,35 +31,36 @@ RESPONSE_DROP = HOP_BY_HOP | {b"date", b"server"}
 
 _NO_NAMES: frozenset[bytes] = frozenset()
 _CONNECTION_NAMES = (b"connection", b"proxy-connection")
-_CONNECTION_LENGTHS = (len(_CONNECTION_NAMES[0]), len(_CONNECTION_NAMES[1]))
+_NOT_NAMES = frozenset({b"close"})  # a connection option, not a header name
+_MEMO_CAP = 1024  # names and Connection values repeat; a peer sending endless new ones is not remembered
 
 
-def connection_listed(headers: Sequence[tuple[bytes, bytes]]) -> frozenset[bytes]:
-    """Names listed in ``Connection`` / ``Proxy-Connection``: hop-by-hop for this message (RFC 9110 §7.6.1).
-    Names that are hop-by-hop anyway (``keep-alive``, ``close``) are left out."""
-    names: frozenset[bytes] = _NO_NAMES
-    for k, v in headers:
-        if len(k) in _CONNECTION_LENGTHS and k.lower() in _CONNECTION_NAMES:  # the length test skips the others
-            listed = _LISTED.get(v)
-            if listed is None:
-                listed = frozenset(t.strip().lower() for t in v.split(b",") if t.strip()) - HOP_BY_HOP - _NOT_NAMES
-                if len(_LISTED) < 256:  # a handful of distinct values in practice
-                    _LISTED[v] = listed
-            if listed:
-                names = names | listed
+def _remember(memo: dict[bytes, V], key: bytes, value: V) -> V:
+    if len(memo) < _MEMO_CAP:
+        memo[key] = value
+    return value
+
+
+def listed_names(value: bytes) -> frozenset[bytes]:
+    """The header names a ``Connection`` value lists, beyond those hop-by-hop anyway (``keep-alive``) and
+    ``close``: hop-by-hop for this message (RFC 9110 §7.6.1)."""
+    names = _LISTED.get(value)
+    if names is None:
+        parsed = frozenset(t.strip().lower() for t in value.split(b",") if t.strip())
+        names = _remember(_LISTED, value, parsed - HOP_BY_HOP - _NOT_NAMES)
     return names
 
 
-_LISTED: dict[bytes, frozenset[bytes]] = {}  # a Connection value -> the names it adds to HOP_BY_HOP
-_NOT_NAMES = frozenset({b"close"})  # a connection option, not a header name
+_LISTED: dict[bytes, frozenset[bytes]] = {}
 
 
-def header_value(raw: bytes) -> str:
-    """Both clients encode header values as UTF-8: decode valid UTF-8 as such so non-ASCII values round-trip."""
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return raw.decode("latin-1")
+def connection_listed(headers: Sequence[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    """The names all ``Connection`` / ``Proxy-Connection`` headers of a message list (:func:`listed_names`)."""
+    names = _NO_NAMES
+    for k, v in headers:
+        if k.lower() in _CONNECTION_NAMES:
+            names = names | listed_names(v)
+    return names
 
 
 def request_headers(headers: list[tuple[bytes, bytes]], api_key: str | None) -> list[tuple[str, str]]:
@@ -69,8 +73,8 @@ def request_headers(headers: list[tuple[bytes, bytes]], api_key: str | None) -> 
         if name is None:
             name = _name(k)
         if name:
-            try:
-                out.append((name, v.decode("utf-8")))  # header_value, inlined (one call for valid UTF-8)
+            try:  # both clients encode values as UTF-8: valid UTF-8 is decoded as such, so non-ASCII round-trips
+                out.append((name, v.decode("utf-8")))
             except UnicodeDecodeError:
                 out.append((name, v.decode("latin-1")))
         elif k.lower() in _CONNECTION_NAMES:
@@ -86,10 +90,7 @@ def request_headers(headers: list[tuple[bytes, bytes]], api_key: str | None) -> 
 
 def _name(k: bytes) -> str:
     """A request header name as forwarded (latin-1 text), or ``""`` when it is hop-by-hop; kept in :data:`_NAMES`."""
-    name = "" if k.lower() in HOP_BY_HOP else k.decode("latin-1")
-    if len(_NAMES) < 1024:  # names repeat across requests; a client sending endless new names is not cached
-        _NAMES[k] = name
-    return name
+    return _remember(_NAMES, k, "" if k.lower() in HOP_BY_HOP else k.decode("latin-1"))
 
 
 _NAMES: dict[bytes, str] = {}  # a request header name -> its forwarded form ("" = hop-by-hop)
@@ -117,9 +118,7 @@ def response_headers(raw: Sequence[tuple[bytes, bytes]]) -> tuple[list[tuple[byt
         elif kind == _ENCODING:
             chunked = chunked or b"chunked" in v.lower()
         elif kind == _CONNECTION:
-            listed = _LISTED.get(v)
-            if listed is None:
-                listed = connection_listed(((k, v),))
+            listed = listed_names(v)
             if listed:
                 extra = listed if extra is None else extra | listed
     if extra:  # names the Connection header lists are hop-by-hop for this message: drop them too
@@ -146,6 +145,4 @@ def _response_name(k: bytes) -> tuple[bytes, int]:
         kind = _CONNECTION
     elif name in RESPONSE_DROP:
         kind = _DROP
-    if len(_RESPONSE_NAMES) < 1024:  # names repeat across answers; endless new names are not cached
-        _RESPONSE_NAMES[k] = (name, kind)
-    return name, kind
+    return _remember(_RESPONSE_NAMES, k, (name, kind))
