@@ -59,7 +59,7 @@ def count(src: str | None, upstream: str, n: int, kvcache: bool) -> int:
     """Instructions of one gateway run serving ``n`` requests (after 20 warm-up ones); ``src=None``: the floor."""
     d = Path(tempfile.mkdtemp(prefix="kvgate-instructions-"))
     port = overhead.free_port()
-    env = None
+    env = {**os.environ, "PYTHONHASHSEED": "0"}  # str/bytes hashes, and so dict and set layouts, alike in each run
     cwd = None
     body = overhead.KV_BODY if kvcache else overhead.BODY
     if src is None:
@@ -71,7 +71,7 @@ def count(src: str | None, upstream: str, n: int, kvcache: bool) -> int:
         admin = overhead.free_port()
         argv = [sys.executable, "-m", "kvgate.cli", "serve", "-c", str(d / "gw.yaml"), "--port", str(port),
                 "--admin-port", str(admin), "--log-level", "warning"]  # fmt: skip
-        env, cwd = {**os.environ, "PYTHONPATH": src}, src  # run from the tree's root: `-m` puts it first
+        env, cwd = {**env, "PYTHONPATH": src}, src  # run from the tree's root: `-m` puts it first
         ready = f"http://127.0.0.1:{admin}/readyz"
     err = d / "valgrind.log"
     with err.open("wb") as log:
