@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import time
 from collections.abc import AsyncGenerator, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -72,13 +71,12 @@ class RequestContext:
     cluster_name: str = ""
     route_prefix: str = "/"
     timeout: float = 10.0
+    raw_path: bytes = b""  # as the client sent it (forwarded upstream unchanged)
     params: dict[str, Any] = field(default_factory=dict)
-    started: float = field(default_factory=time.perf_counter)
     response: UpstreamResponse | None = None
     local_reply: LocalReply | None = None
     response_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     completed: bool = False  # the last response byte was handed to the server
-    raw_path: bytes = b""  # as the client sent it (forwarded upstream unchanged)
     _json: Any = _UNSET
 
     def header(self, name: str, default: str | None = None) -> str | None:

@@ -94,7 +94,6 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self._in_head = True  # reading a request head (or waiting for the first byte of one)
         self._started = False  # some byte of the current request head arrived
         self._head_raw = 0
-        self._head_count = 0
         self._head_bytes = 0
         self._refusal: _Refuse | None = None
         self._keepalive = False  # waiting for the next request on a kept-alive connection (the timer's job)
@@ -232,7 +231,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         HttpToolsProtocol.on_message_begin(self)
         self._in_head = True
         self._started = True
-        self._head_raw = self._head_count = self._head_bytes = 0
+        self._head_raw = self._head_bytes = 0
         self._refusal = None
         self.scope["extensions"] = {}
 
@@ -242,13 +241,11 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             raise _Refuse(414, f"request target exceeds {self.limits.max_request_headers_bytes} bytes", "uri_too_long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._head_count += 1
+        # the count is checked once the head is parsed (the bytes bound it meanwhile)
         self._head_bytes += len(name) + len(value) + 4
-        limits = self.limits
-        if self._head_count > limits.max_request_headers_count:
-            raise _Refuse(431, f"more than {limits.max_request_headers_count} request headers", "too_many_headers")
-        if self._head_bytes > limits.max_request_headers_bytes:
-            raise _Refuse(431, f"request headers exceed {limits.max_request_headers_bytes} bytes", "headers_too_large")
+        if self._head_bytes > self.limits.max_request_headers_bytes:
+            limit = self.limits.max_request_headers_bytes
+            raise _Refuse(431, f"request headers exceed {limit} bytes", "headers_too_large")
         name = name.lower()  # uvicorn's on_header
         if name == b"expect" and value.lower() == b"100-continue":
             self.expect_100_continue = True
@@ -258,6 +255,9 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self._in_head = False
         self._started = False
         self._due = None  # the head's timer (data_received arms the body's if the body is not all there)
+        if len(self.headers) > self.limits.max_request_headers_count:
+            limit = self.limits.max_request_headers_count
+            raise _Refuse(431, f"more than {limit} request headers", "too_many_headers")
         method = self.parser.get_method()
         if method == b"CONNECT":
             self._refusal = _Refuse(405, "CONNECT is not supported by this gateway", "connect")
@@ -265,10 +265,8 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         if self.parser.should_upgrade() and (self._get_upgrade() or b"").strip() == b"websocket":
             self._refusal = _Refuse(400, "WebSocket upgrades are not supported by this gateway", "websocket")
             raise self._refusal
-        try:
-            self.url.decode("ascii")
-        except UnicodeDecodeError:
-            raise _Refuse(400, "request target must be ASCII (percent-encode other bytes)", "bad_target") from None
+        if not self.url.isascii():
+            raise _Refuse(400, "request target must be ASCII (percent-encode other bytes)", "bad_target")
         HttpToolsProtocol.on_headers_complete(self)
         cycle = self.cycle
         if cycle is not None:
@@ -295,7 +293,8 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self.server_state.total_requests += 1
         if self.transport.is_closing():
             return
-        self._unset_keepalive_if_required()
+        if self._keepalive:  # (data_received ended the wait when this request began)
+            self._unset_keepalive_if_required()
         self.flow.resume_reading()
         if self.pipeline:  # pipelined requests: start the next one
             cycle, app = self.pipeline.pop()

@@ -55,6 +55,17 @@ class HistogramCell:
         self.counts[bisect.bisect_left(self.bounds, value)] += 1  # prometheus: the first bucket with value <= le
         self.total += value
 
+    def observe_both(self, other: HistogramCell, value: float) -> None:
+        """``observe(value)`` here and on ``other``: one bucket search when both have the same buckets."""
+        if other.bounds is not self.bounds:  # Tally.histogram shares one tuple between equal bounds
+            other.observe(value)
+            return self.observe(value)
+        i = bisect.bisect_left(self.bounds, value)
+        self.counts[i] += 1
+        self.total += value
+        other.counts[i] += 1
+        other.total += value
+
     def flush(self) -> None:
         counts = self.counts
         if not any(counts):
@@ -76,6 +87,7 @@ class Tally:
     def __init__(self, registry: CollectorRegistry):
         self._cells: list[CountCell | HistogramCell] = []
         self._samplers: list[Callable[[], None]] = []
+        self._bounds: dict[tuple[float, ...], tuple[float, ...]] = {}  # one tuple per distinct bucket layout
         registry.register(_FlushFirst(self))
 
     def counter(self, child: Counter) -> CountCell:
@@ -84,7 +96,8 @@ class Tally:
         return cell
 
     def histogram(self, child: Histogram, bounds: Iterable[float]) -> HistogramCell:
-        cell = HistogramCell(child, tuple(b for b in bounds if b != float("inf")))
+        finite = tuple(b for b in bounds if b != float("inf"))
+        cell = HistogramCell(child, self._bounds.setdefault(finite, finite))
         self._cells.append(cell)
         return cell
 

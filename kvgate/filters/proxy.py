@@ -330,8 +330,7 @@ class ProxyFilter(HttpFilter):
             now = time.perf_counter()
             _release_quietly(resp)
             cluster.release(ep)
-            target.ttfb.observe(now - t0)
-            target.latency.observe(now - t0)
+            target.ttfb.observe_both(target.latency, now - t0)  # the first byte was the last
             return UpstreamResponse(resp.status, headers, None, endpoint_id=ep.id, length=declared, complete=first)
         if first is None:  # the body is still arriving: what is here already
             first = resp.read_nowait()

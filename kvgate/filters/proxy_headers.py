@@ -74,7 +74,7 @@ def request_headers(headers: list[tuple[bytes, bytes]], api_key: str | None) -> 
             name = _name(k)
         if name:
             try:  # both clients encode values as UTF-8: valid UTF-8 is decoded as such, so non-ASCII round-trips
-                out.append((name, v.decode("utf-8")))
+                out.append((name, v.decode()))  # UTF-8 (without the argument: CPython's shorter path)
             except UnicodeDecodeError:
                 out.append((name, v.decode("latin-1")))
         elif k.lower() in _CONNECTION_NAMES:

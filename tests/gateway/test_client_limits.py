@@ -52,6 +52,22 @@ async def test_oversized_heads_get_431_json(upstreams: Upstreams, gateways) -> N
     assert ok.status == 200
 
 
+async def test_too_many_small_headers_get_431_naming_the_count(upstreams: Upstreams, gateways) -> None:
+    # 150 short headers: far below the size limit, above the count limit (checked once the head is parsed)
+    a = await upstreams.add("a")
+    gw = await launch(gateways, gateway_config([a], hcm_extra={"max_request_headers_count": 100}))
+    port = gw.listeners[0].port
+    many = await exchange(port, request("POST", "/v1/completions", b"{}", *(f"X-H{i}: v" for i in range(150))))
+    assert many.status == 431 and many.is_openai_error()
+    assert b"more than 100 request headers" in many.body
+    assert upstreams.states["a"].calls == []
+    # 90 headers on each of two requests on one connection: the count is per request
+    few = [f"X-H{i}: v" for i in range(90)]
+    keep = request("POST", "/v1/completions", b'{"prompt": "x"}', *few, close=False)
+    ok = await exchange(port, keep + request("POST", "/v1/completions", b'{"prompt": "x"}', *few))
+    assert ok.status == 200 and len(upstreams.states["a"].calls) == 2
+
+
 async def test_idle_keepalive_connections_are_capped(upstreams: Upstreams, gateways) -> None:
     a = await upstreams.add("a")
     gw = await launch(gateways, gateway_config([a], hcm_extra={"max_idle_connections": 1}))

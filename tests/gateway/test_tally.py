@@ -48,6 +48,27 @@ def test_a_histogram_cell_exposes_what_direct_observes_would() -> None:
     assert samples(tally_reg) == samples(direct_reg)
 
 
+def test_observe_both_records_the_value_in_each_histogram() -> None:
+    """One bucket search for two histograms with the same buckets; others take their own (exposition as if
+    each had been observed directly)."""
+    direct_reg, tally_reg = CollectorRegistry(), CollectorRegistry()
+    tally = Tally(tally_reg)
+    cells, directs = [], []
+    for name, buckets in (("ttfb", LATENCY_BUCKETS), ("lat", LATENCY_BUCKETS), ("coarse", (0.01, 1.0))):
+        directs.append(Histogram(name, "h", buckets=buckets, registry=direct_reg))
+        cells.append(tally.histogram(Histogram(name, "h", buckets=buckets, registry=tally_reg), buckets))
+    for v in (0.0004, 0.003, 0.5, 61.0):
+        cells[0].observe_both(cells[1], v)  # same buckets
+        cells[0].observe_both(cells[2], v)  # other buckets: 0 observed twice, 2 once
+        for d in (directs[0], directs[0], directs[1], directs[2]):
+            d.observe(v)
+
+    def samples(reg: CollectorRegistry) -> list[str]:
+        return [line for line in generate_latest(reg).decode().splitlines() if "_created" not in line]
+
+    assert samples(tally_reg) == samples(direct_reg)
+
+
 def test_in_flight_is_sampled_from_the_endpoints_at_collection() -> None:
     rt = Runtime(parse_config(gateway_config([("a", 1), ("b", 2)])))
     cluster = rt.clusters.get("llm")

@@ -81,10 +81,14 @@ class AiohttpAnswer:
                     self._resp.close()
 
 
+_URL_MEMO_CAP = 1024  # request targets repeat (a few API paths per endpoint); new ones beyond this are not kept
+
+
 class AiohttpTransport:
     def __init__(self, settings: TransportSettings):
         self.settings = settings
         self._session: aiohttp.ClientSession | None = None
+        self._urls: dict[str, URL] = {}  # origin + target -> its URL (yarl parses even an encoded one)
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -108,7 +112,12 @@ class AiohttpTransport:
     async def send(
         self, method: str, origin: str, target: str, headers: list[tuple[str, str]], body: bytes
     ) -> AiohttpAnswer:
-        url = URL(origin + target, encoded=True)  # forward the client's path bytes as they are
+        raw = origin + target
+        url = self._urls.get(raw)
+        if url is None:
+            url = URL(raw, encoded=True)  # forward the client's path bytes as they are
+            if len(self._urls) < _URL_MEMO_CAP:
+                self._urls[raw] = url
         try:
             resp = await self._client().request(
                 method,
