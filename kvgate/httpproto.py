@@ -27,6 +27,7 @@ import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any, ClassVar
 
 import httptools
@@ -94,7 +95,6 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self._in_head = True  # reading a request head (or waiting for the first byte of one)
         self._started = False  # some byte of the current request head arrived
         self._head_raw = 0
-        self._head_bytes = 0
         self._refusal: _Refuse | None = None
         self._keepalive = False  # waiting for the next request on a kept-alive connection (the timer's job)
 
@@ -231,7 +231,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         HttpToolsProtocol.on_message_begin(self)
         self._in_head = True
         self._started = True
-        self._head_raw = self._head_bytes = 0
+        self._head_raw = 0
         self._refusal = None
         self.scope["extensions"] = {}
 
@@ -240,24 +240,19 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         if len(self.url) > self.limits.max_request_headers_bytes:
             raise _Refuse(414, f"request target exceeds {self.limits.max_request_headers_bytes} bytes", "uri_too_long")
 
-    def on_header(self, name: bytes, value: bytes) -> None:
-        # the count is checked once the head is parsed (the bytes bound it meanwhile)
-        self._head_bytes += len(name) + len(value) + 4
-        if self._head_bytes > self.limits.max_request_headers_bytes:
-            limit = self.limits.max_request_headers_bytes
-            raise _Refuse(431, f"request headers exceed {limit} bytes", "headers_too_large")
-        name = name.lower()  # uvicorn's on_header
-        if name == b"expect" and value.lower() == b"100-continue":
-            self.expect_100_continue = True
-        self.headers.append((name, value))
-
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._started = False
         self._due = None  # the head's timer (data_received arms the body's if the body is not all there)
-        if len(self.headers) > self.limits.max_request_headers_count:
-            limit = self.limits.max_request_headers_count
-            raise _Refuse(431, f"more than {limit} request headers", "too_many_headers")
+        # The header limits, once per head (uvicorn's on_header, unchanged, collects them): data_received bounds
+        # what a head may pile up before it completes; the bytes are counted as they would be per header
+        # (name, value, ": " and CRLF), in C.
+        headers = self.headers
+        limits = self.limits
+        if len(headers) > limits.max_request_headers_count:
+            raise _Refuse(431, f"more than {limits.max_request_headers_count} request headers", "too_many_headers")
+        if sum(map(len, chain.from_iterable(headers))) + 4 * len(headers) > limits.max_request_headers_bytes:
+            raise _Refuse(431, f"request headers exceed {limits.max_request_headers_bytes} bytes", "headers_too_large")
         method = self.parser.get_method()
         if method == b"CONNECT":
             self._refusal = _Refuse(405, "CONNECT is not supported by this gateway", "connect")

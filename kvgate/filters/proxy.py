@@ -206,7 +206,7 @@ class ProxyFilter(HttpFilter):
             r.release()
         if ok is not None:
             ep, resp, t0 = ok
-            ctx.response = self._wrap(cluster, ep, resp, t0, acquired=True)
+            ctx.response = self._wrap(cluster, ep, resp, t0)
             return FilterStatus.CONTINUE
         outcomes = {a["error_type"] for a in attempts_log}
         if "timeout" in outcomes:
@@ -236,8 +236,9 @@ class ProxyFilter(HttpFilter):
         target_bytes = (ctx.raw_path or ctx.path.encode()).decode("latin-1")  # the client's path bytes
         if ctx.query_string:
             target_bytes += "?" + ctx.query_string.decode("latin-1")
-        for ep in self._order(cluster, first) if self._target(first).fallback else (first,):
-            target = self._target(ep)
+        first_target = self._target(first)
+        for ep in self._order(cluster, first) if first_target.fallback else (first,):
+            target = first_target if ep is first else self._target(ep)
             n_attempts, delay = target.attempts, target.delay
             transport_failure = ""
             answered: int | None = None
@@ -317,9 +318,7 @@ class ProxyFilter(HttpFilter):
                 status or detail,
             )
 
-    def _wrap(
-        self, cluster: ClusterState, ep: EndpointState, resp: Answer, t0: float, acquired: bool
-    ) -> UpstreamResponse:
+    def _wrap(self, cluster: ClusterState, ep: EndpointState, resp: Answer, t0: float) -> UpstreamResponse:
         headers, length = response_headers(resp.raw_headers())
         target = self._target(ep)
         declared = int(length) if length is not None and length.isdigit() else None
@@ -331,7 +330,7 @@ class ProxyFilter(HttpFilter):
             _release_quietly(resp)
             cluster.release(ep)
             target.ttfb.observe_both(target.latency, now - t0)  # the first byte was the last
-            return UpstreamResponse(resp.status, headers, None, endpoint_id=ep.id, length=declared, complete=first)
+            return UpstreamResponse(resp.status, headers, None, ep.id, None, declared, first)  # positional: cheaper
         if first is None:  # the body is still arriving: what is here already
             first = resp.read_nowait()
         released = False
@@ -370,7 +369,7 @@ class ProxyFilter(HttpFilter):
             finally:
                 release()
 
-        return UpstreamResponse(resp.status, headers, body(), endpoint_id=ep.id, on_close=release, length=declared)
+        return UpstreamResponse(resp.status, headers, body(), ep.id, release, declared)
 
 
 def _attempt_entry(cluster: ClusterState, ep: EndpointState, outcome: str, status: int | None) -> dict[str, Any]:

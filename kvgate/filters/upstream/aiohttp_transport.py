@@ -10,7 +10,6 @@ body is decoded
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 
 import aiohttp
@@ -72,13 +71,15 @@ class AiohttpAnswer:
     def release(self) -> None:
         if not self._released:
             self._released = True
-            with contextlib.suppress(Exception):
+            try:  # (not contextlib.suppress: a context-manager object per answer)
                 # A body never read from (a retried error answer): aiohttp keeps the connection when the whole
                 # body arrived, else closes it. A body cut while streaming: closed.
                 if self._content.at_eof() or not self._read:
                     self._resp.release()
                 else:
                     self._resp.close()
+            except Exception:  # the connection is dropped either way
+                pass
 
 
 _URL_MEMO_CAP = 1024  # request targets repeat (a few API paths per endpoint); new ones beyond this are not kept
