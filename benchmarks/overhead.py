@@ -22,7 +22,9 @@ Debian package is installed, else a tiny uvicorn app, with a note):
 Load generator: ``wrk -t1`` with a Lua script for the POST body when wrk is installed (it does not saturate a
 core before the gateway does); otherwise an aiohttp client (noted in the output: it costs a core itself).
 Every round runs every path at c1 and c16, alternating, so machine noise hits all paths alike; the table
-holds medians over rounds and ratios to the floor (``bare``) and to ``vllm-router``.
+holds medians over rounds and ratios to the floor (``bare``) and to ``vllm-router``, and each server's CPU time per
+request at c16 (from /proc, its whole process session): req/s per core, which moves less with the box's load
+than req/s does.
 
     python benchmarks/overhead.py [--duration 4] [--rounds 3] [--workers-scaling] [--no-peer] [--paths ...]
                                   [--baseline-src ../other-checkout]
@@ -82,6 +84,12 @@ def group_cpu_s(*, session: int | None = None, pgrp: int | None = None) -> float
     return total / _TICK
 
 
+def pid_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, all threads) of one process, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -123,6 +131,12 @@ class Proc:
     mp_proc: Any = None
     tmp: Path | None = None
     cleanup: list[Path] = field(default_factory=list)
+
+    def cpu_s(self) -> float:
+        """CPU seconds the server has used so far (a started program: its whole session, workers included)."""
+        if self.popen is not None:
+            return group_cpu_s(session=self.popen.pid)
+        return pid_cpu_s(self.mp_proc.pid)
 
     def stop(self) -> None:
         if self.popen is not None and self.popen.poll() is None:
@@ -407,6 +421,7 @@ class Sample:
     rps: float
     p50_ms: float
     p99_ms: float
+    cpu_us: float = 0.0  # the server's CPU time per request (its req/s per core is 1e6 / cpu_us)
 
 
 _UNIT = {"us": 1e-3, "ms": 1.0, "s": 1e3}
@@ -502,63 +517,65 @@ def main() -> int:
             up = start_py_upstream(ctx)
         procs.append(up)
         up_port = int(up.url.rsplit(":", 1)[1])
-        targets: dict[str, tuple[str, bytes]] = {"direct": (up.url, BODY)}
+        targets: dict[str, tuple[Proc, bytes]] = {"direct": (up, BODY)}
         bare = start_bare(ctx, up.url)
         procs.append(bare)
-        targets["bare"] = (bare.url, BODY)
+        targets["bare"] = (bare, BODY)
         want = set(args.paths or ["kvgate-off", "kvgate-kv", "kvgate-local", "vllm-router", "kvgate-off-w2"])
         if "bare-long" in want:
-            targets["bare-long"] = (bare.url, KV_BODY)
+            targets["bare-long"] = (bare, KV_BODY)
         if "kvgate-off" in want:
             p = start_kvgate("kvgate-off", kvgate_config(up_port, up.url, kvcache=False))
             procs.append(p)
-            targets["kvgate-off"] = (p.url, BODY)
+            targets["kvgate-off"] = (p, BODY)
             if want & {"kvgate-local", "kvgate-kv", "kvgate-off-long"}:  # the same gateway, the long body
-                targets["kvgate-off-long"] = (p.url, KV_BODY)
+                targets["kvgate-off-long"] = (p, KV_BODY)
         if "kvgate-kv" in want:
             p = start_kvgate("kvgate-kv", kvgate_config(up_port, up.url, kvcache=True))
             procs.append(p)
-            targets["kvgate-kv"] = (p.url, KV_BODY)
+            targets["kvgate-kv"] = (p, KV_BODY)
         if "kvgate-local" in want:
             ev_port = free_port()
             p = start_kvgate("kvgate-local", kvgate_config(up_port, up.url, True, local_routing_keys(ev_port)))
             procs.append(p)
             publish_prompt_blocks(ev_port, LONG_PROMPT)
-            targets["kvgate-local"] = (p.url, KV_BODY)
+            targets["kvgate-local"] = (p, KV_BODY)
         if args.baseline_src:
             for name, kv, body in (("kvgate-off", False, BODY), ("kvgate-kv", True, KV_BODY)):
                 if name in want:
                     p = start_kvgate(name + "@base", kvgate_config(up_port, up.url, kvcache=kv), src=args.baseline_src)
                     procs.append(p)
-                    targets[name + "@base"] = (p.url, body)
+                    targets[name + "@base"] = (p, body)
         if "kvgate-off-gc0" in want and args.paths:
             p = start_kvgate(
                 "kvgate-off-gc0", kvgate_config(up_port, up.url, kvcache=False), extra=["--gc-threshold", "0"]
             )
             procs.append(p)
-            targets["kvgate-off-gc0"] = (p.url, BODY)
+            targets["kvgate-off-gc0"] = (p, BODY)
         if args.workers_scaling and "kvgate-off-w2" in want:
             p = start_kvgate("kvgate-off-w2", kvgate_config(up_port, up.url, kvcache=False), workers=2)
             procs.append(p)
-            targets["kvgate-off-w2"] = (p.url, BODY)
+            targets["kvgate-off-w2"] = (p, BODY)
         if not args.no_peer and "vllm-router" in want:
             peer = start_vllm_router(up.url)
             if peer is None:
                 print("note: vllm-router not installed: peer comparison skipped (pip install vllm-router)")
             else:
                 procs.append(peer)
-                targets["vllm-router"] = (peer.url, BODY)
+                targets["vllm-router"] = (peer, BODY)
         # warm-up (kvcache: the first request fills the token cache; later ones hit it)
-        for _name, (url, body) in targets.items():
-            load(url + "/v1/completions", body, 4, 1.0, script_dir, use_wrk)
+        for _name, (proc, body) in targets.items():
+            load(proc.url + "/v1/completions", body, 4, 1.0, script_dir, use_wrk)
         results: dict[str, dict[int, list[Sample]]] = {n: {c: [] for c in CONCURRENCIES} for n in targets}
         for r in range(args.rounds):
             for conc in CONCURRENCIES:
                 order = list(targets) if r % 2 == 0 else list(reversed(targets))
                 for name in order:
-                    url, body = targets[name]
-                    results[name][conc].append(load(url + "/v1/completions", body, conc, args.duration, script_dir,
-                                                     use_wrk))  # fmt: skip
+                    proc, body = targets[name]
+                    cpu = proc.cpu_s()
+                    sample = load(proc.url + "/v1/completions", body, conc, args.duration, script_dir, use_wrk)
+                    sample.cpu_us = (proc.cpu_s() - cpu) / (sample.rps * args.duration) * 1e6
+                    results[name][conc].append(sample)
     finally:
         for p in reversed(procs):
             p.stop()
@@ -582,8 +599,9 @@ def report(results: dict[str, dict[int, list[Sample]]], use_wrk: bool, args: arg
         f"medians over rounds; load average at end {os.getloadavg()[0]:.2f}",
         "",
         "| path | c1 req/s | c1 p50 ms | c1 p99 ms | c16 req/s | c16 p50 ms | c16 p99 ms "
-        "| c16 req/s vs bare | c16 p99 vs bare | c16 req/s vs vllm-router |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| c16 req/s vs bare | c16 p99 vs bare | c16 req/s vs vllm-router | c16 CPU µs/req "
+        "| c16 req/s per core vs bare |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     floor = results["bare"]
     peer = results.get("vllm-router")
@@ -595,7 +613,7 @@ def report(results: dict[str, dict[int, list[Sample]]], use_wrk: bool, args: arg
             f"| {_med(c16, 'rps'):.0f} | {_med(c16, 'p50_ms'):.3f} | {_med(c16, 'p99_ms'):.3f} "
             f"| {_med(c16, 'rps') / _med(floor[16], 'rps'):.2f} "
             f"| {_med(c16, 'p99_ms') / _med(floor[16], 'p99_ms'):.2f} "
-            f"| {vs_peer} |"
+            f"| {vs_peer} | {_med(c16, 'cpu_us'):.0f} | {_med(floor[16], 'cpu_us') / _med(c16, 'cpu_us'):.2f} |"
         )
     off = results.get("kvgate-off")
     if off:
@@ -607,6 +625,8 @@ def report(results: dict[str, dict[int, list[Sample]]], use_wrk: bool, args: arg
             f"- routing off c1 added p50 over direct: {_med(off[1], 'p50_ms') - _med(direct[1], 'p50_ms'):.3f} ms "
             "(target <= 0.35)",
             f"- routing off c16 p99 vs bare: {_med(off[16], 'p99_ms') / _med(floor[16], 'p99_ms'):.2f} (target <= 2)",
+            f"- routing off c16 req/s per core (CPU time per request) vs bare: "
+            f"{_med(floor[16], 'cpu_us') / _med(off[16], 'cpu_us'):.2f}",
         ]
         kv = results.get("kvgate-kv")
         if kv:
