@@ -1,7 +1,10 @@
 """HTTP clients: LMCache controller (``/lookup`` ``/pin`` ``/compress`` ``/evict``) and vLLM ``/tokenize``.
 
 One attempt per method call: retries and breakers live in :mod:`kvgate.resilience` and are applied by the
-filter. Every call is ``POST`` JSON with a total timeout derived from the caller's deadline.
+filter. Every call is ``POST`` JSON with a total timeout derived from the caller's deadline. The controller calls'
+bodies (token ids and plain strings) are encoded by msgspec: ``json.dumps`` of a 4 k-token lookup cost ~300 µs, a
+fifth of a routed request's CPU time (the same JSON text but for non-ASCII characters, sent as UTF-8 rather than
+``\\u`` escapes); a ``/tokenize`` body (the client's own JSON values) keeps the standard library's encoding.
 ``layout_info`` values are accepted in both shapes: the real controller's ``[location, end]`` array
 and Pixiu's mock ``{"0": location, "1": end}`` object.
 """
@@ -13,6 +16,7 @@ import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cache
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -101,6 +105,23 @@ def host_key(url: str) -> str:
         return url
 
 
+@cache
+def _encode() -> Callable[[Any], bytes]:
+    import msgspec  # imported on the first controller call (a proxy-only gateway never loads it)
+
+    return msgspec.json.Encoder().encode
+
+
+def controller_body(payload: Mapping[str, Any]) -> bytes:
+    """A controller call's JSON body (token ids and strings only)."""
+    return _encode()(payload)
+
+
+def stdlib_body(payload: Mapping[str, Any]) -> bytes:
+    """A JSON body as the standard library writes it (compact)."""
+    return json.dumps(payload, separators=(",", ":")).encode()
+
+
 def _reject_constant(name: str) -> Any:
     """``json.loads`` hook: ``NaN`` / ``Infinity`` / ``-Infinity`` are not JSON (RFC 8259) and are refused."""
     raise ValueError(f"non-finite number {name} is not valid JSON")
@@ -128,10 +149,9 @@ class _JsonPoster:
         self.host = host_key(self.base_url)
         self.default_timeout = default_timeout
 
-    async def _post(
-        self, path: str, payload: Mapping[str, Any], what: str, deadline: float | None, parse: Callable[[Any], R]
-    ) -> R:
-        """One POST; the answer is decoded with ``parse``. Any malformed answer is a :class:`DecodeError`."""
+    async def _post(self, path: str, body: bytes, what: str, deadline: float | None, parse: Callable[[Any], R]) -> R:
+        """One POST of the JSON ``body``; the answer is decoded with ``parse``. Any malformed answer is a
+        :class:`DecodeError`."""
         loop = asyncio.get_running_loop()
         if deadline is None:
             deadline = loop.time() + self.default_timeout
@@ -144,7 +164,7 @@ class _JsonPoster:
             try:
                 async with self._session_factory().post(
                     self.base_url + path,
-                    data=request_body(json.dumps(payload, separators=(",", ":")).encode()),
+                    data=request_body(body),
                     headers={"Content-Type": "application/json"},
                     timeout=aiohttp.ClientTimeout(total=timeout),
                 ) as resp:
@@ -179,30 +199,30 @@ class LMCacheClient(_JsonPoster):
     """The LMCache controller HTTP API (single attempts)."""
 
     async def lookup(self, tokens: Sequence[int], *, deadline: float | None = None) -> LookupResult:
-        return await self._post("/lookup", {"tokens": list(tokens)}, "lookup", deadline, parse_lookup)
+        return await self._post("/lookup", controller_body({"tokens": list(tokens)}), "lookup", deadline, parse_lookup)
 
     async def pin(
         self, tokens: Sequence[int], instance_id: str, location: str, *, deadline: float | None = None
     ) -> ActionResult:
         payload = {"tokens": list(tokens), "instance_id": instance_id, "location": location}
-        return await self._post("/pin", payload, "pin", deadline, _parse_action)
+        return await self._post("/pin", controller_body(payload), "pin", deadline, _parse_action)
 
     async def compress(
         self, tokens: Sequence[int], instance_id: str, location: str, method: str, *, deadline: float | None = None
     ) -> ActionResult:
         payload = {"tokens": list(tokens), "instance_id": instance_id, "location": location, "method": method}
-        return await self._post("/compress", payload, "compress", deadline, _parse_action)
+        return await self._post("/compress", controller_body(payload), "compress", deadline, _parse_action)
 
     async def evict(self, tokens: Sequence[int], instance_id: str, *, deadline: float | None = None) -> ActionResult:
         payload = {"tokens": list(tokens), "instance_id": instance_id}
-        return await self._post("/evict", payload, "evict", deadline, _parse_action)
+        return await self._post("/evict", controller_body(payload), "evict", deadline, _parse_action)
 
 
 class TokenizerClient(_JsonPoster):
     """vLLM ``POST {vllm_endpoint}/tokenize``; only ``tokens`` of the response is used."""
 
     async def tokenize(self, request: Mapping[str, Any], *, deadline: float | None = None) -> list[int]:
-        return await self._post("/tokenize", request, "tokenize", deadline, parse_tokens)
+        return await self._post("/tokenize", stdlib_body(request), "tokenize", deadline, parse_tokens)
 
 
 def parse_tokens(data: Any) -> list[int]:
