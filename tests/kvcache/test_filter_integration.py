@@ -171,6 +171,10 @@ async def test_second_identical_request_routed_to_longest_match(h: Harness, arra
     assert h.metric("kvgate_kvcache_token_cache_hits_total") == 1
     assert h.metric("kvgate_kvcache_token_cache_misses_total") == 1
     assert h.metric("kvgate_kvcache_tokenize_calls_total", {"result": "ok"}) == 1
+    assert h.metric("kvgate_kvcache_predicted_matched_tokens_count", {"instance": "chosen"}) == 1
+    assert h.metric("kvgate_kvcache_routing_added_latency_seconds_count") == 2
+    flt.token_cache.clear()  # the size gauge is read from the cache at collection time
+    assert h.metric("kvgate_kvcache_token_cache_size") == 0
 
 
 async def test_chat_request_tokenized_with_messages(h: Harness) -> None:

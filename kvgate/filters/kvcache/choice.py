@@ -53,10 +53,6 @@ class RouteChoice:
         self.management = management
         self.event_index = event_index
         self.cold = cold
-        # the index path's per-request metric children, resolved once (labels() costs a lock and a lookup)
-        self._outcomes = {o: metrics.routing_lookups.labels(o) for o in ("empty", "routed", "no_match")}
-        self._predicted_chosen = metrics.predicted_matched_tokens.labels("chosen")
-        self._predicted_best = metrics.predicted_matched_tokens.labels("best")
 
     def from_index(self, ctx: RequestContext, index: EventIndex, tokens: Sequence[int], key: str) -> None:
         """``index_source: events | both``: match the event index (in memory, no controller call)."""
@@ -76,7 +72,7 @@ class RouteChoice:
             outcome, choice = "empty", None
         else:
             outcome, choice = self.apply(ctx, matches, num_tokens, self.event_index.spread_tokens(), tokens)
-        self._outcomes[outcome].inc()
+        self.metrics.outcome(outcome).n += 1
         label = f"{outcome};source=events;match_ms={(time.perf_counter() - t0) * 1e3:.2f}" + predicted(choice)
         ctx.response_headers.append((b"x-kvgate-kvcache", label.encode()))
 
@@ -121,7 +117,7 @@ class RouteChoice:
             log.debug("[kvcache] routing lookup found no eligible instance (rejected: %s)", dict(choice.rejected))
             return "no_match", choice
         ctx.params[PREFERRED_ENDPOINT_PARAM] = choice.endpoint_id
-        self._predicted_chosen.observe(choice.matched_tokens)
-        self._predicted_best.observe(choice.best_tokens)
+        self.metrics.predicted_chosen.observe(choice.matched_tokens)
+        self.metrics.predicted_best.observe(choice.best_tokens)
         log.debug("[kvcache] routing preferred endpoint set: %s (%d tokens)", choice.endpoint_id, choice.matched_tokens)
         return "routed", choice

@@ -169,7 +169,7 @@ class EventIndex:
             memo.version, memo.answer = self.index.version, answer
             return dict(answer)
         finally:
-            self.metrics.index_match_latency.observe(time.perf_counter() - t0)
+            self.metrics.match_latency.observe(time.perf_counter() - t0)
 
     def forget_tokens(self, key: str) -> None:
         """The tokens cached for ``key`` were replaced: drop its memoized chain keys and answer."""

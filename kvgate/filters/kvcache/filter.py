@@ -98,7 +98,7 @@ class KVCacheFilter(HttpFilter):
     ):
         self.cfg = config
         self.runtime = runtime
-        self.metrics = KVCacheMetrics.for_registry(runtime.metrics.registry)
+        self.metrics = KVCacheMetrics.for_registry(runtime.metrics.registry, runtime.metrics.tally)
         self.signals: LoadSignals = signals or ProcessSignals()
         self._sleep = sleep
         # One pool for the controller and tokenizer calls, built from Pixiu's keys (see .pool).
@@ -121,6 +121,8 @@ class KVCacheFilter(HttpFilter):
             on_fallback=self.events.tokenize_fallback,
         )
         self.token_cache = TokenCache(max(0, config.token_cache.max_size), config.token_cache.ttl, clock)
+        # its size is read when the metrics are collected (and flushed under workers), not set per request
+        runtime.metrics.tally.sample(lambda: self.metrics.token_cache_size.set(len(self.token_cache)))
         self.hot = HotStats(
             config.hot_window, config.hot_max_records, config.hot_key_cap(), clock, max_bytes=config.hot_max_bytes
         )
@@ -295,7 +297,7 @@ class KVCacheFilter(HttpFilter):
             self.metrics.errors.inc()
             self.events.warn("decode_error", "[kvcache] unexpected decode error: %s: %s", type(exc).__name__, exc)
         finally:
-            self.metrics.routing_added_latency.observe(time.perf_counter() - started)
+            self.metrics.added_latency.observe(time.perf_counter() - started)
         return FilterStatus.CONTINUE
 
     async def _decode(self, ctx: RequestContext) -> None:
@@ -323,7 +325,7 @@ class KVCacheFilter(HttpFilter):
     async def _route(self, ctx: RequestContext, req: Extracted, key: str) -> LookupResult | None:
         m = self.metrics
         if not self.cfg.token_cache.enabled:
-            m.routing_lookups.labels("disabled").inc()
+            m.outcome("disabled").n += 1
             return None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.cfg.routing_timeout(ctx.timeout)
@@ -331,9 +333,8 @@ class KVCacheFilter(HttpFilter):
         tokens: Sequence[int] | None = (
             self.token_cache.get_array(key) if self.event_index is not None else self.token_cache.get(key)
         )
-        m.token_cache_size.set(len(self.token_cache))
         if tokens is None:
-            m.token_cache_misses.inc()
+            m.misses.n += 1
             t0 = time.perf_counter()
             missed = await self.route_tokens.on_miss(req, key, deadline, ctx.cluster_name)
             if isinstance(missed, Unheld):  # the index cannot match it: the background job tokenizes it all
@@ -342,11 +343,11 @@ class KVCacheFilter(HttpFilter):
                 return None
             tokens = missed
             if tokens is None:
-                m.routing_lookups.labels("no_tokens").inc()
+                m.outcome("no_tokens").n += 1
                 log.debug("[kvcache] routing lookup skipped: token cache miss (key=%s)", key[:12])
                 return None
         else:
-            m.token_cache_hits.inc()
+            m.hits.n += 1
         if self.event_index is not None:
             self.choice.from_index(ctx, self.event_index, tokens, key)
             return None

@@ -199,7 +199,8 @@ class LMCacheClient(_JsonPoster):
     """The LMCache controller HTTP API (single attempts)."""
 
     async def lookup(self, tokens: Sequence[int], *, deadline: float | None = None) -> LookupResult:
-        return await self._post("/lookup", controller_body({"tokens": list(tokens)}), "lookup", deadline, parse_lookup)
+        ids = tokens if isinstance(tokens, list) else list(tokens)  # (the token cache hands out a fresh list)
+        return await self._post("/lookup", controller_body({"tokens": ids}), "lookup", deadline, parse_lookup)
 
     async def pin(
         self, tokens: Sequence[int], instance_id: str, location: str, *, deadline: float | None = None

@@ -53,7 +53,7 @@ class LookupRoute:
         m = self.metrics
         breaker = self.breaker
         if not breaker.would_allow():
-            m.routing_lookups.labels("breaker_open").inc()
+            m.outcome("breaker_open").n += 1
             return None
         t0 = time.perf_counter()
         outcome: str | None = None
@@ -80,16 +80,16 @@ class LookupRoute:
             outcome = "error"
             log.debug("[kvcache] routing lookup failed: %s", exc)
         finally:
-            m.lookup_latency.labels("routing").observe(time.perf_counter() - t0)
+            m.routing_lookup_latency.observe(time.perf_counter() - t0)
         if outcome is not None:
-            m.routing_lookups.labels(outcome).inc()
+            m.outcome(outcome).n += 1
             return None
         if not lookup.layout:
             log.debug("[kvcache] routing lookup returned empty instance")
             outcome, choice = "empty", None
         else:
             outcome, choice = self.choice.apply(ctx, lookup.matches, len(tokens), 0, tokens)
-        m.routing_lookups.labels(outcome).inc()
+        m.outcome(outcome).n += 1
         # Decision label for clients and benchmarks: which instance was preferred and why.
         label = f"{outcome};lookup_ms={(time.perf_counter() - t0) * 1e3:.1f}" + predicted(choice)
         ctx.response_headers.append((b"x-kvgate-kvcache", label.encode()))

@@ -1,14 +1,19 @@
 """Prometheus metrics of the kvcache filter, registered on the gateway's own registry.
 
 All names start with ``kvgate_kvcache_`` (counters get ``_total`` appended by the client library).
-One :class:`KVCacheMetrics` per registry: a second filter instance on the same gateway reuses it.
+One :class:`KVCacheMetrics` per registry: a second filter instance on the same gateway reuses it. What the request
+path updates for every request (token-cache hits and misses, routing outcomes, the added latency, match sizes)
+goes through :mod:`kvgate.tally` cells of the gateway's tally, as the proxy filter's metrics do.
 """
 
 from __future__ import annotations
 
 import weakref
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from kvgate.tally import CountCell, HistogramCell, Tally
 
 PREFIX = "kvgate_kvcache_"
 LOOKUP_OUTCOMES = (
@@ -30,8 +35,9 @@ _BY_REGISTRY: weakref.WeakKeyDictionary[CollectorRegistry, KVCacheMetrics] = wea
 
 
 class KVCacheMetrics:
-    def __init__(self, registry: CollectorRegistry):
+    def __init__(self, registry: CollectorRegistry, tally: Tally | None = None):
         r = registry
+        self.tally = tally if tally is not None else Tally(r)  # (a registry of its own: a tally of its own)
         p = PREFIX
         self.token_cache_hits = Counter(p + "token_cache_hits", "Token-cache hits (routing path)", registry=r)
         self.token_cache_misses = Counter(p + "token_cache_misses", "Token-cache misses (routing path)", registry=r)
@@ -208,13 +214,35 @@ class KVCacheMetrics:
         self.errors = Counter(p + "decode_errors", "Unexpected errors swallowed on the decode path", registry=r)
         for outcome in LOOKUP_OUTCOMES:
             self.routing_lookups.labels(outcome)
+        # the request path's cells
+        t = self.tally
+        self._outcome_cells: dict[str, CountCell] = {}
+        self.hits: CountCell = t.counter(self.token_cache_hits)
+        self.misses: CountCell = t.counter(self.token_cache_misses)
+        self.added_latency = _histogram_cell(t, self.routing_added_latency)
+        self.match_latency = _histogram_cell(t, self.index_match_latency)
+        self.routing_lookup_latency = _histogram_cell(t, self.lookup_latency.labels("routing"))
+        self.predicted_chosen = _histogram_cell(t, self.predicted_matched_tokens.labels("chosen"))
+        self.predicted_best = _histogram_cell(t, self.predicted_matched_tokens.labels("best"))
         for action in ("compress", "pin", "evict"):
             self.action_supported.labels(action).set(1)
 
+    def outcome(self, name: str) -> CountCell:
+        """The cell of ``kvgate_kvcache_routing_lookups_total{outcome=name}``."""
+        cell = self._outcome_cells.get(name)
+        if cell is None:
+            cell = self._outcome_cells[name] = self.tally.counter(self.routing_lookups.labels(name))
+        return cell
+
     @classmethod
-    def for_registry(cls, registry: CollectorRegistry) -> KVCacheMetrics:
+    def for_registry(cls, registry: CollectorRegistry, tally: Tally | None = None) -> KVCacheMetrics:
+        """The registry's metrics (made on first use; ``tally``: the registry's, flushed before it is collected)."""
         existing = _BY_REGISTRY.get(registry)
         if existing is None:
-            existing = cls(registry)
+            existing = cls(registry, tally)
             _BY_REGISTRY[registry] = existing
         return existing
+
+
+def _histogram_cell(tally: Tally, child: Any) -> HistogramCell:
+    return tally.histogram(child, child._upper_bounds)
