@@ -72,6 +72,9 @@ class RequestContext:
     route_prefix: str = "/"
     timeout: float = 10.0
     raw_path: bytes = b""  # as the client sent it (forwarded upstream unchanged)
+    # the client may see x-kvgate-* decision headers: when False (the server says) filters need not build them,
+    # and the server drops any that are set
+    decisions: bool = True
     params: dict[str, Any] = field(default_factory=dict)
     response: UpstreamResponse | None = None
     local_reply: LocalReply | None = None

@@ -125,7 +125,7 @@ class ListenerApp:
             log.info("client disconnected while sending the request body")
             return
         headers, show_decisions = self._client_headers(scope)
-        ctx = RequestContext(  # positional: a dataclass's __init__ takes nine keywords at twice the cost
+        ctx = RequestContext(  # positional: a dataclass's __init__ takes ten keywords at twice the cost
             scope["method"],
             path,
             scope.get("query_string", b""),
@@ -135,6 +135,7 @@ class ListenerApp:
             route.prefix,
             self._timeout,
             scope.get("raw_path") or path.encode("utf-8"),
+            show_decisions,
         )
         # A client disconnect cancels this handler (and so the upstream call or stream it is in), which closes
         # the upstream connection and frees the endpoint slot. kvgate's HTTP protocol cancels it on connection

@@ -73,8 +73,9 @@ class RouteChoice:
         else:
             outcome, choice = self.apply(ctx, matches, num_tokens, self.event_index.spread_tokens(), tokens)
         self.metrics.outcome(outcome).n += 1
-        label = f"{outcome};source=events;match_ms={(time.perf_counter() - t0) * 1e3:.2f}" + predicted(choice)
-        ctx.response_headers.append((b"x-kvgate-kvcache", label.encode()))
+        if ctx.decisions:
+            label = f"{outcome};source=events;match_ms={(time.perf_counter() - t0) * 1e3:.2f}" + predicted(choice)
+            ctx.response_headers.append((b"x-kvgate-kvcache", label.encode()))
 
     def place_cold(self, ctx: RequestContext) -> None:
         """``cold_placement: lru``: no usable cached prefix, so spread the new prefix (see ColdPlacement)."""
@@ -87,7 +88,8 @@ class RouteChoice:
             return
         ctx.params[PREFERRED_ENDPOINT_PARAM] = target
         self.metrics.cold_placements.labels(target).inc()
-        ctx.response_headers.append((b"x-kvgate-kvcache-cold", target.encode()))
+        if ctx.decisions:
+            ctx.response_headers.append((b"x-kvgate-kvcache-cold", target.encode()))
 
     def apply(
         self,

@@ -90,7 +90,7 @@ class LookupRoute:
         else:
             outcome, choice = self.choice.apply(ctx, lookup.matches, len(tokens), 0, tokens)
         m.outcome(outcome).n += 1
-        # Decision label for clients and benchmarks: which instance was preferred and why.
-        label = f"{outcome};lookup_ms={(time.perf_counter() - t0) * 1e3:.1f}" + predicted(choice)
-        ctx.response_headers.append((b"x-kvgate-kvcache", label.encode()))
+        if ctx.decisions:  # decision label for clients and benchmarks: which instance was preferred and why
+            label = f"{outcome};lookup_ms={(time.perf_counter() - t0) * 1e3:.1f}" + predicted(choice)
+            ctx.response_headers.append((b"x-kvgate-kvcache", label.encode()))
         return lookup
