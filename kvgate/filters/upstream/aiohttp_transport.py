@@ -3,9 +3,9 @@
 One session per filter: no total connection cap, ``maxConnsPerHost`` as aiohttp's per-host limit (a wait for a
 free connection happens inside :meth:`AiohttpTransport.send`, under the proxy's header timeout), idle
 connections closed after ``keepalive_timeout``. The client's path bytes go out as they are
-(``URL(..., encoded=True)``), no header is added (``skip_auto_headers``, applied once: :class:`_ForwardRequest`), no
-body is decoded
-(``auto_decompress=False``) and no cookie is kept (an upstream's Set-Cookie is for the client that got it).
+(``URL(..., encoded=True)``, memoised per target), no header is added (``skip_auto_headers``, applied once by
+:class:`_ForwardRequest`), no body is decoded (``auto_decompress=False``) and no cookie is kept (an upstream's
+Set-Cookie is for the client that got it).
 """
 
 from __future__ import annotations
