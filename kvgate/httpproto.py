@@ -95,6 +95,8 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self._in_head = True  # reading a request head (or waiting for the first byte of one)
         self._started = False  # some byte of the current request head arrived
         self._head_raw = 0
+        self._head_bytes = 0  # the request's header bytes (set once the head is parsed; trailers add to it)
+        self._max_headers = self.limits.max_request_headers_count
         self._refusal: _Refuse | None = None
         self._keepalive = False  # waiting for the next request on a kept-alive connection (the timer's job)
 
@@ -240,19 +242,36 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         if len(self.url) > self.limits.max_request_headers_bytes:
             raise _Refuse(414, f"request target exceeds {self.limits.max_request_headers_bytes} bytes", "uri_too_long")
 
+    def on_header(self, name: bytes, value: bytes) -> None:
+        # The count is checked per header (a flood of tiny headers is refused at the first one over), the bytes
+        # once the head is parsed (data_received bounds what a head may pile up before that) and per trailer of a
+        # chunked body (uvicorn adds trailers to the request's headers; they count toward the same limits).
+        headers = self.headers
+        if len(headers) >= self._max_headers or not self._in_head:
+            self._limit(name, value)
+        name = name.lower()  # uvicorn's on_header
+        if name == b"expect" and value.lower() == b"100-continue":
+            self.expect_100_continue = True
+        headers.append((name, value))
+
+    def _limit(self, name: bytes, value: bytes) -> None:
+        if len(self.headers) >= self._max_headers:
+            raise _Refuse(431, f"more than {self._max_headers} request headers", "too_many_headers")
+        self._head_bytes += len(name) + len(value) + 4  # a trailer
+        if self._head_bytes > self.limits.max_request_headers_bytes:
+            limit = self.limits.max_request_headers_bytes
+            raise _Refuse(431, f"request headers exceed {limit} bytes", "headers_too_large")
+
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._started = False
         self._due = None  # the head's timer (data_received arms the body's if the body is not all there)
-        # The header limits, once per head (uvicorn's on_header, unchanged, collects them): data_received bounds
-        # what a head may pile up before it completes; the bytes are counted as they would be per header
-        # (name, value, ": " and CRLF), in C.
+        # the header bytes as they would be counted per header (name, value, ": " and CRLF), in C
         headers = self.headers
-        limits = self.limits
-        if len(headers) > limits.max_request_headers_count:
-            raise _Refuse(431, f"more than {limits.max_request_headers_count} request headers", "too_many_headers")
-        if sum(map(len, chain.from_iterable(headers))) + 4 * len(headers) > limits.max_request_headers_bytes:
-            raise _Refuse(431, f"request headers exceed {limits.max_request_headers_bytes} bytes", "headers_too_large")
+        self._head_bytes = sum(map(len, chain.from_iterable(headers))) + 4 * len(headers)
+        if self._head_bytes > self.limits.max_request_headers_bytes:
+            limit = self.limits.max_request_headers_bytes
+            raise _Refuse(431, f"request headers exceed {limit} bytes", "headers_too_large")
         method = self.parser.get_method()
         if method == b"CONNECT":
             self._refusal = _Refuse(405, "CONNECT is not supported by this gateway", "connect")

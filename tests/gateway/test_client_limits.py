@@ -68,6 +68,27 @@ async def test_too_many_small_headers_get_431_naming_the_count(upstreams: Upstre
     assert ok.status == 200 and len(upstreams.states["a"].calls) == 2
 
 
+async def test_request_trailers_count_toward_the_header_limits(upstreams: Upstreams, gateways) -> None:
+    # A chunked body's trailers join the request's headers (uvicorn): they are held to the same byte limit, so an
+    # endless run of trailers cannot grow the server's memory (regression: they were once not counted at all).
+    a = await upstreams.add("a")
+    gw = await launch(gateways, gateway_config([a], hcm_extra={"max_request_headers_kb": 2}))
+    body = b'{"prompt": "x"}'
+    trailers = b"".join(b"X-T%d: %s\r\n" % (i, b"v" * 100) for i in range(40))  # ~4.4 kB
+    req = (
+        b"POST /v1/completions HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        + b"%x\r\n%s\r\n0\r\n" % (len(body), body)
+        + trailers
+        + b"\r\n"
+    )
+    ans = await exchange(gw.listeners[0].port, req)
+    assert ans.status == 431 and ans.is_openai_error()
+    assert upstreams.states["a"].calls == []
+    few = b"X-T: 1\r\n"  # a trailer within the limits is accepted
+    ok = await exchange(gw.listeners[0].port, req.split(b"0\r\n", 1)[0] + b"0\r\n" + few + b"\r\n")
+    assert ok.status == 200
+
+
 async def test_idle_keepalive_connections_are_capped(upstreams: Upstreams, gateways) -> None:
     a = await upstreams.add("a")
     gw = await launch(gateways, gateway_config([a], hcm_extra={"max_idle_connections": 1}))

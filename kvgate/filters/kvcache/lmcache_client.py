@@ -106,15 +106,20 @@ def host_key(url: str) -> str:
 
 
 @cache
-def _encode() -> Callable[[Any], bytes]:
+def _encoder() -> tuple[Callable[[Any], bytes], tuple[type[Exception], ...]]:
     import msgspec  # imported on the first controller call (a proxy-only gateway never loads it)
 
-    return msgspec.json.Encoder().encode
+    return msgspec.json.Encoder().encode, (msgspec.EncodeError, ValueError, TypeError)
 
 
 def controller_body(payload: Mapping[str, Any]) -> bytes:
-    """A controller call's JSON body (token ids and strings only)."""
-    return _encode()(payload)
+    """A controller call's JSON body (token ids and strings); what msgspec refuses (a lone surrogate in an id
+    echoed from a controller answer) is written by the standard library, as before."""
+    encode, refused = _encoder()
+    try:
+        return encode(payload)
+    except refused:
+        return stdlib_body(payload)
 
 
 def stdlib_body(payload: Mapping[str, Any]) -> bytes:

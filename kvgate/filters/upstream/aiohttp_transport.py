@@ -28,7 +28,7 @@ class _ForwardRequest(aiohttp.ClientRequest):
     """aiohttp's request with every automatic header skipped, decided once: aiohttp builds its skip table per
     request (a sort, two multidicts and a copy of the headers: ~20 k instructions, 3% of a proxied request) only
     to add nothing when all of them are skipped. Content-Type is read from the table later (never guessed for
-    the body). ``_skip_auto_headers`` is the attribute aiohttp >= 3.11 reads (hence the floor in pyproject);
+    the body). ``_skip_auto_headers`` is the attribute aiohttp >= 3.11.8 reads (hence the floor in pyproject);
     tests/gateway/test_headers.py pins that nothing is added and the client's own are kept."""
 
     def update_auto_headers(self, skip_auto_headers: object) -> None:
@@ -82,7 +82,10 @@ class AiohttpAnswer:
                 pass
 
 
-_URL_MEMO_CAP = 1024  # request targets repeat (a few API paths per endpoint); new ones beyond this are not kept
+# Request targets repeat (a few API paths per endpoint): those up to _URL_MEMO_LEN characters are kept, up to
+# _URL_MEMO_CAP of them (a long or one-off query string is parsed each time and never pins memory).
+_URL_MEMO_CAP = 1024
+_URL_MEMO_LEN = 256
 
 
 class AiohttpTransport:
@@ -117,7 +120,7 @@ class AiohttpTransport:
         url = self._urls.get(raw)
         if url is None:
             url = URL(raw, encoded=True)  # forward the client's path bytes as they are
-            if len(self._urls) < _URL_MEMO_CAP:
+            if len(raw) <= _URL_MEMO_LEN and len(self._urls) < _URL_MEMO_CAP:
                 self._urls[raw] = url
         try:
             resp = await self._client().request(
