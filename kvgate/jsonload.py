@@ -6,6 +6,8 @@ floats out of range, lone surrogate escapes, a UTF-8 byte-order mark. Whatever m
 by ``json.loads``, which accepts it or raises exactly as before; valid JSON decodes to equal values either way
 (objects keep the last duplicate key in both). msgspec is imported on the first parse: a gateway whose filters
 never parse a body (the proxy alone) does not load it (``tests/test_isolation.py``).
+
+:func:`dumps` is the way out for bodies the gateway writes itself (the LMCache controller calls' token ids).
 """
 
 from __future__ import annotations
@@ -21,6 +23,24 @@ def _msgspec() -> tuple[Callable[[bytes], Any], tuple[type[Exception], ...]]:
     import msgspec
 
     return msgspec.json.Decoder().decode, (msgspec.DecodeError, msgspec.ValidationError)
+
+
+@cache
+def _msgspec_encoder() -> tuple[Callable[[Any], bytes], tuple[type[Exception], ...]]:
+    import msgspec
+
+    return msgspec.json.Encoder().encode, (msgspec.EncodeError, ValueError, TypeError)
+
+
+def dumps(obj: Any) -> bytes:
+    """Compact JSON of ints, strings, lists and dicts, by msgspec (a 4 k-int list: ~25 µs against ``json.dumps``'s
+    ~300); what msgspec refuses (a lone surrogate) is written by ``json.dumps``. Not for floats a client sent
+    (msgspec writes NaN as ``null``) nor where ``\\u`` escapes are wanted (msgspec writes UTF-8)."""
+    encode, refused = _msgspec_encoder()
+    try:
+        return encode(obj)
+    except refused:
+        return json.dumps(obj, separators=(",", ":")).encode()
 
 
 def loads(body: bytes) -> Any:

@@ -51,7 +51,7 @@ class Family(Generic[M]):
         cell = self._cells.get(values)
         if cell is None:
             child: Any = self.labels(*values)
-            cell = self._cells[values] = self.tally.histogram(child, child._upper_bounds)
+            cell = self._cells[values] = self.tally.histogram(child)
         return cell
 
 

@@ -95,7 +95,10 @@ class Tally:
         self._cells.append(cell)
         return cell
 
-    def histogram(self, child: Histogram, bounds: Iterable[float]) -> HistogramCell:
+    def histogram(self, child: Histogram, bounds: Iterable[float] | None = None) -> HistogramCell:
+        """A cell of a histogram child; its buckets are the child's own unless ``bounds`` are given."""
+        if bounds is None:
+            bounds = child._upper_bounds  # prometheus_client's (flush() writes its internals too)
         finite = tuple(b for b in bounds if b != float("inf"))
         cell = HistogramCell(child, self._bounds.setdefault(finite, finite))
         self._cells.append(cell)

@@ -72,7 +72,7 @@ class RouteChoice:
             outcome, choice = "empty", None
         else:
             outcome, choice = self.apply(ctx, matches, num_tokens, self.event_index.spread_tokens(), tokens)
-        self.metrics.outcome(outcome).n += 1
+        self.metrics.routing_lookups.count(outcome).n += 1
         if ctx.decisions:
             label = f"{outcome};source=events;match_ms={(time.perf_counter() - t0) * 1e3:.2f}" + predicted(choice)
             ctx.response_headers.append((b"x-kvgate-kvcache", label.encode()))

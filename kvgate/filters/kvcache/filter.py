@@ -325,7 +325,7 @@ class KVCacheFilter(HttpFilter):
     async def _route(self, ctx: RequestContext, req: Extracted, key: str) -> LookupResult | None:
         m = self.metrics
         if not self.cfg.token_cache.enabled:
-            m.outcome("disabled").n += 1
+            m.routing_lookups.count("disabled").n += 1
             return None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.cfg.routing_timeout(ctx.timeout)
@@ -343,7 +343,7 @@ class KVCacheFilter(HttpFilter):
                 return None
             tokens = missed
             if tokens is None:
-                m.outcome("no_tokens").n += 1
+                m.routing_lookups.count("no_tokens").n += 1
                 log.debug("[kvcache] routing lookup skipped: token cache miss (key=%s)", key[:12])
                 return None
         else:

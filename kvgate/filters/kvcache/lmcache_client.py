@@ -16,7 +16,6 @@ import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import cache
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -24,6 +23,7 @@ import aiohttp
 
 from kvgate.filters.kvcache.errors import CallTimeout, DecodeError, NotSupportedError, StatusError, TransportError
 from kvgate.filters.kvcache.pool import HostSlots
+from kvgate.jsonload import dumps
 from kvgate.payload import request_body
 from kvgate.redact import redact_url, redact_userinfo
 from kvgate.token_ids import MAX_TOKEN_ID
@@ -105,21 +105,9 @@ def host_key(url: str) -> str:
         return url
 
 
-@cache
-def _encoder() -> tuple[Callable[[Any], bytes], tuple[type[Exception], ...]]:
-    import msgspec  # imported on the first controller call (a proxy-only gateway never loads it)
-
-    return msgspec.json.Encoder().encode, (msgspec.EncodeError, ValueError, TypeError)
-
-
 def controller_body(payload: Mapping[str, Any]) -> bytes:
-    """A controller call's JSON body (token ids and strings); what msgspec refuses (a lone surrogate in an id
-    echoed from a controller answer) is written by the standard library, as before."""
-    encode, refused = _encoder()
-    try:
-        return encode(payload)
-    except refused:
-        return stdlib_body(payload)
+    """A controller call's JSON body (token ids and strings: :func:`kvgate.jsonload.dumps`)."""
+    return dumps(payload)
 
 
 def stdlib_body(payload: Mapping[str, Any]) -> bytes:

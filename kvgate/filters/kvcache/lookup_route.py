@@ -53,7 +53,7 @@ class LookupRoute:
         m = self.metrics
         breaker = self.breaker
         if not breaker.would_allow():
-            m.outcome("breaker_open").n += 1
+            m.routing_lookups.count("breaker_open").n += 1
             return None
         t0 = time.perf_counter()
         outcome: str | None = None
@@ -82,14 +82,14 @@ class LookupRoute:
         finally:
             m.routing_lookup_latency.observe(time.perf_counter() - t0)
         if outcome is not None:
-            m.outcome(outcome).n += 1
+            m.routing_lookups.count(outcome).n += 1
             return None
         if not lookup.layout:
             log.debug("[kvcache] routing lookup returned empty instance")
             outcome, choice = "empty", None
         else:
             outcome, choice = self.choice.apply(ctx, lookup.matches, len(tokens), 0, tokens)
-        m.outcome(outcome).n += 1
+        m.routing_lookups.count(outcome).n += 1
         if ctx.decisions:  # decision label for clients and benchmarks: which instance was preferred and why
             label = f"{outcome};lookup_ms={(time.perf_counter() - t0) * 1e3:.1f}" + predicted(choice)
             ctx.response_headers.append((b"x-kvgate-kvcache", label.encode()))

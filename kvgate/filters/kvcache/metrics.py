@@ -9,11 +9,11 @@ goes through :mod:`kvgate.tally` cells of the gateway's tally, as the proxy filt
 from __future__ import annotations
 
 import weakref
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from kvgate.tally import CountCell, HistogramCell, Tally
+from kvgate.metrics import Family
+from kvgate.tally import CountCell, Tally
 
 PREFIX = "kvgate_kvcache_"
 LOOKUP_OUTCOMES = (
@@ -49,11 +49,14 @@ class KVCacheMetrics:
             buckets=FAST_BUCKETS,
             registry=r,
         )
-        self.routing_lookups = Counter(
-            p + "routing_lookups",
-            "Synchronous routing decisions by outcome: " + ", ".join(LOOKUP_OUTCOMES),
-            ["outcome"],
-            registry=r,
+        self.routing_lookups = Family(  # counted per request: .count(outcome).n += 1
+            Counter(
+                p + "routing_lookups",
+                "Synchronous routing decisions by outcome: " + ", ".join(LOOKUP_OUTCOMES),
+                ["outcome"],
+                registry=r,
+            ),
+            self.tally,
         )
         self.routing_rejected = Counter(
             p + "routing_candidates_rejected",
@@ -216,23 +219,15 @@ class KVCacheMetrics:
             self.routing_lookups.labels(outcome)
         # the request path's cells
         t = self.tally
-        self._outcome_cells: dict[str, CountCell] = {}
         self.hits: CountCell = t.counter(self.token_cache_hits)
         self.misses: CountCell = t.counter(self.token_cache_misses)
-        self.added_latency = _histogram_cell(t, self.routing_added_latency)
-        self.match_latency = _histogram_cell(t, self.index_match_latency)
-        self.routing_lookup_latency = _histogram_cell(t, self.lookup_latency.labels("routing"))
-        self.predicted_chosen = _histogram_cell(t, self.predicted_matched_tokens.labels("chosen"))
-        self.predicted_best = _histogram_cell(t, self.predicted_matched_tokens.labels("best"))
+        self.added_latency = t.histogram(self.routing_added_latency)
+        self.match_latency = t.histogram(self.index_match_latency)
+        self.routing_lookup_latency = t.histogram(self.lookup_latency.labels("routing"))
+        self.predicted_chosen = t.histogram(self.predicted_matched_tokens.labels("chosen"))
+        self.predicted_best = t.histogram(self.predicted_matched_tokens.labels("best"))
         for action in ("compress", "pin", "evict"):
             self.action_supported.labels(action).set(1)
-
-    def outcome(self, name: str) -> CountCell:
-        """The cell of ``kvgate_kvcache_routing_lookups_total{outcome=name}``."""
-        cell = self._outcome_cells.get(name)
-        if cell is None:
-            cell = self._outcome_cells[name] = self.tally.counter(self.routing_lookups.labels(name))
-        return cell
 
     @classmethod
     def for_registry(cls, registry: CollectorRegistry, tally: Tally | None = None) -> KVCacheMetrics:
@@ -242,7 +237,3 @@ class KVCacheMetrics:
             existing = cls(registry, tally)
             _BY_REGISTRY[registry] = existing
         return existing
-
-
-def _histogram_cell(tally: Tally, child: Any) -> HistogramCell:
-    return tally.histogram(child, child._upper_bounds)
