@@ -8,6 +8,7 @@ workers (gauges: see :data:`MULTIPROC_MODES`).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
@@ -17,6 +18,7 @@ from kvgate.tally import CountCell, HistogramCell, Tally
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 M = TypeVar("M", Counter, Gauge, Histogram)
+C = TypeVar("C", CountCell, HistogramCell)
 
 
 class Family(Generic[M]):
@@ -40,18 +42,16 @@ class Family(Generic[M]):
 
     def count(self, *values: str) -> CountCell:
         """The tally cell of a counter child (``cell.n += 1``), made once per label set."""
-        cell = self._cells.get(values)
-        if cell is None:
-            child: Any = self.labels(*values)
-            cell = self._cells[values] = self.tally.counter(child)
-        return cell
+        cell: CountCell | None = self._cells.get(values)
+        return cell if cell is not None else self._new_cell(values, self.tally.counter)
 
     def histogram(self, *values: str) -> HistogramCell:
         """The tally cell of a histogram child (``cell.observe(v)``), made once per label set."""
-        cell = self._cells.get(values)
-        if cell is None:
-            child: Any = self.labels(*values)
-            cell = self._cells[values] = self.tally.histogram(child)
+        cell: HistogramCell | None = self._cells.get(values)
+        return cell if cell is not None else self._new_cell(values, self.tally.histogram)
+
+    def _new_cell(self, values: tuple[str, ...], make: Callable[[Any], C]) -> C:
+        cell = self._cells[values] = make(self.labels(*values))
         return cell
 
 
